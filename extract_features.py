@@ -1,0 +1,475 @@
+"""Extract frozen CLIP features for HeGraphAdapter into one file.
+
+    python extract_features.py --dataset dtd --root DATA --backbone RN50 --out features/
+
+The data layout, split files, templates and few-shot protocol are CoOp's (Zhou et al., "Learning to Prompt
+for Vision-Language Models", DATASETS.md); the augmented training views are Tip-Adapter's (Zhang et al.,
+2022). The file written here is the contract with train.py; its layout is documented in README.md:
+
+    format "hegraphadapter-features-v1", dataset, backbone, logit_scale, classnames [C], prompts,
+    text {positive [C, d], negative [C, d]},
+    train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
+    fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
+    plus class_map [C] (ImageNet shift sets), settings and paths.
+
+All features are L2-normalised float16. Only the images some seed needs are encoded, plus the test split.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
+    warnings.simplefilter("ignore", UserWarning)
+    import clip
+
+FORMAT = "hegraphadapter-features-v1"
+VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LAYOUT_HINT = "see the dataset layout in README.md"
+
+
+class DataError(ValueError):
+    """A problem with the data or the settings that the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str  # folder under --root
+    images: str  # image folder inside it; split-file paths are relative to it
+    split: str | None  # CoOp's split json inside `folder`, None for the other layouts
+    template: str  # CoOp's hand-written prompt template
+    layout: str = "coop"  # coop | imagenet | fgvc | shift (ImageNet variant, test split only)
+
+
+_PHOTO = "a photo of a {}."
+DATASETS = {
+    "imagenet": DatasetSpec("imagenet", "images", None, _PHOTO, "imagenet"),
+    "caltech101": DatasetSpec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", _PHOTO),
+    "oxford_pets": DatasetSpec("oxford_pets", "images", "split_zhou_OxfordPets.json",
+                               "a photo of a {}, a type of pet."),
+    "stanford_cars": DatasetSpec("stanford_cars", "", "split_zhou_StanfordCars.json", _PHOTO),
+    "oxford_flowers": DatasetSpec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                                  "a photo of a {}, a type of flower."),
+    "food101": DatasetSpec("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "fgvc_aircraft": DatasetSpec("fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft.", "fgvc"),
+    "sun397": DatasetSpec("sun397", "SUN397", "split_zhou_SUN397.json", _PHOTO),
+    "dtd": DatasetSpec("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "eurosat": DatasetSpec("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    "ucf101": DatasetSpec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
+    "imagenetv2": DatasetSpec("imagenetv2", "imagenetv2-matched-frequency-format-val", None, _PHOTO, "shift"),
+    "imagenet-sketch": DatasetSpec("imagenet-sketch", "images", None, _PHOTO, "shift"),
+    "imagenet-adversarial": DatasetSpec("imagenet-adversarial", "imagenet-a", None, _PHOTO, "shift"),
+    "imagenet-rendition": DatasetSpec("imagenet-rendition", "imagenet-r", None, _PHOTO, "shift"),
+}
+
+
+@dataclass
+class Splits:
+    classnames: list[str]
+    images: Path  # folder the item paths are relative to
+    train: list[tuple[str, int]]  # (relative path, label), sorted by label then path
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    class_map: list[int] | None = None  # ImageNet class index of each class (shift sets only)
+
+
+# ----------------------------------------------------------------------------- reading the layouts
+
+def features_path(out_dir, dataset: str, backbone: str) -> Path:
+    """The file the script writes, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32)."""
+    return Path(out_dir) / f"{dataset}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
+
+
+def _require(path: Path, what: str, dataset: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: expected {path} for dataset '{dataset}' ({LAYOUT_HINT})")
+    return path
+
+
+def _read_lines(path: Path, dataset: str) -> list[str]:
+    return [line.strip() for line in _require(path, "file", dataset).read_text().splitlines() if line.strip()]
+
+
+def _scan(images: Path, sub: str, labels: dict[str, int]) -> list[tuple[str, int]]:
+    """(path relative to `images`, label) of every image in images/sub/<folder>/ for the folders in `labels`."""
+    items = []
+    for folder, label in labels.items():
+        d = images / sub / folder
+        if d.is_dir():
+            items += [(f"{sub}/{folder}/{f.name}".lstrip("/"), label) for f in d.iterdir()
+                      if f.suffix.lower() in IMAGE_SUFFIXES]
+    return items
+
+
+def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
+    path = _require(folder / spec.split, "split file", name)
+    try:
+        split = json.loads(path.read_text())
+        items = {s: [(p, int(y)) for p, y, _ in split.get(s, [])] for s in ("train", "val", "test")}
+        names = {int(y): c for s in split.values() for _, y, c in s}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"cannot parse split file {path}: {e} ({LAYOUT_HINT})") from None
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"labels in {path} are not 0..C-1 ({LAYOUT_HINT})")
+    return Splits([names[y] for y in range(len(names))], folder / spec.images, **items)
+
+
+def _read_fgvc(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """FGVC-Aircraft: variants.txt (class order) and images_variant_<split>.txt lines "imageid variant"."""
+    classnames = _read_lines(folder / "variants.txt", name)
+    label = {c: y for y, c in enumerate(classnames)}
+    items = {}
+    for s in ("train", "val", "test"):
+        path = folder / f"images_variant_{s}.txt"
+        pairs = [line.split(" ", 1) for line in _read_lines(path, name)]
+        if any(len(p) < 2 or p[1] not in label for p in pairs):
+            raise DataError(f"{path} has a line that is not 'imageid variant' with a variant from variants.txt")
+        items[s] = [(f"{i}.jpg", label[v]) for i, v in pairs]
+    return Splits(classnames, folder / spec.images, **items)
+
+
+def _imagenet_classes(name: str, folder: Path) -> list[tuple[str, str]]:
+    """classnames.txt lines "wnid class name" -> [(wnid, class name)] in ImageNet's label order."""
+    return [tuple(line.split(" ", 1)) for line in _read_lines(folder / "classnames.txt", name)]
+
+
+def _read_imagenet(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """ImageNet: images/train/<wnid>/, images/val/<wnid>/ (val is the test set), classnames.txt."""
+    classes = _imagenet_classes(name, folder)
+    images = folder / spec.images
+    labels = {wnid: y for y, (wnid, _) in enumerate(classes)}
+    _require(images / "train", "image folder", name), _require(images / "val", "image folder", name)
+    return Splits([c for _, c in classes], images, _scan(images, "train", labels), [], _scan(images, "val", labels))
+
+
+def _read_shift(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """An ImageNet variant: one folder per class present, named by wnid (or by ImageNet index for v2)."""
+    classes = _imagenet_classes(name, folder)
+    index = {wnid: y for y, (wnid, _) in enumerate(classes)} | {str(y): y for y in range(len(classes))}
+    images = _require(folder / spec.images, "image folder", name)
+    present = sorted((index[d.name], d.name) for d in images.iterdir() if d.is_dir() and d.name in index)
+    labels = {d: y for y, (_, d) in enumerate(present)}
+    return Splits([classes[i][1] for i, _ in present], images, [], [], _scan(images, "", labels),
+                  class_map=[i for i, _ in present])
+
+
+def load_splits(dataset: str, root) -> Splits:
+    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{dataset}'; choose one of: {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
+    reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
+    splits = reader(dataset, spec, folder)
+    if not splits.test:
+        raise DataError(f"no test images found for dataset '{dataset}' under {folder} ({LAYOUT_HINT})")
+    # a fixed order (label, then path) makes a seed pick the same images on every machine
+    for s in ("train", "val", "test"):
+        setattr(splits, s, sorted(getattr(splits, s), key=lambda item: (item[1], item[0])))
+    return splits
+
+
+# ----------------------------------------------------------------------------- few-shot protocol
+
+def sample_fewshot(labels: list[int], num_classes: int, shots: int, seed: int, allow_repeats: bool = False,
+                   what: str = "training", classnames: list[str] | None = None) -> torch.Tensor:
+    """[C, shots] indices into `labels`, drawn with a generator seeded by `seed` alone.
+
+    Each class draws a full permutation of its items whatever `shots` is, so the K-shot subset is the first K
+    columns of any larger subset (nested) and does not depend on the other settings.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    members = [[] for _ in range(num_classes)]
+    for i, y in enumerate(labels):
+        members[y].append(i)
+    picks = []
+    for y, idx in enumerate(members):
+        if len(idx) < shots and not (allow_repeats and idx):
+            name = f" ({classnames[y]!r})" if classnames else ""
+            raise DataError(f"class {y}{name} has {len(idx)} {what} images, fewer than the {shots} needed; "
+                            f"lower --max-shots or pass --allow-repeats to reuse its images")
+        order = torch.randperm(len(idx), generator=generator)
+        order = order.repeat(-(-shots // len(idx)))[:shots]  # every image once before any repeats
+        picks.append(torch.tensor(idx)[order])
+    return torch.stack(picks)
+
+
+def fewshot_rows(labels: list[int], classnames: list[str], shots: int, seeds, allow_repeats: bool, what: str):
+    """The split indices needed by any seed (deduplicated, sorted) and, per seed, [C, shots] rows into them."""
+    C = len(classnames)
+    picks = {seed: sample_fewshot(labels, C, shots, seed, allow_repeats, what, classnames) for seed in seeds}
+    needed = torch.cat([p.flatten() for p in picks.values()]).unique()
+    row = torch.full((len(labels),), -1, dtype=torch.long)
+    row[needed] = torch.arange(len(needed))
+    return needed.tolist(), {seed: row[p] for seed, p in picks.items()}
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def load_prompts(path, classnames: list[str]) -> list[list[str]]:
+    """CuPL-style json {classname: [sentence, ...]} -> the sentences of each class, in label order."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read prompts file {path}: {e}") from None
+
+    def key(name):  # CuPL files spell class names with spaces or underscores, in any case
+        return name.replace("_", " ").lower().strip()
+    loose = {key(k): v for k, v in table.items()}
+    prompts = [table.get(c) or loose.get(key(c)) for c in classnames]
+    missing = [c for c, p in zip(classnames, prompts) if not p or not isinstance(p, list)]
+    if missing:
+        raise DataError(f"prompts file {path} has no sentences for {len(missing)} classes, e.g. {missing[:3]}")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- encoding
+
+class Views:
+    """One decoded image -> [V, 3, R, R]: view 0 is CLIP's own preprocessing, the others Tip-Adapter's augmentation."""
+
+    def __init__(self, preprocess, resolution: int, views: int):
+        self.preprocess, self.resolution, self.views = preprocess, resolution, views
+        self.augment = T.Compose([
+            T.RandomResizedCrop(resolution, scale=(0.5, 1), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD),
+        ])
+
+    def __call__(self, image: Image.Image, key: str) -> torch.Tensor:
+        out = [self.preprocess(image)]
+        # seed the CPU generator from the file and view only (restored afterwards): the same crops on
+        # every run, machine and worker, so a second run writes the same file
+        with torch.random.fork_rng(devices=[]):
+            for v in range(1, self.views):
+                torch.default_generator.manual_seed(zlib.crc32(f"{key}#{v}".encode()))
+                out.append(self.augment(image))
+        return torch.stack(out)
+
+
+class ImageFiles(Dataset):
+    """Images of one split; yields (views [V, 3, R, R], error message or "")."""
+
+    def __init__(self, folder: Path, paths: list[str], views: Views):
+        self.folder, self.paths, self.views = folder, paths, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.folder / self.paths[i]
+        try:
+            with Image.open(path) as f:
+                image = f.convert("RGB")
+        except (OSError, ValueError) as e:
+            # reported by the main process with the file's name, instead of a worker's traceback
+            shape = (self.views.views, 3, self.views.resolution, self.views.resolution)
+            return torch.zeros(shape), f"cannot read image {path}: {e}"
+        return self.views(image, self.paths[i]), ""
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def encode_images(model, files: ImageFiles, batch_size: int, workers: int, device: torch.device,
+                  desc: str) -> torch.Tensor:
+    """[V, N, d] L2-normalised float16 image features; `batch_size` counts forward passes (views)."""
+    views = files.views.views
+    loader = DataLoader(files, batch_size=max(1, batch_size // views), num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    chunks = []
+    with tqdm(total=len(files) * views, desc=desc, unit="img") as bar:
+        for x, errors in loader:
+            if any(errors):
+                raise DataError(f"{next(e for e in errors if e)}; replace the file or remove it from the split")
+            with _autocast(device):
+                f = model.encode_image(x.to(device, non_blocking=True).flatten(0, 1))  # [B*V, d]
+            chunks.append(F.normalize(f.float(), dim=-1).unflatten(0, (-1, views)).half().cpu())
+            bar.update(f.shape[0])
+    return torch.cat(chunks).transpose(0, 1).contiguous()
+
+
+@torch.no_grad()
+def encode_text(model, prompts: list[list[str]], batch_size: int, device: torch.device) -> torch.Tensor:
+    """[C, d] class features: the renormalised mean of each class's normalised prompt embeddings, float16."""
+    tokens = clip.tokenize([s for p in prompts for s in p], truncate=True)
+    with _autocast(device):
+        emb = torch.cat([F.normalize(model.encode_text(t.to(device)).float(), dim=-1)
+                         for t in tokens.split(batch_size)])
+    means = torch.stack([e.mean(0) for e in emb.split([len(p) for p in prompts])])
+    return F.normalize(means, dim=-1).half().cpu()
+
+
+def load_clip(backbone: str, clip_checkpoint, device: torch.device):
+    """OpenAI CLIP from a local checkpoint if given, else by name (downloaded once by the clip package)."""
+    source = str(clip_checkpoint) if clip_checkpoint else backbone
+    if clip_checkpoint and not Path(clip_checkpoint).is_file():
+        raise DataError(f"CLIP checkpoint not found: {clip_checkpoint}")
+    try:
+        with warnings.catch_warnings():  # clip.load first tries torch.jit.load, deprecated, on every file
+            warnings.simplefilter("ignore", FutureWarning)
+            model, preprocess = clip.load(source, device=device)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot load CLIP '{source}': {e}; pass --clip-checkpoint PATH to a local "
+                        f"OpenAI CLIP checkpoint") from None
+    return model.eval(), preprocess
+
+
+# ----------------------------------------------------------------------------- the whole job
+
+def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
+    """True if `path` already holds what `settings` ask for; refuses other files unless overwrite.
+
+    A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
+    depend on the other seeds, and K shots are the first K columns of any larger max-shots.
+    """
+    if overwrite:
+        return False
+    try:
+        old = torch.load(path, weights_only=True, mmap=True).get("settings")
+    except Exception:  # noqa: BLE001 - any unreadable file is "not ours" here
+        old = None
+    if not isinstance(old, dict):
+        raise DataError(f"{path} exists and is not a features file written by this script; pass --overwrite "
+                        f"to replace it or choose another --out")
+    differ = [k for k in settings if k not in ("seeds", "max_shots") and old.get(k) != settings[k]]
+    differ += [] if set(settings["seeds"]) <= set(old.get("seeds", [])) else ["seeds"]
+    differ += [] if settings["max_shots"] <= old.get("max_shots", 0) else ["max_shots"]
+    if differ:
+        raise DataError(f"{path} exists with different settings ({', '.join(differ)}); pass --overwrite to "
+                        f"replace it or choose another --out")
+    print(f"reusing {path}: it was extracted with the same settings")
+    return True
+
+
+def write_atomic(path, write):
+    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN50", clip_checkpoint=None,
+                     prompts=None, negative_template: str = "a photo of no {}.", seeds=(1, 2, 3),
+                     max_shots: int = 16, views: int = 10, batch_size: int = 256, workers: int | None = None,
+                     device=None, allow_repeats: bool = False, overwrite: bool = False) -> Path:
+    """Encode `dataset` under `root` with CLIP and write one features file; returns its path."""
+    splits = load_splits(dataset, root)
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if max_shots < 1 or views < 1 or not seeds:
+        raise DataError("--max-shots and --views must be at least 1 and --seeds must list at least one seed")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    names = splits.classnames
+    positive = load_prompts(prompts, names) if prompts else [[DATASETS[dataset].template.format(c)] for c in names]
+    negative = [[negative_template.format(c)] for c in names]
+    settings = {
+        "format": FORMAT, "dataset": dataset, "backbone": backbone,
+        "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
+        "prompts": Path(prompts).name if prompts else "templates",  # the content is compared by its hash
+        "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
+        "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
+        "allow_repeats": allow_repeats,
+    }
+    path = features_path(out_dir, dataset, backbone)
+    if path.exists() and _check_existing(path, settings, overwrite):
+        return path
+
+    # sample before loading the model, so that a class too small fails at once
+    out = {"format": FORMAT, "dataset": dataset, "backbone": backbone, "classnames": names,
+           "prompts": {"positive": positive, "negative": negative}, "settings": settings}
+    jobs = {"test": (splits.test, 1)}  # split -> ((path, label) items to encode, views)
+    if splits.train:
+        rows, out["fewshot"] = fewshot_rows([y for _, y in splits.train], names, max_shots, seeds,
+                                            allow_repeats, "training")
+        jobs["train"] = ([splits.train[i] for i in rows], views)
+    if splits.val:
+        rows, out["val_fewshot"] = fewshot_rows([y for _, y in splits.val], names, min(max_shots, VAL_SHOTS),
+                                                seeds, allow_repeats, "validation")
+        jobs["val"] = ([splits.val[i] for i in rows], 1)
+    if splits.class_map is not None:
+        out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+
+    model, preprocess = load_clip(backbone, clip_checkpoint, device)
+    out["logit_scale"] = model.logit_scale.exp().item()
+    out["text"] = {"positive": encode_text(model, positive, batch_size, device),
+                   "negative": encode_text(model, negative, batch_size, device)}
+    out["paths"] = {}
+    n_forward, seconds = 0, 0.0
+    for split, (items, v) in jobs.items():
+        paths, labels = [p for p, _ in items], [y for _, y in items]
+        files = ImageFiles(splits.images, paths, Views(preprocess, model.visual.input_resolution, v))
+        start = time.perf_counter()
+        features = encode_images(model, files, batch_size, workers, device, f"{dataset} {split}")
+        seconds += time.perf_counter() - start
+        n_forward += len(paths) * v
+        out[split] = {"features": features if split == "train" else features[0],
+                      "labels": torch.tensor(labels, dtype=torch.long)}
+        out["paths"][split] = paths
+    write_atomic(path, lambda f: torch.save(out, f))
+    print(f"wrote {path}: {n_forward} images encoded (training views counted) in {seconds:.1f} s, "
+          f"{n_forward / max(seconds, 1e-9):.1f} images/s on {device}")
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Extract frozen CLIP features of a few-shot dataset into one file "
+                                            "(layout in README.md).")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset key")
+    p.add_argument("--root", required=True, help="folder holding the dataset folders in CoOp's layout")
+    p.add_argument("--backbone", default="RN50", help="CLIP model name, also used in the file name (default RN50)")
+    p.add_argument("--out", default="features", help="output folder (default features/)")
+    p.add_argument("--clip-checkpoint", help="local OpenAI CLIP checkpoint, loaded with clip.load(PATH) "
+                                             "instead of downloading --backbone")
+    p.add_argument("--prompts", help="CuPL-style json {classname: [sentence, ...]} of positive prompts, "
+                                     "used instead of the dataset's template")
+    p.add_argument("--negative-template", default="a photo of no {}.",
+                   help="template of the negative prompts (default 'a photo of no {}.')")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
+    p.add_argument("--max-shots", type=int, default=16,
+                   help="training images per class sampled per seed; K shots are the first K (default 16)")
+    p.add_argument("--views", type=int, default=10,
+                   help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
+    p.add_argument("--batch-size", type=int, default=256, help="images (views) per forward pass (default 256)")
+    p.add_argument("--workers", type=int, help="data loading processes (default: CPU count, at most 8)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--allow-repeats", action="store_true",
+                   help="let a class with fewer images than --max-shots repeat its images instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file made with other settings")
+    a = p.parse_args(argv)
+    try:
+        extract_features(a.dataset, a.root, a.out, a.backbone, a.clip_checkpoint, a.prompts, a.negative_template,
+                         a.seeds, a.max_shots, a.views, a.batch_size, a.workers, a.device, a.allow_repeats,
+                         a.overwrite)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""End-to-end tests of extract_features.py on tiny random CLIPs and tiny generated datasets (CPU, no downloads)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip
+import extract_features as ef
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(seeds=(1, 2), max_shots=4, views=3, workers=0, device="cpu")  # shared by the function runs
+
+
+def run(root, out, checkpoint, dataset="dtd", **kwargs):
+    """extract_features with the tiny settings, returning the loaded file and its path."""
+    path = ef.extract_features(dataset, root, out, "tiny", clip_checkpoint=checkpoint, **{**FAST, **kwargs})
+    return torch.load(path, weights_only=True), path
+
+
+def assert_unit(x: torch.Tensor):
+    assert x.dtype == torch.float16
+    assert torch.allclose(x.float().norm(dim=-1), torch.ones(()), atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, make_dataset, tiny_vit_checkpoint):
+    """The one run through the command line (with loader workers): root, file path, stdout, loaded file."""
+    root, out = make_dataset("dtd"), tmp_path_factory.mktemp("out")
+    cmd = [sys.executable, str(REPO / "extract_features.py"), "--dataset", "dtd", "--root", str(root),
+           "--backbone", "tiny", "--out", str(out), "--clip-checkpoint", str(tiny_vit_checkpoint),
+           "--seeds", "1", "2", "--max-shots", "5", "--views", "3", "--workers", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in conftest.py: tiny models, busy machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    path = ef.features_path(out, "dtd", "tiny")
+    return root, path, proc.stdout, torch.load(path, weights_only=True)
+
+
+def test_cli_writes_the_documented_format(cli):
+    _, path, stdout, f = cli
+    assert path.name == "dtd_tiny.pt" and "images/s" in stdout
+    assert f["format"] == "hegraphadapter-features-v1" and f["dataset"] == "dtd" and f["backbone"] == "tiny"
+    assert isinstance(f["logit_scale"], float)
+    C, d = 3, 32
+    assert f["classnames"] == ["class a_0", "class b_1", "class c_2"]  # from the split file, in label order
+    assert f["prompts"]["positive"] == [[f"{c} texture."] for c in f["classnames"]]  # DTD's CoOp template
+    assert f["prompts"]["negative"] == [[f"a photo of no {c}."] for c in f["classnames"]]
+    for t in f["text"].values():
+        assert t.shape == (C, d)
+        assert_unit(t)
+    V, N, _ = f["train"]["features"].shape
+    assert (V, d) == (3, 32) and f["train"]["labels"].shape == (N,) and f["train"]["labels"].dtype == torch.long
+    assert_unit(f["train"]["features"])
+    assert N <= 2 * C * 5  # only the images some seed needs, each once
+    for split, M in (("val", None), ("test", 2 + 3 + 2)):
+        assert f[split]["features"].dim() == 2 and f[split]["features"].shape[1] == d
+        assert f[split]["labels"].shape == f[split]["features"].shape[:1]
+        assert_unit(f[split]["features"])
+    assert f["test"]["features"].shape[0] == 7  # the whole test split
+    assert set(f["fewshot"]) == set(f["val_fewshot"]) == {1, 2}
+    assert "class_map" not in f
+
+
+def test_fewshot_subsets_follow_the_seed_alone(cli):
+    root, _, _, f = cli
+    splits = ef.load_splits("dtd", root)
+    for seed, rows in f["fewshot"].items():
+        assert rows.shape == (3, 5) and rows.dtype == torch.long
+        # each row of class c is an image of class c, with no repeats (every class has >= 5 images)
+        assert (f["train"]["labels"][rows] == torch.arange(3)[:, None]).all()
+        assert all(len(set(r.tolist())) == 5 for r in rows)
+        # the subset is a function of the seed and the sorted split only: recomputable anywhere
+        expected = ef.sample_fewshot([y for _, y in splits.train], 3, 5, seed)
+        assert [[f["paths"]["train"][i] for i in r] for r in rows.tolist()] == \
+               [[splits.train[i][0] for i in r] for r in expected.tolist()]
+    assert not torch.equal(f["fewshot"][1], f["fewshot"][2])
+
+
+def test_subsets_are_nested():
+    labels = [0] * 9 + [1] * 17 + [2] * 5  # unequal classes
+    big = ef.sample_fewshot(labels, 3, 5, seed=3)
+    for k in (1, 2, 4):
+        assert torch.equal(ef.sample_fewshot(labels, 3, k, seed=3), big[:, :k])
+
+
+def test_val_is_capped_at_min_k_4(cli, make_dataset, tiny_vit_checkpoint, tmp_path):
+    f = cli[3]
+    assert all(v.shape == (3, 4) for v in f["val_fewshot"].values())  # K = 5 -> 4
+    for rows in f["val_fewshot"].values():
+        assert (f["val"]["labels"][rows] == torch.arange(3)[:, None]).all()
+    g, _ = run(make_dataset("oxford_pets"), tmp_path, tiny_vit_checkpoint, "oxford_pets", max_shots=2)
+    assert all(v.shape == (3, 2) for v in g["val_fewshot"].values())  # K = 2 -> 2
+    assert all(r.shape == (3, 2) for r in g["fewshot"].values())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # clip.load tries the deprecated torch.jit.load
+def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
+    root, _, _, f = cli
+    model, preprocess = clip.load(str(tiny_vit_checkpoint), device="cpu")
+    images = ef.load_splits("dtd", root).images
+    x = torch.stack([preprocess(Image.open(images / p)) for p in f["paths"]["train"][:4]])
+    with torch.no_grad():
+        expected = F.normalize(model.encode_image(x).float(), dim=-1)
+    assert torch.allclose(f["train"]["features"][0, :4].float(), expected, atol=2e-3)
+    assert not torch.allclose(f["train"]["features"][1], f["train"]["features"][2])  # augmented views differ
+
+
+def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoint, tmp_path, capsys):
+    root, first, _, _ = cli
+    # the same seeds and settings without loader workers, into another folder: the identical bytes
+    _, again = run(root, tmp_path, tiny_vit_checkpoint, max_shots=5, workers=0)
+    assert again.read_bytes() == first.read_bytes()
+    stamp = again.stat().st_mtime_ns
+    capsys.readouterr()
+    run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
+    assert "reusing" in capsys.readouterr().out and again.stat().st_mtime_ns == stamp
+
+
+def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_checkpoint, tmp_path):
+    root = make_dataset("eurosat")
+    f, path = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat")
+    before = path.read_bytes()
+    with pytest.raises(ef.DataError, match="different settings.*views.*--overwrite"):
+        run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2)
+    assert path.read_bytes() == before
+    g, _ = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2, overwrite=True)
+    assert g["train"]["features"].shape[0] == 2 and f["train"]["features"].shape[0] == 3
+
+
+def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp_path, monkeypatch):
+    def save_half(obj, file):  # killed half-way through writing
+        file.write(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_dataset("ucf101"), tmp_path, tiny_vit_checkpoint, "ucf101")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resnet_backbone_fgvc_layout_and_prompt_file(make_dataset, tiny_resnet_checkpoint, tmp_path):
+    root = make_dataset("fgvc_aircraft")
+    # CuPL files spell class names their own way: underscores for spaces, other case
+    sentences = {"CLASS_A_0": ["an aircraft a.", "a plane a."], "class b_1": ["b."], "class c 2": ["c!"]}
+    prompts = tmp_path / "cupl.json"
+    prompts.write_text(json.dumps(sentences))
+    f, path = run(root, tmp_path, tiny_resnet_checkpoint, "fgvc_aircraft", prompts=prompts)
+    assert path.name == "fgvc_aircraft_tiny.pt"
+    assert f["prompts"]["positive"] == list(sentences.values())
+    assert f["text"]["positive"].shape == (3, 32) and f["train"]["features"].shape[::2] == (3, 32)
+    assert_unit(f["text"]["positive"])
+    assert f["test"]["labels"].tolist() == [0, 0, 1, 1, 1, 2, 2]
+
+
+def test_imagenet_extracts_only_the_sampled_training_images(make_dataset, tiny_vit_checkpoint, tmp_path):
+    root = make_dataset("imagenet", counts={"train": [12, 9, 10], "test": [3, 2, 2]})
+    f, _ = run(root, tmp_path, tiny_vit_checkpoint, "imagenet", seeds=(7,), max_shots=2)
+    assert f["train"]["features"].shape[1] == 3 * 2  # not the 31 training images
+    assert "val" not in f and "val_fewshot" not in f
+    assert f["test"]["labels"].tolist() == [0, 0, 0, 1, 1, 2, 2]  # images/val is the test set
+    assert all(p.startswith("val/") for p in f["paths"]["test"])
+
+
+@pytest.mark.parametrize("key, subset, class_map", [("imagenet-adversarial", [1, 3, 4], [1, 3, 4]),
+                                                    ("imagenetv2", None, [0, 1, 2, 3, 4])])
+def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp_path, key, subset, class_map):
+    root = make_dataset(key, num_classes=5, subset=subset)
+    f, _ = run(root, tmp_path, tiny_vit_checkpoint, key)
+    assert f["class_map"].tolist() == class_map and f["class_map"].dtype == torch.long
+    names = [n for _, n in ef._imagenet_classes(key, root / ef.DATASETS[key].folder)]
+    assert f["classnames"] == [names[i] for i in class_map]
+    assert f["text"]["positive"].shape == (len(class_map), 32)
+    assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
+    assert not {"train", "fewshot", "val", "val_fewshot"} & set(f)
+
+
+def _remove_split(root):
+    (root / "dtd" / ef.DATASETS["dtd"].split).unlink()
+    return str(root / "dtd" / ef.DATASETS["dtd"].split)
+
+
+def _corrupt_image(root):
+    path = ef.load_splits("dtd", root).images / "class b_1" / "test_0.jpg"
+    path.write_bytes(b"not a jpeg")
+    return str(path)
+
+
+@pytest.mark.parametrize("break_it, kwargs, message", [
+    (lambda root: str(root / "dtd"), dict(root_override="missing"), "dataset folder not found"),
+    (_remove_split, {}, "split file not found"),
+    (_corrupt_image, {}, "cannot read image"),
+    (lambda root: "class 1 ('class b_1') has 2 training images", dict(counts={"train": [5, 2, 6]}), "--allow-repeats"),
+    (lambda root: "fgvc", dict(dataset="fgvc"), "unknown dataset"),
+])
+def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwargs, message):
+    root = make_dataset("dtd", **({"counts": kwargs["counts"]} if "counts" in kwargs else {}))
+    expected = break_it(root)  # the path or fact the message must name
+    if "root_override" in kwargs:
+        root = root / kwargs["root_override"]
+        expected = str(root / "dtd")
+    with pytest.raises(ef.DataError) as e:
+        run(root, tmp_path, tiny_vit_checkpoint, kwargs.get("dataset", "dtd"))
+    assert message in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
+    if "not found" in message:
+        assert "README.md" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_checkpoint, tmp_path):
+    f, _ = run(make_dataset("dtd", counts={"train": [5, 2, 6]}), tmp_path, tiny_vit_checkpoint, allow_repeats=True)
+    for rows in f["fewshot"].values():
+        small = rows[1].tolist()
+        assert len(set(small[:2])) == 2 and small[2:] == small[:2]
+
+
+def test_main_prints_one_error_line_and_help(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ef.main(["--dataset", "dtd", "--root", str(tmp_path)])
+    assert str(e.value.code).startswith("error: dataset folder not found") and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        ef.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
+                   "--batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
+        assert option in text
