@@ -1,0 +1,277 @@
+"""Training-step speed and memory: HeGraphAdapter (full, with negatives) against Tip-Adapter-F.
+
+What is measured: one training step = forward + backward + torch.optim.AdamW step, on the same random
+L2-normalised features (C classes, d = 1024, K = 16 shots, so N = C K cache entries), the batch images
+being cache images, trained as train.py trains them (HeGraphAdapter leaves each image's own key out), for
+    HeGraphAdapter: variant "full" with negative nodes; parameters W_n, W_p, W_v (3 d^2).
+    Tip-Adapter-F:  train.TipAdapter(learn_keys=True); parameters the cache keys (N d).
+The two are timed in the same process, interleaved (after warm-up steps each, the repeats alternate
+between the two, swapping which goes first), and the median over the repeats is reported. Batch: 256
+for every C, and the whole few-shot set (B = N) where it fits in time and memory.
+
+How to read the ratio: full / Tip-F = milliseconds per HeGraphAdapter step divided by milliseconds per
+Tip-Adapter-F step. Below 1 means HeGraphAdapter's step is cheaper. Both share the O(B N d) cache
+similarity f F^T; HeGraphAdapter adds O(C^2 d + C d^2) for the graph, Tip-F adds the backward through the
+keys (another O(B N d)) and an AdamW update of N d parameters.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated during building the model and optimizer and one
+step, minus what was allocated before (the input features are not counted). On CPU, the process's peak resident
+set (VmHWM, reset to the current RSS with /proc/self/clear_refs just before) minus the RSS at that point,
+measured in a fresh subprocess per (method, C, batch), so that the two methods never share a high-water
+mark. RSS counts pages touched, so it includes allocator slack and is an upper-bound-ish figure.
+
+    python bench/bench_speed.py                 # C = 47, 1000, 5000 (a few minutes on 2 CPU cores)
+    python bench/bench_speed.py --quick         # smoke run: C = 47 only, few repeats
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
+from train import TipAdapter  # noqa: E402
+
+METHODS = ("full", "tipf")
+
+
+def unit_randn(rows, d, gen, device):
+    """Random unit rows, normalised in place (no second full-size copy, keeps the CPU RSS baseline honest)."""
+    x = torch.randn(rows, d, generator=gen)
+    x /= x.norm(dim=1, keepdim=True)
+    return x.to(device)
+
+
+def make_features(C, d, K, device, seed=0):
+    """pos_text, neg_text [C, d], cache features [C K, d] and their labels [C K], all unit rows."""
+    gen = torch.Generator().manual_seed(seed)
+    pos, neg = unit_randn(C, d, gen, device), unit_randn(C, d, gen, device)
+    cache = unit_randn(C * K, d, gen, device)
+    labels = torch.arange(C, device=device).repeat_interleave(K)
+    return pos, neg, cache, labels
+
+
+def build(method, feats):
+    """The model and its AdamW optimizer."""
+    pos, neg, cache, labels = feats
+    cfg = HeGraphConfig(variant="full")
+    if method == "full":
+        model = HeGraphAdapter(pos, neg, cache, labels, cfg)
+    else:
+        model = TipAdapter(pos, cache, labels, cfg, learn_keys=True)
+    model.train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def make_batch(feats, B, seed=1):
+    """B cache images (all of them when B = N), their labels and their own cache rows (left out)."""
+    _, _, cache, labels = feats
+    N = len(labels)
+    rows = torch.arange(N) if B >= N else torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:B]
+    rows = rows.to(cache.device)
+    return cache[rows], labels[rows], rows
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, opt, batch):
+    """forward + backward + AdamW step, as train.py takes it (leave-one-out for HeGraphAdapter only)."""
+    x, y, rows = batch
+    opt.zero_grad(set_to_none=True)
+    model.loss(x, y, exclude=rows if isinstance(model, HeGraphAdapter) else None).backward()
+    opt.step()
+
+
+def timed_step(model, opt, batch, device):
+    sync(device)
+    t0 = time.perf_counter()
+    train_step(model, opt, batch)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_pair(feats, B, device, warmup, repeats, max_step_s=float("inf")):
+    """Median seconds per step of each method, interleaved in one process.
+
+    The first step of each method is a warm-up and a probe: if either takes longer than max_step_s,
+    return (None, probe seconds). Slow steps get one warm-up and fewer repeats (> 2 s: 3, > 10 s: 2).
+    """
+    batch = make_batch(feats, B)
+    models = {m: build(m, feats) for m in METHODS}
+    probe = {m: timed_step(*models[m], batch, device) for m in METHODS}
+    if max(probe.values()) > max_step_s:
+        return None, probe
+    if max(probe.values()) > 2.0:
+        warmup, repeats = 1, min(repeats, 3 if max(probe.values()) < 10.0 else 2)
+    for _ in range(warmup - 1):
+        for m in METHODS:
+            train_step(*models[m], batch)
+    times = {m: [] for m in METHODS}
+    for r in range(repeats):
+        for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
+            times[m].append(timed_step(*models[m], batch, device))
+    return {m: statistics.median(t) for m, t in times.items()}, len(times["full"])
+
+
+def peak_memory_here(method, C, d, K, B, device):
+    """Bytes of peak memory for building `method` and one training step, in this process.
+
+    A step of a tiny model of the same method runs first, so that one-off lazy initialisation (kernels,
+    thread pools, autograd engine: ~150-200 MiB of RSS on CPU) is not counted.
+    """
+    small = make_features(2, d, 1, device)
+    train_step(*build(method, small), make_batch(small, 2))
+    del small
+    feats = make_features(C, d, K, device)
+    batch = make_batch(feats, B)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        train_step(*build(method, feats), batch)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    base = reset_peak_rss()
+    train_step(*build(method, feats), batch)
+    return peak_rss() - base
+
+
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(key + ":")))
+
+
+def reset_peak_rss():
+    """Reset the peak-RSS mark to the current RSS (Linux clear_refs 5) and return the baseline in bytes.
+
+    Without /proc (or without permission) fall back to ru_maxrss: the baseline is then the peak so far,
+    and the delta can only under-count.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss():
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def peak_memory(method, C, d, K, B, device):
+    """Peak memory in bytes: in-process on CUDA, a fresh subprocess on CPU (ru_maxrss is a high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return peak_memory_here(method, C, d, K, B, device)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", method, str(C), str(d), str(K), str(B),
+           "--device", str(device), "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["bytes"]
+
+
+def free_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts reclaimable page cache, unlike the free pages
+        with open("/proc/meminfo") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--classes", type=int, nargs="+", default=[47, 1000, 5000])
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-step-s", type=float, default=30.0,
+                   help="skip the whole-set batch (B = N) when one step takes longer than this")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--quick", action="store_true", help="smoke run: C = 47, 1 warm-up, 3 repeats")
+    p.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)  # internal: method C d K B, one measurement
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args._memory:
+        method, *sizes = args._memory
+        print(json.dumps({"bytes": peak_memory_here(method, *map(int, sizes), device)}))
+        return
+    if args.quick:
+        args.classes, args.warmup, args.repeats = [47], 1, 3
+
+    d, K = args.dim, args.shots
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
+          f"d = {d}, K = {K}, warm-up {args.warmup}, median of {args.repeats} interleaved steps")
+    if device.type == "cpu":  # other processes on the cores distort CPU timings (each parallel op waits)
+        print("load average before: %.2f %.2f %.2f on %d CPUs" % (*os.getloadavg(), os.cpu_count()))
+        if os.getloadavg()[0] > 0.5 and torch.get_num_threads() > 1:
+            print("warning: the CPUs are busy; multi-threaded ops then wait for preempted threads and small "
+                  "steps slow down many-fold. Compare with --threads 1.")
+    mem_what = ("peak CUDA allocated" if device.type == "cuda" else "peak RSS increase, own subprocess")
+    header = (f"{'C':>5} {'N':>6} {'batch':>6} {'full ms':>9} {'Tip-F ms':>9} {'ratio':>6} "
+              f"{'full MiB':>9} {'Tip-F MiB':>9}   (ms: median per training step; MiB: {mem_what})")
+    print(header)
+    print("-" * len(header))
+    t_start = time.perf_counter()
+    for C in args.classes:
+        N = C * K
+        feats = make_features(C, d, K, device)
+        step_small = None
+        for B in dict.fromkeys([min(args.batch, N), N]):  # 256, then the whole few-shot set
+            row = f"{C:>5} {N:>6} {B:>6}"
+            limit = float("inf")
+            if B > args.batch:
+                # B/256 times the 256-batch step over-estimates (fixed costs do not grow with B); a step
+                # more than 4x over the limit, or [B, N] tensors that do not fit, are not even tried
+                est_s = max(step_small.values()) * B / args.batch
+                est_bytes = 6 * B * N * feats[2].element_size()     # a handful of live [B, N] tensors
+                if est_s > 4 * args.max_step_s or est_bytes > 0.6 * free_bytes(device):
+                    print(f"{row}   skipped: est. <= {est_s:.0f} s per step (limit {args.max_step_s:.0f} s), "
+                          f"~{est_bytes / 2**30:.1f} GiB of [B, N] tensors "
+                          f"({free_bytes(device) / 2**30:.1f} GiB available)")
+                    continue
+                limit = args.max_step_s
+            sec, n = time_pair(feats, B, device, args.warmup, args.repeats, limit)
+            if sec is None:
+                print(f"{row}   skipped: one step took {n['full']:.0f} s (full), {n['tipf']:.0f} s (Tip-F); "
+                      f"limit {args.max_step_s:.0f} s")
+                continue
+            if B <= args.batch:
+                step_small = sec
+            mem = {m: float("nan") for m in METHODS}
+            if not args.no_memory:
+                mem = {m: peak_memory(m, C, d, K, B, device) / 2**20 for m in METHODS}
+            print(f"{row} {sec['full'] * 1e3:>9.1f} {sec['tipf'] * 1e3:>9.1f} "
+                  f"{sec['full'] / sec['tipf']:>6.2f} {mem['full']:>9.0f} {mem['tipf']:>9.0f}"
+                  + (f"   (median of {n})" if n != args.repeats else ""), flush=True)
+        del feats
+    load = " load average after: %.2f" % os.getloadavg()[0] if device.type == "cpu" else ""
+    print(f"total {time.perf_counter() - t_start:.0f} s.{load}")
+
+
+if __name__ == "__main__":
+    main()
