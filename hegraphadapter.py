@@ -177,8 +177,8 @@ class HeGraphAdapter(nn.Module):
             buffer("msg_to_vis", cfg.beta_vv * self.A_vv @ V)                    # [C, d]
 
         # choice: the W's start at zero, so training starts exactly at zero-shot CLIP + Tip-Adapter and
-        # AdamW's weight decay pulls back towards it. On real ViT-B/32 features (bench/real_features.py
-        # --dev, never the test images) this beat starting at the identity by 0.2-0.4 points.
+        # AdamW's weight decay pulls back towards it. On real ViT-B/32 features this beat starting at the
+        # identity by 0.2-0.4 points (the tuning protocol of bench/real_features.py --dev).
         zeros = lambda: nn.Parameter(torch.zeros(d, d, **like))
         if self.has_negatives:
             self.W_n = zeros()  # [d, d] projection of the messages to negative nodes
@@ -250,7 +250,8 @@ class HeGraphAdapter(nn.Module):
         if labels.shape != image_feats.shape[:1]:
             raise ValueError(f"labels must be [{image_feats.shape[0]}], got {list(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min().item()}.."
+                             f"{labels.max().item()}")
         logits_t, logits_v = self.logits(image_feats, exclude)
         loss = F.cross_entropy(logits_t, labels)
         if logits_v is not None:
@@ -277,7 +278,8 @@ def _check_inputs(pos_text, neg_text, cache_feats, cache_labels, config):
         raise ValueError(f"cache_labels must be integers [N] = [{cache_feats.shape[0]}], got "
                          f"{cache_labels.dtype} {list(cache_labels.shape)}")
     if cache_labels.numel() and (cache_labels.min() < 0 or cache_labels.max() >= C):
-        raise ValueError(f"cache_labels must lie in [0, {C}), got {cache_labels.min()}..{cache_labels.max()}")
+        raise ValueError(f"cache_labels must lie in [0, {C}), got {cache_labels.min().item()}.."
+                         f"{cache_labels.max().item()}")
     missing = torch.bincount(cache_labels.long().clamp(0, C - 1).cpu(), minlength=C).eq(0).nonzero().flatten()
     if len(missing):
         raise ValueError(f"{len(missing)} of {C} classes have no cache sample (first: {missing[:10].tolist()}); "

@@ -302,6 +302,7 @@ def load_checkpoint(path, data, seed):
 def run(args):
     """Train and evaluate one method over the seeds; returns the results dict (also written to --out)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same device -> same accuracy
     data = features_for(args, args.dataset)
     dataset = data.get("dataset", args.dataset)

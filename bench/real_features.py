@@ -78,6 +78,7 @@ def main():
         return
     real = torch.load(args.file, weights_only=True)
     table = {}  # (row, K) -> [accuracy per seed]
+    seconds = {}  # row -> [seconds per epoch of each run]
     with tempfile.TemporaryDirectory() as tmp:
         for shots in args.shots:
             for seed in args.seeds:
@@ -87,12 +88,14 @@ def main():
                     argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row], *args.extra]
                     result = train.run(train.parse_args(argv))
                     table.setdefault((row, shots), []).append(result["test_accuracy"])
+                    seconds.setdefault(row, []).extend(result["epoch_seconds"].values())
     print(f"\n{'DEV protocol (tuning, see features_file): ' if args.dev else ''}Real CLIP {real['backbone']} ImageNet features ({len(real['classnames'])} classes): test accuracy %, "
           f"mean ± std over seeds {args.seeds}")
-    print(f"{'method':<24}" + "".join(f"{f'K={k}':>16}" for k in args.shots))
+    print(f"{'method':<24}" + "".join(f"{f'K={k}':>16}" for k in args.shots) + f"{'s/epoch':>10}")
     for row in args.methods:
         cells = [torch.tensor(table[row, k]) for k in args.shots]
-        print(f"{row:<24}" + "".join(f"{c.mean():>9.2f} ± {c.std() if len(c) > 1 else 0:.2f}" for c in cells))
+        print(f"{row:<24}" + "".join(f"{c.mean():>9.2f} ± {c.std() if len(c) > 1 else 0:.2f}" for c in cells)
+              + f"{sum(seconds[row]) / len(seconds[row]):>10.3f}")
 
 
 if __name__ == "__main__":
