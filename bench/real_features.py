@@ -10,12 +10,15 @@ the rest as the test set; mean test accuracy over seeds. The positive prompt is 
 file has no negative prompts, so HeGraphAdapter runs as `hegraph --no-negatives` and `hegraph-tp`.
 
     python bench/real_features.py [--file PATH] [--shots 1 2 4] [--seeds 1 2 3]
+    python bench/real_features.py --dev --shots 1 2 -- --beta-vv 0.3    # compare a default on the tuning protocol
 """
 
 import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # set before torch imports tqdm: one table, no progress bars
 
 import argparse
+import contextlib
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -86,7 +89,8 @@ def main():
                 features_file(real, shots, seed, path, dev=args.dev)
                 for row in args.methods:
                     argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row], *args.extra]
-                    result = train.run(train.parse_args(argv))
+                    with contextlib.redirect_stdout(io.StringIO()):  # one table at the end, not one per run
+                        result = train.run(train.parse_args(argv))
                     table.setdefault((row, shots), []).append(result["test_accuracy"])
                     seconds.setdefault(row, []).extend(result["epoch_seconds"].values())
     print(f"\n{'DEV protocol (tuning, see features_file): ' if args.dev else ''}Real CLIP {real['backbone']} ImageNet features ({len(real['classnames'])} classes): test accuracy %, "

@@ -1,0 +1,54 @@
+"""bench/real_features.py: the per-K, per-seed features files it builds, and its skip when the data is absent."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import real_features  # noqa: E402
+import train  # noqa: E402
+
+
+def fake_real(C=6, per_class=7, d=16):
+    """A stand-in for the real file: same keys, random unit features, 7 images per class."""
+    labels = torch.arange(C).repeat_interleave(per_class)
+    return {"image_features": F.normalize(torch.randn(C * per_class, d), dim=-1).half(), "labels": labels,
+            "text_features": {"a photo of a {}.": F.normalize(torch.randn(C, d), dim=-1).half()},
+            "classnames": [f"c{c}" for c in range(C)], "backbone": "ViT-B/32"}
+
+
+def test_features_file_splits_k_per_class_and_the_rest(tmp_path):
+    real = fake_real()
+    for shots in (1, 2, 4):
+        path = tmp_path / f"{shots}.pt"
+        real_features.features_file(real, shots, seed=1, path=path)
+        data = train.load_features(path)
+        task = train.make_task(data, 1, shots, "cpu", negatives=False)
+        assert task.train_views.shape == (1, 6 * shots, 16)
+        assert torch.equal(torch.bincount(task.train_labels), torch.full((6,), shots))
+        assert task.test[0].shape[0] == 6 * (7 - shots)
+        # train and test are disjoint images, and together all of them
+        rows = {tuple(r.tolist()) for r in torch.cat([task.train_views[0], task.test[0]]).half()}
+        assert len(rows) == 42
+    # nested: the 1-shot image of each class is the first of its 4-shot images, for the same seed
+    one, four = (train.load_features(tmp_path / f"{k}.pt")["train"]["features"][0] for k in (1, 4))
+    assert torch.equal(one, four.view(6, 4, 16)[:, 0])
+
+
+def test_dev_protocol_uses_only_the_4_shot_training_images(tmp_path):
+    real = fake_real()
+    real_features.features_file(real, 4, seed=2, path=tmp_path / "k4.pt")
+    real_features.features_file(real, 1, seed=2, path=tmp_path / "dev.pt", dev=True)
+    pool = {tuple(r.tolist()) for r in torch.load(tmp_path / "k4.pt")["train"]["features"][0]}
+    dev = torch.load(tmp_path / "dev.pt")
+    used = torch.cat([dev["train"]["features"][0], dev["test"]["features"]])
+    assert used.shape[0] == 6 * 4 and {tuple(r.tolist()) for r in used} == pool
+
+
+def test_skips_cleanly_without_the_real_file(tmp_path):
+    script = Path(real_features.__file__)
+    proc = subprocess.run([sys.executable, str(script), "--file", str(tmp_path / "absent.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "skipped" in proc.stdout
