@@ -51,7 +51,7 @@ VARIANTS = ("full", "t", "tn", "tp")
 
 @dataclass
 class HeGraphConfig:
-    variant: str = "full"      # "full" | "t" text classifier only | "tn" t, negative path only | "tp" t, no negative nodes
+    variant: str = "full"      # "full"; "t" text classifier only; "tn" t with the negative path only; "tp" t, no N
     beta_pn: float = 0.1       # β of meta-path P -> N (step 1)
     beta_vn: float = 0.1       # β of meta-path V -> N (step 1)
     beta_np: float = 0.2       # β of meta-path N -> P during training; the paper makes it larger than at test

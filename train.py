@@ -220,15 +220,12 @@ def train(model, task, epochs, lr, batch_size, seed, eps=1e-8, warmup=True, leav
 
 
 @torch.no_grad()
-def accuracy(model, feats, labels, batch_size=4096, columns=None):
-    """Top-1 accuracy in percent; columns [C'] restricts the classes (the ImageNet shift subsets)."""
+def accuracy(model, feats, labels, batch_size=4096):
+    """Top-1 accuracy in percent of the model's prediction, in eval mode, in batches."""
     model.eval()
     correct = 0
     for f, y in zip(feats.split(batch_size), labels.split(batch_size)):
-        logits = model(f)
-        if columns is not None:
-            logits = logits[:, columns]
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += (model(f).argmax(1) == y).sum().item()
     return 100.0 * correct / max(1, labels.numel())
 
 
@@ -249,16 +246,12 @@ def search_alpha_gamma(model, val):
     return best[1], best[2]
 
 
-def text_classifier(model):
-    """The class text features a model classifies with: P' for HeGraphAdapter (eval mode), P otherwise."""
-    return model.propagate()[0] if isinstance(model, HeGraphAdapter) else model.P
-
-
 @torch.no_grad()
 def shift_accuracy(model, data, logit_scale):
     """Text classifier only, on an ImageNet shift set whose classes are data["class_map"] of ImageNet's."""
     model.eval()
-    classifier = text_classifier(model)[data["class_map"].to(model.P.device)]          # [C', d]
+    text = model.propagate()[0] if isinstance(model, HeGraphAdapter) else model.P      # P' or P [C, d]
+    classifier = text[data["class_map"].to(model.P.device)]                            # [C', d]
     feats, labels = (t.to(model.P.device) for t in (data["test"]["features"], data["test"]["labels"]))
     logits = logit_scale * normalize(feats.float()) @ classifier.T
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
@@ -386,8 +379,8 @@ def fail(message):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=None, choices=[d for d in DATASETS if d not in SHIFT_DATASETS], help="dataset key (see README), e.g. dtd; with --features: "
-                   "optional, taken from the file")
+    p.add_argument("--dataset", choices=[d for d in DATASETS if d not in SHIFT_DATASETS],
+                   help="dataset key (README: Datasets), e.g. dtd; optional with --features")
     p.add_argument("--shots", type=int, default=16, help="K, training images per class (default 16)")
     p.add_argument("--method", default="hegraph", choices=METHODS, help="default hegraph (the full model)")
     p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")

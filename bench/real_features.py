@@ -88,12 +88,14 @@ def main():
                 path = Path(tmp) / f"real_{shots}shot_seed{seed}.pt"
                 features_file(real, shots, seed, path, dev=args.dev)
                 for row in args.methods:
-                    argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row], *args.extra]
+                    argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row],
+                            *args.extra]
                     with contextlib.redirect_stdout(io.StringIO()):  # one table at the end, not one per run
                         result = train.run(train.parse_args(argv))
                     table.setdefault((row, shots), []).append(result["test_accuracy"])
                     seconds.setdefault(row, []).extend(result["epoch_seconds"].values())
-    print(f"\n{'DEV protocol (tuning, see features_file): ' if args.dev else ''}Real CLIP {real['backbone']} ImageNet features ({len(real['classnames'])} classes): test accuracy %, "
+    print(f"\n{'DEV protocol (tuning, see features_file): ' if args.dev else ''}Real CLIP {real['backbone']} "
+          f"ImageNet features ({len(real['classnames'])} classes): test accuracy %, "
           f"mean ± std over seeds {args.seeds}")
     print(f"{'method':<24}" + "".join(f"{f'K={k}':>16}" for k in args.shots) + f"{'s/epoch':>10}")
     for row in args.methods:
