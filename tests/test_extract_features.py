@@ -122,6 +122,20 @@ def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoin
     assert "reusing" in capsys.readouterr().out and again.stat().st_mtime_ns == stamp
 
 
+def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_vit_checkpoint, capsys):
+    root, path, _, _ = cli                                    # seeds 1 2, max-shots 5
+    stamp = path.stat().st_mtime_ns
+    capsys.readouterr()
+    assert ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, seeds=(2,),
+                               max_shots=3, views=3, workers=0, device="cpu") == path
+    assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+    for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
+        with pytest.raises(ef.DataError, match="different settings"):
+            ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
+                                workers=0, device="cpu", **more)
+    assert path.stat().st_mtime_ns == stamp
+
+
 def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_checkpoint, tmp_path):
     root = make_dataset("eurosat")
     f, path = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat")
