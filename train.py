@@ -300,6 +300,11 @@ def run(args):
     data = features_for(args, args.dataset)
     dataset = data.get("dataset", args.dataset)
     epochs, lr = RECIPES.get(dataset, DEFAULT_RECIPE)
+    shifts = {name: features_for(args, name) for name in args.eval_datasets}
+    for name, shift in shifts.items():
+        if shift["backbone"] != data["backbone"] or "class_map" not in shift:
+            raise DataError(f"{name}: needs a test-only features file with class_map of backbone "
+                            f"{data['backbone']}, got backbone {shift['backbone']}")
     results = {"seeds": {}, "epoch_seconds": {}, "shift": {}, "alpha_gamma": {}}
     for seed in args.seeds:
         if args.eval_only:
@@ -329,11 +334,7 @@ def run(args):
             results["alpha_gamma"][seed] = search_alpha_gamma(model, task.val)
         results["seeds"][seed] = accuracy(model, *task.test)
         results["epoch_seconds"][seed] = seconds
-        for name in args.eval_datasets:
-            shift = features_for(args, name)
-            if shift["backbone"] != data["backbone"] or "class_map" not in shift:
-                raise DataError(f"{name}: needs a test-only features file with class_map of backbone "
-                                 f"{data['backbone']}, got backbone {shift['backbone']}")
+        for name, shift in shifts.items():
             results["shift"].setdefault(name, {})[seed] = shift_accuracy(model, shift, task.logit_scale)
         if args.save:
             ckpt = dict(method=args.method, shots=args.shots, no_negatives=args.no_negatives,

@@ -199,6 +199,11 @@ def test_shift_sets_use_the_text_classifier_on_mapped_classes(feats, tmp_path):
     restricted = model(test.float())[:, class_map].argmax(1)
     expected = 100.0 * (class_map[restricted] == labels).float().mean().item()
     assert acc == pytest.approx(expected)
+    # the same through the command line: --eval-only --eval-datasets, the shift file found by its name
+    torch.save(shift, tmp_path / "imagenet-sketch_synthetic.pt")
+    r = run("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1, "--backbone", "synthetic",
+            "--features-dir", tmp_path, "--root", tmp_path / "no-data", "--eval-datasets", "imagenet-sketch")
+    assert r["shift"]["imagenet-sketch"][1] == pytest.approx(acc)
 
 
 def test_pipeline_from_images_through_the_command_line(make_dataset, tiny_vit_checkpoint, tmp_path):
