@@ -315,7 +315,8 @@ def run(args):
         else:
             config = hegraph_config(args)
         torch.manual_seed(seed)
-        uses_negatives = args.method in ("hegraph", "hegraph-t", "hegraph-tn") and not args.no_negatives
+        # the baselines and T-P never read negative text features, so they run on files without them
+        uses_negatives = args.method.startswith("hegraph") and config.variant != "tp" and not args.no_negatives
         task = make_task(data, seed, args.shots, device, negatives=uses_negatives)
         model = build_model(args.method, task, config)
         seconds = 0.0
