@@ -1,6 +1,6 @@
 """Extract frozen CLIP features for HeGraphAdapter into one file.
 
-    python extract_features.py --dataset dtd --root DATA --backbone RN50 --out features/
+    python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
 
 The data layout, split files, templates and few-shot protocol are CoOp's (Zhou et al., "Learning to Prompt
 for Vision-Language Models", DATASETS.md); the augmented training views are Tip-Adapter's (Zhang et al.,
@@ -351,13 +351,13 @@ def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
         old = None
     if not isinstance(old, dict):
         raise DataError(f"{path} exists and is not a features file written by this script; pass --overwrite "
-                        f"to replace it or choose another --out")
+                        f"to replace it or choose another --features-dir")
     differ = [k for k in settings if k not in ("seeds", "max_shots") and old.get(k) != settings[k]]
     differ += [] if set(settings["seeds"]) <= set(old.get("seeds", [])) else ["seeds"]
     differ += [] if settings["max_shots"] <= old.get("max_shots", 0) else ["max_shots"]
     if differ:
         raise DataError(f"{path} exists with different settings ({', '.join(differ)}); pass --overwrite to "
-                        f"replace it or choose another --out")
+                        f"replace it or choose another --features-dir")
     print(f"reusing {path}: it was extracted with the same settings")
     return True
 
@@ -438,35 +438,57 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
     return path
 
 
+def path_arg(text: str) -> Path:
+    """argparse type of every path flag: ~ is expanded, in "--flag ~/x" and "--flag=~/x" alike."""
+    return Path(text).expanduser()
+
+
+def add_extraction_args(parser):
+    """The extraction flags, declared once for every command that may extract (this script, train.py,
+    bench/reproduce.py), so that an error naming one of them names a flag of the command that was run."""
+    g = parser.add_argument_group("feature extraction (when the features file does not exist yet)")
+    g.add_argument("--root", type=path_arg, default=Path("data"),
+                   help="folder holding the dataset folders in CoOp's layout (default data/)")
+    g.add_argument("--backbone", default="RN50", help="CLIP model name, also used in the file name (default RN50)")
+    g.add_argument("--features-dir", type=path_arg, default=Path("features"),
+                   help="where features files are written and looked up (default features/)")
+    g.add_argument("--clip-checkpoint", type=path_arg, help="local OpenAI CLIP checkpoint, loaded with "
+                   "clip.load(PATH) instead of downloading --backbone")
+    g.add_argument("--prompts", type=path_arg, help="CuPL-style json {classname: [sentence, ...]} of positive "
+                   "prompts, used instead of the dataset's template")
+    g.add_argument("--negative-template", default="a photo of no {}.",
+                   help="template of the negative prompts (default 'a photo of no {}.')")
+    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
+    g.add_argument("--max-shots", type=int, default=16,
+                   help="training images per class sampled per seed; K shots are the first K (default 16)")
+    g.add_argument("--views", type=int, default=10,
+                   help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
+    g.add_argument("--encode-batch-size", type=int, default=256,
+                   help="images (views) per CLIP forward pass (default 256)")
+    g.add_argument("--workers", type=int, help="data loading processes (default: CPU count, at most 8)")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--allow-repeats", action="store_true",
+                   help="let a class with fewer images than --max-shots repeat its images instead of failing")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing features file made with "
+                   "other settings")
+    return g
+
+
+def extract_from_args(args, dataset: str) -> Path:
+    """extract_features with the flags of add_extraction_args."""
+    return extract_features(dataset, args.root, args.features_dir, args.backbone, args.clip_checkpoint,
+                            args.prompts, args.negative_template, args.seeds, args.max_shots, args.views,
+                            args.encode_batch_size, args.workers, args.device, args.allow_repeats, args.overwrite)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Extract frozen CLIP features of a few-shot dataset into one file "
                                             "(layout in README.md).")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset key")
-    p.add_argument("--root", required=True, help="folder holding the dataset folders in CoOp's layout")
-    p.add_argument("--backbone", default="RN50", help="CLIP model name, also used in the file name (default RN50)")
-    p.add_argument("--out", default="features", help="output folder (default features/)")
-    p.add_argument("--clip-checkpoint", help="local OpenAI CLIP checkpoint, loaded with clip.load(PATH) "
-                                             "instead of downloading --backbone")
-    p.add_argument("--prompts", help="CuPL-style json {classname: [sentence, ...]} of positive prompts, "
-                                     "used instead of the dataset's template")
-    p.add_argument("--negative-template", default="a photo of no {}.",
-                   help="template of the negative prompts (default 'a photo of no {}.')")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
-    p.add_argument("--max-shots", type=int, default=16,
-                   help="training images per class sampled per seed; K shots are the first K (default 16)")
-    p.add_argument("--views", type=int, default=10,
-                   help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
-    p.add_argument("--batch-size", type=int, default=256, help="images (views) per forward pass (default 256)")
-    p.add_argument("--workers", type=int, help="data loading processes (default: CPU count, at most 8)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--allow-repeats", action="store_true",
-                   help="let a class with fewer images than --max-shots repeat its images instead of failing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file made with other settings")
+    add_extraction_args(p)
     a = p.parse_args(argv)
     try:
-        extract_features(a.dataset, a.root, a.out, a.backbone, a.clip_checkpoint, a.prompts, a.negative_template,
-                         a.seeds, a.max_shots, a.views, a.batch_size, a.workers, a.device, a.allow_repeats,
-                         a.overwrite)
+        extract_from_args(a, a.dataset)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from extract_features import DATASETS, FORMAT, DataError, extract_features, features_path, write_atomic
+from extract_features import (DATASETS, FORMAT, DataError, add_extraction_args, extract_from_args, features_path,
+                              path_arg, write_atomic)
 from hegraphadapter import HeGraphAdapter, HeGraphConfig, cache_logits, normalize
 
 METHODS = ("zeroshot", "tip", "tip-f", "hegraph", "hegraph-t", "hegraph-tn", "hegraph-tp")
@@ -269,11 +270,7 @@ def features_for(args, dataset):
     if path.exists() and not (Path(args.root) / DATASETS[dataset].folder).exists():
         print(f"note: {Path(args.root) / DATASETS[dataset].folder} is absent, so {path} is used as it is")
         return load_features(path)
-    path = extract_features(
-        dataset, args.root, out_dir=args.features_dir, backbone=args.backbone,
-        clip_checkpoint=args.clip_checkpoint, prompts=args.prompts, seeds=tuple(args.seeds),
-        max_shots=args.max_shots, views=args.views, workers=args.workers, device=args.device)
-    return load_features(path)
+    return load_features(extract_from_args(args, dataset))
 
 
 def load_checkpoint(path, data, seed):
@@ -352,7 +349,7 @@ def run(args):
                 "hegraph": dataclasses.asdict(config)})
     print_table(results)
     if args.out:
-        write_atomic(args.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
+        write_atomic(args.out, lambda f: f.write(json.dumps(results, indent=2, default=str).encode()))
     return results
 
 
@@ -386,18 +383,8 @@ def parse_args(argv=None):
     p.add_argument("--shots", type=int, default=16, help="K, training images per class (default 16)")
     p.add_argument("--method", default="hegraph", choices=METHODS, help="default hegraph (the full model)")
     p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
-    p.add_argument("--features", help="train on this features file instead of extracting one")
-    p.add_argument("--features-dir", default="features", help="where extracted features go (default features/)")
-    p.add_argument("--root", default="data", help="dataset root folder, CoOp layout (default data/)")
-    p.add_argument("--backbone", default="RN50", help="CLIP backbone (default RN50)")
-    g = p.add_argument_group("feature extraction (when the features file does not exist yet)")
-    g.add_argument("--clip-checkpoint", help="local OpenAI-CLIP checkpoint instead of a download")
-    g.add_argument("--prompts", help="CuPL-style json {classname: [sentence, ...]} of positive prompts")
-    g.add_argument("--max-shots", type=int, default=16, help="largest K to sample (default 16)")
-    g.add_argument("--views", type=int, default=10, help="stored views per training image (default 10)")
-    g.add_argument("--workers", type=int, help="data loader workers (default: CPU count, at most 8)")
-    g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--features", type=path_arg, help="train on this features file instead of extracting one")
+    add_extraction_args(p)
     g = p.add_argument_group("recipe (defaults: the paper's, per dataset; see RECIPES in train.py)")
     g.add_argument("--epochs", type=int, help="training epochs (default: 100 eurosat/dtd/fgvc_aircraft, "
                    "else 30; Tip-Adapter-F 20)")
@@ -411,10 +398,10 @@ def parse_args(argv=None):
     g.add_argument("--search-val", action="store_true",
                    help="tune α and γ on the min(K, 4)-shot validation subset (never on test images)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="write the results json here")
-    g.add_argument("--save", help="write the learned parameters and configuration to DIR/seed<N>.pt")
+    g.add_argument("--out", type=path_arg, help="write the results json here")
+    g.add_argument("--save", type=path_arg, help="write the learned parameters and configuration to DIR/seed<N>.pt")
     g.add_argument("--eval-only", action="store_true", help="evaluate checkpoints from --load, no training")
-    g.add_argument("--load", help="checkpoint folder written by --save (with --eval-only)")
+    g.add_argument("--load", type=path_arg, help="checkpoint folder written by --save (with --eval-only)")
     g.add_argument("--eval-datasets", nargs="+", default=[], choices=SHIFT_DATASETS,
                    help="also evaluate the text classifier on these ImageNet shift sets")
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ def cli(tmp_path_factory, make_dataset, tiny_vit_checkpoint):
     """The one run through the command line (with loader workers): root, file path, stdout, loaded file."""
     root, out = make_dataset("dtd"), tmp_path_factory.mktemp("out")
     cmd = [sys.executable, str(REPO / "extract_features.py"), "--dataset", "dtd", "--root", str(root),
-           "--backbone", "tiny", "--out", str(out), "--clip-checkpoint", str(tiny_vit_checkpoint),
+           "--backbone", "tiny", "--features-dir", str(out), "--clip-checkpoint", str(tiny_vit_checkpoint),
            "--seeds", "1", "2", "--max-shots", "5", "--views", "3", "--workers", "2", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in conftest.py: tiny models, busy machine
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
@@ -241,5 +241,5 @@ def test_main_prints_one_error_line_and_help(tmp_path, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
-                   "--batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
+                   "--encode-batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
         assert option in text
