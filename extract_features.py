@@ -35,6 +35,7 @@ from tqdm import tqdm
 with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
     warnings.simplefilter("ignore", UserWarning)
     import clip
+from filelock import FileLock
 
 FORMAT = "hegraphadapter-features-v1"
 VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
@@ -360,6 +361,17 @@ def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
                         f"replace it or choose another --features-dir")
     print(f"reusing {path}: it was extracted with the same settings")
     return True
+
+
+def file_lock(path) -> FileLock:
+    """An exclusive lock on `path` across processes, held in a hidden `.<name>.lock` file beside it.
+
+    `with file_lock(path): check, then write` makes parallel jobs on one file (one per seed or per GPU on a
+    cluster) take turns, so that none replaces a file another has just checked or written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(f".{path.name}.lock"))
 
 
 def write_atomic(path, write):
