@@ -169,7 +169,7 @@ def hegraph_config(args):
 def build_model(method, task, config):
     """The model of a method; zeroshot is Tip-Adapter with α = 0."""
     if method.startswith("hegraph"):
-        return HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.train_labels, config,
+        return HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.train_labels, config=config,
                               logit_scale=task.logit_scale)
     if method == "zeroshot":
         config = dataclasses.replace(config, alpha=0.0)

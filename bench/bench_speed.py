@@ -65,7 +65,7 @@ def build(method, feats):
     pos, neg, cache, labels = feats
     cfg = HeGraphConfig(variant="full")
     if method == "full":
-        model = HeGraphAdapter(pos, neg, cache, labels, cfg)
+        model = HeGraphAdapter(pos, neg, cache, labels, config=cfg)
     else:
         model = TipAdapter(pos, cache, labels, cfg, learn_keys=True)
     model.train()

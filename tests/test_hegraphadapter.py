@@ -4,6 +4,7 @@ Every expected value here is computed independently from METHOD.md's equations (
 matmuls, hand-computed numbers), never with the module's own helpers. CPU only, small sizes, a few seconds.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -79,34 +80,45 @@ def ref_normalise(A, self_loops):
     return inv(r)[:, None] * A * inv(c)[None, :]
 
 
-def ref_logits(pos, neg, feats, labels, x, Wn, Wp, Wv, cfg, training):
-    """logits_t, logits_v from METHOD.md steps 1-3 and section 'Classifiers', unfused, variant-aware."""
+def ref_logits(pos, neg, feats, labels, x, params, cfg, training):
+    """logits_t, logits_v from the module docstring's equations (1)-(5), unfused, variant-aware.
+
+    params: {"W_n", "W_p", "W_v", "b_n", "b_p", "b_v"} (those a variant lacks may be NaN: they must be unused).
+    """
     C = pos.shape[0]
-    v = cfg.variant
+    v, s_b = cfg.variant, cfg.bias_scale
     P, Fk, f = unit(pos), unit(feats), unit(x)
     V = ref_class_means(feats, labels, C)
     b_vp, b_pp = (0.0, 0.0) if v == "tn" else (cfg.beta_vp, cfg.beta_pp)
     A_pp = ref_normalise(ref_raw_edges(P, P, False), True)
     A_vp = ref_normalise(ref_raw_edges(P, V, False), False)
+    Wp = params["W_p"]
     messages = b_vp * (A_vp @ V @ Wp) + b_pp * (A_pp @ P @ Wp)
     if neg is not None and v != "tp":
-        N = unit(neg)
+        N, Wn = unit(neg), params["W_n"]
         A_pn = ref_normalise(ref_raw_edges(N, P, True), False)
         A_vn = ref_normalise(ref_raw_edges(N, V, True), False)
         A_np = ref_normalise(ref_raw_edges(P, N, True), False)
-        N2 = unit(N + cfg.beta_pn * (A_pn @ P @ Wn) + cfg.beta_vn * (A_vn @ V @ Wn))  # step 1
+        N2 = unit(N + cfg.beta_pn * (A_pn @ P @ Wn) + cfg.beta_vn * (A_vn @ V @ Wn) + s_b * params["b_n"])  # (1)
         b_np = cfg.beta_np if training else cfg.beta_np_test
         messages = messages + b_np * (A_np @ N2 @ Wp)
-    P2 = unit(P + messages)                                                          # step 2
+    P2 = unit(P + messages + s_b * params["b_p"])                                              # (2)
     logits_t = S * f @ P2.T
     if v != "full":
         return logits_t, None
     A_vv = ref_normalise(ref_raw_edges(V, V, False), True)
-    Bias = cfg.beta_vv * (A_vv @ V @ Wv)                                             # step 3
-    K = unit(Fk + Bias[labels])
+    delta = cfg.beta_vv * (A_vv @ V @ params["W_v"]) + s_b * params["b_v"]                     # (3)
+    K = unit(Fk + delta[labels])
     L = F.one_hot(labels, C).to(x.dtype)
     logits_v = torch.exp(-cfg.gamma * (1.0 - f @ K.T)) @ L
     return logits_t, logits_v
+
+
+def all_params(model, found):
+    """found ({name: value} of the model's parameters) completed with NaN for the ones it lacks."""
+    C, d = model.P.shape
+    nan = lambda *shape: torch.full(shape, float("nan"), dtype=model.P.dtype)
+    return {**{f"W_{t}": nan(d, d) for t in "npv"}, **{f"b_{t}": nan(C, d) for t in "npv"}, **found}
 
 
 def random_W(d, seed, dtype=torch.float64, scale=0.3):
@@ -115,13 +127,17 @@ def random_W(d, seed, dtype=torch.float64, scale=0.3):
 
 
 def set_params(model, seed, scale=0.3):
-    """Move every W away from the identity; return {name: value} (W_n/W_v may be absent)."""
-    Ws = {}
+    """Move every W away from the identity and every b away from zero; return {name: value}."""
+    params = {}
+    g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for k, (name, p) in enumerate(sorted(model.named_parameters())):
-            p.copy_(random_W(p.shape[0], seed + k, p.dtype, scale))
-            Ws[name] = p.detach().clone()
-    return Ws
+            if name.startswith("W_"):
+                p.copy_(random_W(p.shape[0], seed + k, p.dtype, scale))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            params[name] = p.detach().clone()
+    return params
 
 
 # -----------------------------------------------------------------------------
@@ -142,9 +158,9 @@ def test_shapes(C, d, counts, variant, negatives):
     cfg = HeGraphConfig(variant=variant)
     if variant == "tn" and not negatives:
         with pytest.raises(ValueError, match="needs neg_text"):
-            HeGraphAdapter(pos, None, feats, labels, cfg)
+            HeGraphAdapter(pos, None, feats, labels, config=cfg)
         return
-    model = HeGraphAdapter(pos, neg if negatives else None, feats, labels, cfg)
+    model = HeGraphAdapter(pos, neg if negatives else None, feats, labels, config=cfg)
     assert model.V.shape == (C, d) and model.cache_keys.shape == (sum(counts), d)
     out = model(x)
     assert out.shape == (7, C) and torch.isfinite(out).all()
@@ -172,7 +188,7 @@ def hand_model():
     # scale the text rows: the model must normalise them
     model = HeGraphAdapter(P * torch.tensor([[2.0], [0.5], [3.0]], dtype=torch.float64),
                            N * torch.tensor([[1.5], [1.0], [0.2]], dtype=torch.float64),
-                           cache, labels, HeGraphConfig())
+                           cache, labels, config=HeGraphConfig())
     return model
 
 
@@ -221,7 +237,7 @@ def test_edges_by_hand():
 def test_edges_random_match_loop_reference():
     """The same construction on random features with unequal class counts, against the loop reference."""
     pos, neg, feats, labels, _, _ = make_data(6, 5, [2, 1, 4, 1, 3, 2], seed=3)
-    m = HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig())
+    m = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig())
     P, N, V = unit(pos), unit(neg), ref_class_means(feats, labels, 6)
     expected = {"A_pp": ref_normalise(ref_raw_edges(P, P, False), True),
                 "A_vv": ref_normalise(ref_raw_edges(V, V, False), True),
@@ -240,7 +256,7 @@ def test_edges_random_match_loop_reference():
 def test_visual_nodes_are_class_means_with_unequal_counts():
     counts = [1, 5, 2, 9, 3, 1, 4]
     pos, neg, feats, labels, _, _ = make_data(7, 6, counts, seed=1)
-    m = HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig())
+    m = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig())
     assert torch.bincount(labels).tolist() == counts
     assert torch.allclose(m.V, ref_class_means(feats, labels, 7), atol=1e-12)
     assert torch.allclose(m.V.norm(dim=-1), torch.ones(7, dtype=torch.float64))
@@ -251,7 +267,7 @@ def test_visual_nodes_are_class_means_with_unequal_counts():
 
 def small_model(variant="full", negatives=True, seed=0, **cfg):
     pos, neg, feats, labels, x, y = make_data(4, 5, [3, 1, 2, 3], seed=seed, B=3)
-    model = HeGraphAdapter(pos, neg if negatives else None, feats, labels, HeGraphConfig(variant=variant, **cfg))
+    model = HeGraphAdapter(pos, neg if negatives else None, feats, labels, config=HeGraphConfig(variant=variant, **cfg))
     return model, (pos, neg if negatives else None, feats, labels, x, y)
 
 
@@ -271,8 +287,8 @@ def test_gradcheck_logits_and_loss(mode):
     model, (_, _, feats, labels, x, y) = small_model(beta_vv=0.5)
     model.train(mode == "train")
     Ws = set_params(model, seed=10)
-    names = ["W_n", "W_p", "W_v"]
-    assert sorted(Ws) == names
+    names = ["W_n", "W_p", "W_v", "b_n", "b_p", "b_v"]
+    assert sorted(Ws) == sorted(names)
     inputs = tuple(Ws[n].clone().requires_grad_(True) for n in names)
 
     wrapped = LossCall(model)  # functional_call calls forward(); this forward is model.loss
@@ -299,23 +315,62 @@ def grads_of_loss(model, x, y):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("variant,negatives,expected", [
-    ("full", True, {"W_n", "W_p", "W_v"}),
-    ("full", False, {"W_p", "W_v"}),
-    ("t", True, {"W_n", "W_p"}),
-    ("t", False, {"W_p"}),
-    ("tn", True, {"W_n", "W_p"}),
-    ("tp", True, {"W_p"}),
-    ("tp", False, {"W_p"}),
+@pytest.mark.parametrize("variant,negatives,layers", [
+    ("full", True, "npv"),
+    ("full", False, "pv"),
+    ("t", True, "np"),
+    ("t", False, "p"),
+    ("tn", True, "np"),
+    ("tp", True, "p"),
+    ("tp", False, "p"),
 ])
-def test_which_parameters_learn(variant, negatives, expected):
+def test_which_parameters_learn(variant, negatives, layers):
+    """Each node type present has its layer (W and b) and both get gradient; absent ones are not created."""
     model, (_, _, _, _, x, y) = small_model(variant, negatives)
     set_params(model, seed=5)
     grads = grads_of_loss(model, x, y)
-    with_grad = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
-    assert with_grad == expected
-    for n in {"W_n", "W_p", "W_v"} - expected:  # absent, or present without any gradient
-        assert n not in grads or grads[n] is None or grads[n].abs().sum() == 0
+    expected = {f"{kind}_{t}" for t in layers for kind in "Wb"}
+    assert set(grads) == expected
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_biases_are_per_class():
+    """With W = 0, row c of b_p moves only class c's text logits and row c of b_v only class c's cache logits."""
+    model, (_, _, _, _, x, _) = small_model("full", bias_scale=0.7)
+    base_t, base_v = model.logits(x)
+    for name, changed in (("b_p", 0), ("b_v", 1)):
+        with torch.no_grad():
+            getattr(model, name)[2] = torch.linspace(-1, 1, model.P.shape[1], dtype=torch.float64)
+        out = model.logits(x)
+        diff = (out[changed] - (base_t, base_v)[changed]).abs()
+        assert diff[:, 2].min() > 1e-6 and diff[:, [0, 1, 3]].max() < 1e-12, name
+        assert torch.equal(out[1 - changed], (base_t, base_v)[1 - changed])   # the other classifier is untouched
+        with torch.no_grad():
+            getattr(model, name).zero_()
+    # b_n reaches P' through Â_NP N' W_p: with W_p = 0 it changes nothing, with W_p != 0 it does
+    with torch.no_grad():
+        model.b_n[2] = 1.0
+    assert torch.equal(model.logits(x)[0], base_t)
+    with torch.no_grad():
+        model.W_p.copy_(torch.eye(model.P.shape[1]))
+    with_bias = model.logits(x)[0]
+    with torch.no_grad():
+        model.b_n.zero_()
+    assert not torch.allclose(model.logits(x)[0], with_bias)
+
+
+def test_bias_scale_scales_the_biases():
+    """s_b b is what enters: doubling s_b and halving b gives the same model."""
+    model, (_, _, _, _, x, _) = small_model("full", bias_scale=0.2)
+    twin, _ = small_model("full", bias_scale=0.4)
+    params = set_params(model, seed=3)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            p.copy_(params[name] / 2 if name.startswith("b_") else params[name])
+    assert torch.allclose(model(x), twin(x), atol=1e-12)
+    with torch.no_grad():
+        twin.b_p.mul_(2)
+    assert not torch.allclose(model(x), twin(x), atol=1e-6)
 
 
 def test_tn_ignores_visual_and_positive_messages():
@@ -326,8 +381,8 @@ def test_tn_ignores_visual_and_positive_messages():
     out = {}
     for variant in ("tn", "t"):
         cfg = HeGraphConfig(variant=variant, beta_vn=0.0)
-        a = HeGraphAdapter(pos, neg, feats, labels, cfg)
-        b = HeGraphAdapter(pos, neg, feats2, labels2, cfg)
+        a = HeGraphAdapter(pos, neg, feats, labels, config=cfg)
+        b = HeGraphAdapter(pos, neg, feats2, labels2, config=cfg)
         set_params(a, 1), set_params(b, 1)
         out[variant] = (a(x), b(x))
     assert torch.allclose(*out["tn"], atol=1e-12)
@@ -342,7 +397,7 @@ def test_zero_parameters_give_zero_shot_plus_tip_adapter():
         for negatives in (True, False):
             pos, neg, feats, labels, x, _ = make_data(6, 10, [2, 1, 3, 4, 1, 2], seed=2, dtype=dtype)
             cfg = HeGraphConfig(alpha=1.7, gamma=3.0)
-            model = HeGraphAdapter(pos, neg if negatives else None, feats, labels, cfg)
+            model = HeGraphAdapter(pos, neg if negatives else None, feats, labels, config=cfg)
             with torch.no_grad():
                 for p in model.parameters():
                     p.zero_()
@@ -358,17 +413,14 @@ def test_zero_parameters_give_zero_shot_plus_tip_adapter():
                                                if not (v == "tn" and not n)])  # tn needs negatives
 def test_forward_and_loss_match_reference(variant, negatives):
     cfg = HeGraphConfig(variant=variant, beta_pn=0.3, beta_vn=0.25, beta_np=0.6, beta_np_test=0.1,
-                        beta_vp=0.35, beta_pp=0.2, beta_vv=0.4, alpha=1.3, gamma=4.0, lam=0.3)
+                        beta_vp=0.35, beta_pp=0.2, beta_vv=0.4, bias_scale=0.3, alpha=1.3, gamma=4.0, lam=0.3)
     pos, neg, feats, labels, x, y = make_data(6, 7, [2, 4, 1, 3, 2, 1], seed=7, B=5)
     neg = neg if negatives else None
-    model = HeGraphAdapter(pos, neg, feats, labels, cfg, logit_scale=S)
-    Ws = set_params(model, seed=20, scale=0.5)
-    d = pos.shape[1]
-    Wn = Ws.get("W_n", torch.full((d, d), float("nan"), dtype=torch.float64))  # NaN: must be unused if absent
-    Wv = Ws.get("W_v", torch.full((d, d), float("nan"), dtype=torch.float64))
+    model = HeGraphAdapter(pos, neg, feats, labels, config=cfg, logit_scale=S)
+    params = all_params(model, set_params(model, seed=20, scale=0.5))  # NaN for what the variant lacks
     for training in (True, False):
         model.train(training)
-        lt, lv = ref_logits(pos, neg, feats, labels, x, Wn, Ws["W_p"], Wv, cfg, training)
+        lt, lv = ref_logits(pos, neg, feats, labels, x, params, cfg, training)
         mt, mv = model.logits(x)
         assert torch.allclose(mt, lt, atol=1e-10)
         expected = lt if lv is None else lt + cfg.alpha * lv
@@ -382,15 +434,15 @@ def test_forward_and_loss_match_reference(variant, negatives):
 def test_permutation_equivariance():
     C = 6
     pos, neg, feats, labels, x, _ = make_data(C, 8, [2, 1, 3, 2, 4, 1], seed=11)
-    model = HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig())
+    model = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig())
     Ws = set_params(model, seed=3, scale=0.5)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])           # new class k = old class perm[k]
     inv = torch.argsort(perm)                          # old class c -> new class inv[c]
     rows = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # shuffle the cache too
-    permuted = HeGraphAdapter(pos[perm], neg[perm], feats[rows], inv[labels[rows]], HeGraphConfig())
+    permuted = HeGraphAdapter(pos[perm], neg[perm], feats[rows], inv[labels[rows]], config=HeGraphConfig())
     with torch.no_grad():
         for n, p in permuted.named_parameters():
-            p.copy_(Ws[n])
+            p.copy_(Ws[n][perm] if n.startswith("b_") else Ws[n])    # a bias has one row per class
     for mode in (True, False):
         model.train(mode), permuted.train(mode)
         assert torch.allclose(permuted(x), model(x)[:, perm], atol=1e-10)
@@ -401,13 +453,13 @@ def test_permutation_equivariance():
 def test_beta_np_switches_with_train_and_eval():
     pos, neg, feats, labels, x, _ = make_data(5, 6, [2, 2, 1, 3, 2], seed=6)
     for beta_np, beta_np_test, differ in ((0.6, 0.1, True), (0.3, 0.3, False)):
-        model = HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig(beta_np=beta_np, beta_np_test=beta_np_test))
+        model = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(beta_np=beta_np, beta_np_test=beta_np_test))
         set_params(model, seed=2)
         train_out = model.train()(x)
         eval_out = model.eval()(x)
         assert torch.allclose(train_out, eval_out, atol=1e-12) != differ
         # eval() with beta_np_test = a train() model built with beta_np = beta_np_test
-        twin = HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig(beta_np=beta_np_test))
+        twin = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(beta_np=beta_np_test))
         set_params(twin, seed=2)
         assert torch.allclose(twin.train()(x), eval_out, atol=1e-12)
 
@@ -415,14 +467,15 @@ def test_beta_np_switches_with_train_and_eval():
 def test_leave_one_out_removes_exactly_the_own_key():
     cfg = HeGraphConfig(gamma=4.0, lam=0.5, beta_vv=0.5)
     pos, neg, feats, labels, _, _ = make_data(5, 6, [3, 2, 2, 4, 1], seed=8)
-    model = HeGraphAdapter(pos, neg, feats, labels, cfg)
+    model = HeGraphAdapter(pos, neg, feats, labels, config=cfg)
     Ws = set_params(model, seed=9)
     rows = torch.tensor([0, 3, 5, 11, 7])
     x, y = feats[rows], labels[rows]            # the cache's own images
-    lt_ref, lv_full = ref_logits(pos, neg, feats, labels, x, Ws["W_n"], Ws["W_p"], Ws["W_v"], cfg, True)
+    lt_ref, lv_full = ref_logits(pos, neg, feats, labels, x, Ws, cfg, True)
     # reference: same graph (V from the whole cache), but each image's own cache row dropped from the keys
     V = ref_class_means(feats, labels, 5)
-    Bias = cfg.beta_vv * ref_normalise(ref_raw_edges(V, V, False), True) @ V @ Ws["W_v"]
+    Bias = (cfg.beta_vv * ref_normalise(ref_raw_edges(V, V, False), True) @ V @ Ws["W_v"]
+            + cfg.bias_scale * Ws["b_v"])
     lv_loo = []
     for b, r in enumerate(rows.tolist()):
         keep = [i for i in range(len(labels)) if i != r]
@@ -448,19 +501,19 @@ def test_leave_one_out_removes_exactly_the_own_key():
 
 def test_dtype_follows_inputs():
     pos, neg, feats, labels, x, y = make_data(4, 5, [1, 2, 3, 1], dtype=torch.float64)
-    m64 = HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig())
+    m64 = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig())
     assert all(p.dtype == torch.float64 for p in m64.parameters())
     assert all(b.dtype == torch.float64 for n, b in m64.named_buffers() if n != "cache_labels")
     assert m64(x.float()).dtype == torch.float64
     assert m64.loss(x, y).dtype == torch.float64
     # float32 text decides, even with float64 cache features
-    m32 = HeGraphAdapter(pos.float(), neg.float(), feats, labels.int(), HeGraphConfig())
+    m32 = HeGraphAdapter(pos.float(), neg.float(), feats, labels.int(), config=HeGraphConfig())
     assert all(p.dtype == torch.float32 for p in m32.parameters())
     assert m32(x).dtype == torch.float32 and m32.A_np.dtype == torch.float32
     assert m32.cache_labels.dtype == torch.long
     assert all(t.device.type == "cpu" for t in list(m32.parameters()) + list(m32.buffers()))
-    # only the W's are state; the graph constants are rebuilt from features
-    assert set(m64.state_dict()) == {"W_n", "W_p", "W_v"}
+    # only the W's and b's are state; the graph constants are rebuilt from features
+    assert set(m64.state_dict()) == {"W_n", "W_p", "W_v", "b_n", "b_p", "b_v"}
 
 
 # -----------------------------------------------------------------------------
@@ -471,22 +524,22 @@ def test_bad_inputs_raise_helpful_errors():
     pos, neg, feats, labels, x, y = make_data(C, d, [1, 2, 3, 1], dtype=torch.float32)
     cfg = HeGraphConfig()
     with pytest.raises(ValueError, match="neg_text must be"):
-        HeGraphAdapter(pos, neg[:, :-1], feats, labels, cfg)
+        HeGraphAdapter(pos, neg[:, :-1], feats, labels, config=cfg)
     with pytest.raises(ValueError, match="neg_text must be"):
-        HeGraphAdapter(pos, neg[:-1], feats, labels, cfg)
+        HeGraphAdapter(pos, neg[:-1], feats, labels, config=cfg)
     with pytest.raises(ValueError, match="cache_feats must be .*d = 5"):
-        HeGraphAdapter(pos, neg, feats[:, :-1], labels, cfg)
+        HeGraphAdapter(pos, neg, feats[:, :-1], labels, config=cfg)
     with pytest.raises(ValueError, match="cache_labels must"):
-        HeGraphAdapter(pos, neg, feats, labels[:-1], cfg)
+        HeGraphAdapter(pos, neg, feats, labels[:-1], config=cfg)
     bad = labels.clone()
     bad[0] = C
     with pytest.raises(ValueError, match=r"cache_labels must lie in \[0, 4\)"):
-        HeGraphAdapter(pos, neg, feats, bad, cfg)
+        HeGraphAdapter(pos, neg, feats, bad, config=cfg)
     bad[0] = -1
     with pytest.raises(ValueError, match=r"cache_labels must lie in \[0, 4\)"):
-        HeGraphAdapter(pos, neg, feats, bad, cfg)
+        HeGraphAdapter(pos, neg, feats, bad, config=cfg)
     with pytest.raises(ValueError, match=r"no cache sample \(first: \[3\]\)"):
-        HeGraphAdapter(pos, neg, feats, labels.clamp(max=2), cfg)
+        HeGraphAdapter(pos, neg, feats, labels.clamp(max=2), config=cfg)
     for name in ("pos_text", "neg_text", "cache_feats"):
         args = dict(pos_text=pos.clone(), neg_text=neg.clone(), cache_feats=feats.clone())
         args[name][1, 2] = float("nan")
@@ -495,14 +548,24 @@ def test_bad_inputs_raise_helpful_errors():
     with pytest.raises(ValueError, match="unknown variant 'T-N'"):
         HeGraphConfig(variant="T-N")
 
-    model = HeGraphAdapter(pos, neg, feats, labels, cfg)
+    model = HeGraphAdapter(pos, neg, feats, labels, config=cfg)
     with pytest.raises(ValueError, match=r"image_feats must be \[B, 5\]"):
         model(torch.randn(3, d + 1))
     with pytest.raises(ValueError, match=r"image_feats must be \[B, 5\]"):
         model.loss(torch.randn(3, d + 1), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
-        model.loss(x, torch.full((len(x),), C))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
-        model.loss(x, torch.full((len(x),), -1))
     with pytest.raises(ValueError, match="labels must be"):
         model.loss(x, y[:-1])
+
+
+def test_config_is_a_keyword_with_a_default_and_cannot_change_after_construction():
+    """β_VP and β_VV are folded into constants at construction: changing them later must be impossible."""
+    pos, neg, feats, labels, x, _ = make_data(4, 5, [1, 2, 3, 1], dtype=torch.float32)
+    model = HeGraphAdapter(pos, neg, feats, labels)                  # the default config
+    assert model.config == HeGraphConfig()
+    with pytest.raises(TypeError):
+        HeGraphAdapter(pos, neg, feats, labels, HeGraphConfig())     # config only by keyword
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.config.beta_vv = 0.9
+    with pytest.raises(AttributeError):
+        model.config = HeGraphConfig(beta_vp=0.9)
+    assert model.config == HeGraphConfig()
