@@ -8,7 +8,7 @@ For each seed the K-shot training set is the first K columns of the features fil
 cache holds one key per training image (the mean of its stored views) and each epoch draws one stored
 view per image. Nothing is selected on the test split: the number reported is the test accuracy after
 the last epoch, as mean and standard deviation over the seeds. --search-val may tune α and γ on the
-min(K, 4)-shot validation subset, never on test images.
+min(K, 4)-shot validation subset, never on test images. Every method is one row of METHODS.
 """
 
 import argparse
@@ -18,74 +18,70 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from baselines import (CLIPAdapter, GraphAdapter, LinearProbe, NoConfig, TaskRes, TaskResConfig, TipAdapter,
+                       TipConfig, ZeroShot, CLIPAdapterConfig, GraphAdapterConfig, LinearProbeConfig,
+                       fit_linear_probe)
 from extract_features import (DATASETS, FORMAT, DataError, add_extraction_args, extract_from_args, features_path,
                               path_arg, write_atomic)
-from hegraphadapter import HeGraphAdapter, HeGraphConfig, cache_logits, normalize
+from hegraphadapter import HeGraphAdapter, HeGraphConfig, normalize
 
-METHODS = ("zeroshot", "tip", "tip-f", "hegraph", "hegraph-t", "hegraph-tn", "hegraph-tp")
 SHIFT_DATASETS = ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")
-
-# The paper's recipe (section 4.1): 100 epochs for EuroSAT, DTD and FGVCAircraft, 30 for the others;
-# lr 0.01 for FGVCAircraft, 0.001 for the others. The β's are not given per dataset: HeGraphConfig's
-# defaults serve every dataset. Tip-Adapter-F keeps its own recipe (TIP_F below), as in its paper.
-#                  epochs   lr
-RECIPES = {
-    "eurosat":       (100, 1e-3),
-    "dtd":           (100, 1e-3),
-    "fgvc_aircraft": (100, 1e-2),
-}
-DEFAULT_RECIPE = (30, 1e-3)
-# Tip-Adapter-F's own recipe: AdamW, cosine, 20 epochs, lr 1e-3, eps 1e-4, no warm-up, trained on the
-# views against their own keys (no leave-one-out), exactly as its paper does: the baseline at its best.
-TIP_F = dict(epochs=20, lr=1e-3, eps=1e-4)
-WARMUP_LR = 1e-5                             # the warm-up epoch starts from this learning rate
+WARMUP_LR = 1e-5  # the warm-up epoch starts from this learning rate
 
 
-class TipAdapter(nn.Module):
-    """Tip-Adapter (training-free) and Tip-Adapter-F (learn_keys=True: the cache keys are the parameters).
+# -----------------------------------------------------------------------------
+# recipes: how each method trains, per dataset and K
 
-    logits = s f P^T + α exp(-γ (1 - f K^T)) L, with K the cache keys [N, d] and L = onehot(labels).
-    α and γ are read from a HeGraphConfig, so that both models share the α/γ search.
-    """
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int                  # training epochs (0: evaluate the model as built)
+    lr: float                    # peak learning rate
+    batch_size: int = 256        # training images per step
+    optimizer: str = "adamw"     # "adamw"; "adam" (L2 added to the gradient, as Dassl's); "sgd" (momentum 0.9)
+    weight_decay: float = 0.01   # AdamW's decoupled decay, or the L2 of adam / sgd
+    eps: float = 1e-8            # Adam's epsilon
+    warmup: bool = True          # one epoch rising linearly from WARMUP_LR, then cosine to 0 (per step)
+    leave_one_out: bool = False  # a training image's own cache key is left out of its cache logits
 
-    def __init__(self, pos_text, cache_feats, cache_labels, config, logit_scale=100.0, learn_keys=False):
-        super().__init__()
-        self.config, self.logit_scale = config, float(logit_scale)
-        self.register_buffer("P", normalize(pos_text), persistent=False)                   # [C, d]
-        self.register_buffer("cache_labels", cache_labels.to(pos_text.device).long(), persistent=False)
-        keys = normalize(cache_feats.to(pos_text))                                          # [N, d]
-        if learn_keys:
-            self.keys = nn.Parameter(keys)
-        else:
-            self.register_buffer("keys", keys, persistent=False)
 
-    def logits(self, image_feats, exclude=None):
-        """Zero-shot logits [B, C] and cache logits [B, C]; exclude as in HeGraphAdapter.logits."""
-        f = normalize(image_feats.to(self.P))                                               # [B, d]
-        exclude = None if exclude is None else exclude.to(f.device)
-        logits_v = cache_logits(f @ self.keys.T, self.cache_labels, self.P.shape[0], self.config.gamma, exclude)
-        return self.logit_scale * f @ self.P.T, logits_v
+def paper_recipe(dataset, shots):
+    """HeGraphAdapter (paper 4.1): AdamW, 100 epochs for EuroSAT, DTD, FGVCAircraft, else 30; lr 0.01 for
+    FGVCAircraft, else 0.001. Leave-one-out: the training images are the cache's own."""
+    epochs = 100 if dataset in ("eurosat", "dtd", "fgvc_aircraft") else 30
+    return Recipe(epochs, 1e-2 if dataset == "fgvc_aircraft" else 1e-3, leave_one_out=True)
 
-    def forward(self, image_feats):
-        logits_t, logits_v = self.logits(image_feats)
-        return logits_t + self.config.alpha * logits_v
 
-    def loss(self, image_feats, labels, exclude=None):
-        logits_t, logits_v = self.logits(image_feats, exclude)
-        return F.cross_entropy(logits_t + self.config.alpha * logits_v, labels.to(logits_t.device))
+def tip_f_recipe(dataset, shots):
+    """Tip-Adapter-F's configs/<dataset>.yaml: AdamW lr 0.001, eps 1e-4, 20 epochs (EuroSAT 100), batch 256,
+    cosine per step, no warm-up; trained on the views against their own keys."""
+    return Recipe(100 if dataset == "eurosat" else 20, 1e-3, eps=1e-4, warmup=False)
+
+
+def taskres_recipe(dataset, shots):
+    """TaskRes's configs adam_lr2e-3_B256_ep{100,200}.yaml: Adam (L2 5e-4), lr 0.002 (ImageNet 0.0002),
+    100 epochs up to 4 shots, 200 from 8, batch 256, one warm-up epoch, cosine."""
+    return Recipe(100 if shots <= 4 else 200, 2e-4 if dataset == "imagenet" else 2e-3, optimizer="adam",
+                  weight_decay=5e-4)
+
+
+def coop_recipe(dataset, shots):
+    """CoOp's SGD recipe (lr 0.002, momentum 0.9, L2 5e-4, batch 32, one warm-up epoch, cosine), which
+    CLIP-Adapter's README points to, with the 200 epochs the Tip-Adapter paper reports for CLIP-Adapter."""
+    return Recipe(200, 2e-3, batch_size=32, optimizer="sgd", weight_decay=5e-4)
 
 
 # -----------------------------------------------------------------------------
 # features file -> one few-shot task
 
-@dataclasses.dataclass
+@dataclass
 class Task:
     """Everything one run needs, on one device, in float32."""
     pos_text: torch.Tensor           # [C, d] positive text features
@@ -94,34 +90,91 @@ class Task:
     train_labels: torch.Tensor       # [n]
     cache_feats: torch.Tensor        # [n, d] one cache key per image: the mean of its views
     val: tuple | None                # (features [m, d], labels [m]) of the min(K, 4)-shot val subset
-    test: tuple                      # (features [M, d], labels [M])
+    test: tuple                      # (features [T, d], labels [T])
     logit_scale: float
 
 
 def load_features(path):
-    """Load and check a features file (README: "The features file"); one clear error if it is not one."""
+    """Load a features file (README: "The features file") and check every tensor train.py will use."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"features file {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a file that is not a torch.save'd dict
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{path} is not a readable features file ({type(e).__name__}: {first_line})") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for a file that is not a torch.save'd dict
+        raise DataError(f"{path} is truncated or not a file written by torch.save") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise DataError(f"{path} is not a features file of format {FORMAT!r} "
-                         f"(found format {data.get('format') if isinstance(data, dict) else None!r})")
-    missing = [k for k in ("backbone", "logit_scale", "classnames", "text", "test") if k not in data]
-    if missing:
-        raise DataError(f"{path} lacks the key(s) {missing} of format {FORMAT}")
-    C, d = data["text"]["positive"].shape
-    if len(data["classnames"]) != C:
-        raise DataError(f"{path}: {len(data['classnames'])} class names but {C} positive text features")
-    for name in ("train", "val", "test"):
-        if name in data and data[name]["features"].shape[-1] != d:
-            raise DataError(f"{path}: {name} features have size {data[name]['features'].shape[-1]}, "
-                             f"text features {d}: they must come from the same encoder")
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path} is not a features file of format {FORMAT!r} (found {found!r})")
+    check_features(data, path)
     return data
+
+
+def check_features(data, path):
+    """One DataError naming the first key of a features file that train.py cannot use, and why."""
+    def get(key):  # "text.positive" -> data["text"]["positive"]
+        node = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise DataError(f"{path} lacks {key!r}, which format {FORMAT} requires; re-extract it")
+            node = node[part]
+        return node
+
+    def tensor(key, ndim, integer=False):
+        t = get(key)
+        if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() == integer:
+            kind = "an integer" if integer else "a float"
+            raise DataError(f"{path}: {key!r} must be {kind} tensor with {ndim} dimensions, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        return t
+
+    def unit_rows(key, t):  # NaN rows would be scored as class 0 by argmax, zero rows as anything
+        bad = (~torch.isfinite(t.float()).all(-1) | (t.float().norm(dim=-1) == 0)).sum().item()
+        if bad:
+            raise DataError(f"{path}: {bad} of {t[..., 0].numel()} rows of {key!r} are NaN, infinite or all "
+                            f"zero; re-extract the features")
+
+    def labels(key, n, C):
+        y = tensor(key, 1, integer=True)
+        if len(y) != n:
+            raise DataError(f"{path}: {key!r} has {len(y)} labels for {n} feature rows")
+        if len(y) and (y.min() < 0 or y.max() >= C):
+            raise DataError(f"{path}: {key!r} lie in {y.min().item()}..{y.max().item()}, outside the {C} classes")
+        return y
+
+    get("backbone"), get("logit_scale")
+    pos = tensor("text.positive", 2)
+    C, d = pos.shape
+    if len(get("classnames")) != C:
+        raise DataError(f"{path}: {len(data['classnames'])} class names but {C} positive text features")
+    unit_rows("text.positive", pos)
+    if "negative" in data["text"]:
+        neg = tensor("text.negative", 2)
+        if neg.shape != pos.shape:
+            raise DataError(f"{path}: 'text.negative' is {list(neg.shape)}, 'text.positive' {list(pos.shape)}")
+        unit_rows("text.negative", neg)
+    splits = {"test": 2} | {s: n for s, n in (("train", 3), ("val", 2)) if s in data}
+    for split, ndim in splits.items():
+        feats = tensor(f"{split}.features", ndim)
+        if feats.shape[-1] != d:
+            raise DataError(f"{path}: {split} features have size {feats.shape[-1]}, text features {d}: they "
+                            f"must come from the same encoder")
+        unit_rows(f"{split}.features", feats)
+        y = labels(f"{split}.labels", feats.shape[-2], C)
+        subsets = {"train": "fewshot", "val": "val_fewshot"}.get(split)
+        if subsets:
+            for seed, rows in get(subsets).items():
+                key = f"{subsets}[{seed}]"
+                if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != C or \
+                        rows.is_floating_point():
+                    raise DataError(f"{path}: {key} must be an integer tensor [{C}, shots]")
+                if rows.numel() and (rows.min() < 0 or rows.max() >= len(y)):
+                    raise DataError(f"{path}: {key} indexes rows {rows.min().item()}..{rows.max().item()} "
+                                    f"of {split}, which has {len(y)}")
+                if not (y[rows] == torch.arange(C)[:, None]).all():
+                    raise DataError(f"{path}: {key} row c must list images of class c, and does not")
+    if "class_map" in data:
+        labels("class_map", C, 10**9)
 
 
 def make_task(data, seed, shots, device, negatives=True):
@@ -130,18 +183,19 @@ def make_task(data, seed, shots, device, negatives=True):
         raise DataError(f"the features of {data.get('dataset')!r} have no training split (a test-only set?)")
     if seed not in data["fewshot"]:
         raise DataError(f"the features file has no few-shot subset for seed {seed} (it has seeds "
-                         f"{sorted(data['fewshot'])}); extract features with that seed")
+                        f"{sorted(data['fewshot'])}); run with those --seeds, or extract features with --seeds "
+                        f"{seed} (--overwrite replaces the file)")
     subset = data["fewshot"][seed]                                            # [C, max_shots]
-    if not 1 <= shots <= subset.shape[1]:
-        raise DataError(f"--shots {shots} is outside 1..{subset.shape[1]}, the max-shots of the features "
-                         f"file; extract features with --max-shots {shots} or more")
+    if shots > subset.shape[1]:
+        raise DataError(f"--shots {shots} is above {subset.shape[1]}, the max-shots of the features file; "
+                        f"extract features with --max-shots {shots} or more (--overwrite replaces the file)")
     if negatives and "negative" not in data["text"]:
         raise DataError("the features file has no negative text features: run with --no-negatives")
     f32 = lambda t: t.to(device=device, dtype=torch.float32)
     rows = subset[:, :shots].flatten()                                        # [C*K], class-major
     views = f32(data["train"]["features"][:, rows])                           # [V, C*K, d]
     val = None
-    if "val" in data and "val_fewshot" in data:
+    if "val" in data and "val_fewshot" in data and seed in data["val_fewshot"]:
         val_rows = data["val_fewshot"][seed][:, :min(shots, 4)].flatten()
         val = (f32(data["val"]["features"][val_rows]), data["val"]["labels"][val_rows].to(device))
     return Task(
@@ -157,115 +211,191 @@ def make_task(data, seed, shots, device, negatives=True):
 
 
 # -----------------------------------------------------------------------------
-# methods, training, evaluation
+# the methods: one row each
 
-def hegraph_config(args):
-    """HeGraphConfig from the command line: the variant from --method, every other field from its flag."""
-    variant = {"hegraph": "full", "hegraph-t": "t", "hegraph-tn": "tn", "hegraph-tp": "tp"}.get(args.method, "full")
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(HeGraphConfig) if f.name != "variant"}
-    return HeGraphConfig(variant=variant, **fields)
+def hegraph(variant, learn_projections=True):
+    """A HeGraphAdapter variant; learn_projections=False keeps every W at zero (only the biases learn)."""
+    def model(task, config):
+        m = HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.train_labels, config=config,
+                           logit_scale=task.logit_scale)
+        for name, p in m.named_parameters():
+            p.requires_grad_(learn_projections or not name.startswith("W_"))
+        return m
 
-
-def build_model(method, task, config):
-    """The model of a method; zeroshot is Tip-Adapter with α = 0."""
-    if method.startswith("hegraph"):
-        return HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.train_labels, config=config,
-                              logit_scale=task.logit_scale)
-    if method == "zeroshot":
-        config = dataclasses.replace(config, alpha=0.0)
-    return TipAdapter(task.pos_text, task.cache_feats, task.train_labels, config, task.logit_scale,
-                      learn_keys=method == "tip-f")
+    def config(args, dataset):
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(HeGraphConfig) if f.name != "variant"}
+        return HeGraphConfig(variant=variant, **fields)
+    return dict(model=model, config=config, recipe=paper_recipe, negatives=variant != "tp",
+                cache=variant == "full")
 
 
-def schedule(step, steps_per_epoch, total_steps, lr):
-    """Learning rate at a step: one warm-up epoch rising linearly from WARMUP_LR, then cosine decay to 0."""
-    if step < steps_per_epoch:
-        return WARMUP_LR + (lr - WARMUP_LR) * step / steps_per_epoch
-    progress = (step - steps_per_epoch) / max(1, total_steps - steps_per_epoch)
+def tip(learn_keys):
+    return dict(model=lambda task, config: TipAdapter(task.pos_text, task.cache_feats, task.train_labels,
+                                                      config=config, logit_scale=task.logit_scale),
+                config=lambda args, dataset: TipConfig(alpha=args.alpha, gamma=args.gamma, learn_keys=learn_keys),
+                recipe=tip_f_recipe if learn_keys else None, cache=True)
+
+
+def text_baseline(cls, config, recipe, fit=None):
+    """A baseline on the text features alone: cls(pos_text, config=..., logit_scale=...)."""
+    return dict(model=lambda task, cfg: cls(task.pos_text, config=cfg, logit_scale=task.logit_scale),
+                config=config, recipe=recipe, fit=fit)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of METHODS: how a method builds its model, configures it and trains."""
+    model: Callable                  # (task, config) -> nn.Module with forward() and loss()
+    config: Callable                 # (args, dataset) -> the model's frozen config
+    recipe: Callable | None = None   # (dataset, shots) -> Recipe; None: nothing to train
+    fit: Callable | None = None      # (model, task, seed) -> info dict, instead of gradient steps
+    negatives: bool = False          # reads the negative text nodes (unless --no-negatives)
+    cache: bool = False              # predicts logits_t + α logits_v: --search-val may tune α and γ
+    about: str = ""                  # one line for --help and the README
+
+
+def fit_probe(model, task, seed):
+    """The linear probe: L-BFGS on view 0 (CLIP's own preprocessing) of the images, C searched on val."""
+    return {"inverse_l2": fit_linear_probe(model, task.train_views[0], task.train_labels, task.val)}
+
+
+METHODS = {
+    "zeroshot": Method(**text_baseline(ZeroShot, lambda args, dataset: NoConfig(), None),
+                       about="CLIP zero-shot with the positive prompts (the paper's Base)"),
+    "tip": Method(**tip(learn_keys=False), about="Tip-Adapter, training-free"),
+    "tip-f": Method(**tip(learn_keys=True), about="Tip-Adapter-F: the cache keys are learned"),
+    "taskres": Method(**text_baseline(TaskRes, lambda args, dataset: TaskResConfig(
+        scale=1.0 if dataset == "oxford_flowers" else 0.5), taskres_recipe),
+        about="TaskRes: a learned per-class residual on the text classifier"),
+    "clip-adapter": Method(**text_baseline(CLIPAdapter, lambda args, dataset: CLIPAdapterConfig(), coop_recipe),
+                           about="CLIP-Adapter: a residual bottleneck MLP on the image feature"),
+    "graphadapter": Method(model=lambda task, cfg: GraphAdapter(task.pos_text, task.cache_feats, task.train_labels,
+                                                                config=cfg, logit_scale=task.logit_scale),
+                           config=lambda args, dataset: GraphAdapterConfig(), recipe=taskres_recipe,
+                           about="GraphAdapter: textual and visual knowledge graphs refine the text classifier"),
+    "linear-probe": Method(**text_baseline(LinearProbe, lambda args, dataset: LinearProbeConfig(), None, fit_probe),
+                           about="CLIP's linear probe: L2 logistic regression, C searched on val"),
+    "hegraph": Method(**hegraph("full"), about="HeGraphAdapter, the full model"),
+    "hegraph-t": Method(**hegraph("t"), about="HeGraphAdapter(T): the text classifier only"),
+    "hegraph-tn": Method(**hegraph("tn"), about="HeGraphAdapter(T-N): only the negative nodes feed P'"),
+    "hegraph-tp": Method(**hegraph("tp"), about="HeGraphAdapter(T-P): no negative nodes"),
+    "hegraph-bias": Method(**hegraph("full", learn_projections=False),
+                           about="ablation: the full model with every W kept at zero, only the biases learn"),
+}
+
+
+def tunable_parameters(model):
+    """The number of parameters training changes."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# training and evaluation
+
+def schedule(step, warmup_steps, total_steps, lr):
+    """Learning rate at a step: warm-up rising linearly from WARMUP_LR, then cosine decay to 0."""
+    if step < warmup_steps:
+        return WARMUP_LR + (lr - WARMUP_LR) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * lr * (1 + math.cos(math.pi * progress))
 
 
-def train(model, task, epochs, lr, batch_size, seed, eps=1e-8, warmup=True, leave_one_out=True, desc=""):
-    """AdamW on the model's parameters; returns seconds per epoch (0 for a method with nothing to learn).
+def make_optimizer(params, recipe):
+    """The recipe's optimizer over params."""
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, eps=recipe.eps, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, eps=recipe.eps, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
 
-    Each epoch draws one stored view per training image. With leave_one_out an image's own cache key is
-    left out of its cache logits, so the cache loss sees the cache as a test image does, even when a
-    file stores a single view per image (the view is then the key itself).
+
+class Diverged(DataError):
+    """The loss became NaN or infinite."""
+
+
+def train(model, task, recipe, seed, desc=""):
+    """Gradient steps on the model's tunable parameters; returns {"epoch_seconds": s} (0 with nothing to do).
+
+    Each epoch draws one stored view per training image, in a shuffled order. With leave_one_out an image's
+    own cache key is left out of its cache logits, so the cache loss sees the cache as a test image does.
+    A non-finite loss stops training; it is checked once per epoch, not at every step, to spare a GPU sync.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params or epochs == 0:
-        return 0.0
+    if not params or recipe.epochs == 0:
+        return {"epoch_seconds": 0.0}
     views, labels = task.train_views, task.train_labels                     # [V, n, d], [n]
     n = labels.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, eps=eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (schedule(s, steps_per_epoch if warmup else 0, total, lr)) / lr)
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    optimizer = make_optimizer(params, recipe)
+    warmup = steps_per_epoch if recipe.warmup else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup, total, recipe.lr) / recipe.lr)
     gen = torch.Generator().manual_seed(seed)                                # shuffles and view draws
+    first_bad = torch.tensor(-1, device=views.device)                        # first step with a bad loss
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=desc, leave=False, dynamic_ncols=True)
-    for _ in bar:
-        view = torch.randint(views.shape[0], (n,), generator=gen).to(views.device)
-        order = torch.randperm(n, generator=gen).to(views.device)
-        for batch in order.split(batch_size):
-            loss = model.loss(views[view[batch], batch], labels[batch], exclude=batch if leave_one_out else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    step = 0
+    with tqdm(total=recipe.epochs, desc=desc, leave=False, dynamic_ncols=True) as bar:  # closed on errors too
+        for _ in range(recipe.epochs):
+            view = torch.randint(views.shape[0], (n,), generator=gen).to(views.device)
+            order = torch.randperm(n, generator=gen).to(views.device)
+            for batch in order.split(recipe.batch_size):
+                extra = {"exclude": batch} if recipe.leave_one_out else {}
+                loss = model.loss(views[view[batch], batch], labels[batch], **extra)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sched.step()
+                step += 1
+            if (bad := first_bad.item()) >= 0:
+                raise Diverged(f"training diverged at seed {seed}, epoch {bad // steps_per_epoch + 1}, step "
+                               f"{bad % steps_per_epoch + 1}: the loss is not finite; lower --lr (now {recipe.lr:g})")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
     model.eval()
-    return (time.perf_counter() - start) / epochs
+    return {"epoch_seconds": (time.perf_counter() - start) / recipe.epochs}
 
 
 @torch.no_grad()
-def accuracy(model, feats, labels, batch_size=4096):
-    """Top-1 accuracy in percent of the model's prediction, in eval mode, in batches."""
+def accuracy(model, feats, labels, classes=None, batch_size=4096):
+    """Top-1 accuracy in percent of the model's prediction, in eval mode, in batches. classes [C'] (optional):
+    predict among these columns only (an ImageNet shift set's classes); labels then index into them."""
     model.eval()
     correct = 0
     for f, y in zip(feats.split(batch_size), labels.split(batch_size)):
-        correct += (model(f).argmax(1) == y).sum().item()
+        logits = model(f) if classes is None else model(f)[:, classes]
+        correct += (logits.argmax(1) == y.to(logits.device)).sum().item()
     return 100.0 * correct / max(1, labels.numel())
 
 
 @torch.no_grad()
-def search_alpha_gamma(model, val):
-    """Tip-Adapter's search of α and γ, on the validation subset only; sets and returns the best pair."""
-    feats, labels = val
+def search_alpha_gamma(method, task, model):
+    """Tip-Adapter's search of α and γ, on the validation subset only. Returns the model rebuilt with the
+    best pair: configs are frozen, so the searched values are what the model and its record hold."""
+    feats, labels = task.val
     best = (-1.0, model.config.alpha, model.config.gamma)
+    state = model.state_dict()
     for gamma in (0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10):
-        model.config = dataclasses.replace(model.config, gamma=gamma)
-        logits_t, logits_v = model.logits(feats)
-        if logits_v is None:  # text-only variant: nothing to tune
-            return None
+        candidate = method.model(task, dataclasses.replace(model.config, gamma=gamma))
+        candidate.load_state_dict(state)
+        logits_t, logits_v = candidate.eval().logits(feats)
         for alpha in torch.linspace(0.1, 5, 50).tolist():
             acc = ((logits_t + alpha * logits_v).argmax(1) == labels).float().mean().item()
             best = max(best, (acc, alpha, gamma))
-    model.config = dataclasses.replace(model.config, alpha=best[1], gamma=best[2])
-    return best[1], best[2]
-
-
-@torch.no_grad()
-def shift_accuracy(model, data, logit_scale):
-    """Text classifier only, on an ImageNet shift set whose classes are data["class_map"] of ImageNet's."""
-    model.eval()
-    text = model.propagate()[0] if isinstance(model, HeGraphAdapter) else model.P      # P' or P [C, d]
-    classifier = text[data["class_map"].to(model.P.device)]                            # [C', d]
-    feats, labels = (t.to(model.P.device) for t in (data["test"]["features"], data["test"]["labels"]))
-    logits = logit_scale * normalize(feats.float()) @ classifier.T
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    searched = method.model(task, dataclasses.replace(model.config, alpha=best[1], gamma=best[2]))
+    searched.load_state_dict(state)
+    return searched.eval()
 
 
 # -----------------------------------------------------------------------------
 # files: features (extracted on demand), checkpoints, results
 
-def features_for(args, dataset):
-    """The features of a dataset: --features if given, else features_dir/<dataset>_<backbone>.pt,
-    extracted first, or reused when it was made with the same settings (extract_features checks)."""
-    if args.features and dataset == args.dataset:
-        return load_features(args.features)
+def features_for(args, dataset, backbone=None):
+    """The features of a dataset in --features-dir, extracted first or reused when they were made with the
+    same settings (extract_features checks). backbone: look up this backbone's file instead of --backbone."""
+    if backbone is not None and backbone != args.backbone:
+        args = argparse.Namespace(**{**vars(args), "backbone": backbone})
     path = features_path(args.features_dir, dataset, args.backbone)
     if path.exists() and not (Path(args.root) / DATASETS[dataset].folder).exists():
         print(f"note: {Path(args.root) / DATASETS[dataset].folder} is absent, so {path} is used as it is")
@@ -273,95 +403,191 @@ def features_for(args, dataset):
     return load_features(extract_from_args(args, dataset))
 
 
-def load_checkpoint(path, data, seed):
-    """A checkpoint written by --save, checked against the features it is evaluated on."""
-    if not Path(path).is_file():
-        raise DataError(f"no checkpoint {path} for seed {seed}: train with --save first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    C, d = data["text"]["positive"].shape
-    found = (ckpt["backbone"], ckpt["num_classes"], ckpt["dim"])
-    if found != (data["backbone"], C, d):
-        raise DataError(f"checkpoint {path} is for backbone {found[0]} with {found[1]} classes of size "
-                         f"{found[2]}, the features are {data['backbone']} with {C} classes of size {d}")
+def check_writable(path, folder=False):
+    """Fail now, not after training, if `path` (a file, or a folder) cannot be written."""
+    target = Path(path) if folder else Path(path).parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror}; choose another path") from None
+
+
+def read_checkpoint(path):
+    """A checkpoint written by --save, or one clear error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many types for a file that is not a torch.save'd dict
+        raise DataError(f"{path} is truncated or not a file written by torch.save") from None
+    if not isinstance(ckpt, dict) or not {"run", "state_dict", "seed"} <= set(ckpt):
+        raise DataError(f"{path} is not a checkpoint written by train.py --save")
     return ckpt
 
 
+def checkpoint_files(folder):
+    return sorted(Path(folder).glob("seed*.pt"))
+
+
+def check_save_folder(args, run_id):
+    """--save never mixes runs: seed files of another method or configuration are refused, or with
+    --overwrite removed (once the first new checkpoint is written)."""
+    others = [p for p in checkpoint_files(args.save) if read_checkpoint(p)["run"] != run_id]
+    if others and not args.overwrite:
+        theirs = read_checkpoint(others[0])["run"]
+        raise DataError(f"{args.save} holds checkpoints of another run ({theirs['method']}, {theirs['shots']} "
+                        f"shots on {theirs['dataset']}, or another configuration), e.g. {others[0].name}; choose "
+                        f"another --save folder or pass --overwrite to replace them")
+    return others
+
+
+def load_checkpoints(args, data):
+    """--eval-only: the checkpoints of args.seeds in --load, which must all be of one run on these features.
+    The run's method and shots are taken from them; a conflicting --method or --shots is refused."""
+    ckpts = {}
+    for seed in args.seeds:
+        path = Path(args.load) / f"seed{seed}.pt"
+        if not path.is_file():
+            raise DataError(f"no checkpoint {path} for seed {seed}: train with --save {args.load} first")
+        ckpts[seed] = read_checkpoint(path)
+    run_ids = {json.dumps(c["run"], sort_keys=True) for c in ckpts.values()}
+    if len(run_ids) > 1:
+        raise DataError(f"the checkpoints in {args.load} are of different runs (method, shots or configuration "
+                        f"differ between seeds); evaluate them separately")
+    run_id = next(iter(ckpts.values()))["run"]
+    C, d = data["text"]["positive"].shape
+    if (run_id["backbone"], run_id["num_classes"], run_id["dim"]) != (data["backbone"], C, d):
+        raise DataError(f"the checkpoints in {args.load} are for backbone {run_id['backbone']} with "
+                        f"{run_id['num_classes']} classes of size {run_id['dim']}, the features are "
+                        f"{data['backbone']} with {C} classes of size {d}")
+    for flag, key in (("method", "method"), ("shots", "shots")):
+        given = getattr(args, flag)
+        if given is not None and given != run_id[key]:
+            raise DataError(f"--{flag} {given} conflicts with the checkpoints in {args.load}, which hold "
+                            f"{key} {run_id[key]}; drop --{flag} to evaluate them")
+    if args.no_negatives and not run_id["no_negatives"]:
+        raise DataError(f"--no-negatives conflicts with the checkpoints in {args.load}, trained with negatives")
+    args.method, args.shots, args.no_negatives = run_id["method"], run_id["shots"], run_id["no_negatives"]
+    return ckpts
+
+
+def effective_recipe(method, dataset, shots, args):
+    """The method's recipe for this dataset and K, with --epochs, --lr, --batch-size applied; None if it
+    has nothing to train by gradient steps."""
+    if method.recipe is None:
+        return None
+    overrides = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size") if getattr(args, k) is not None}
+    return dataclasses.replace(method.recipe(dataset, shots), **overrides)
+
+
 # -----------------------------------------------------------------------------
-# command line
+# one run
 
 def run(args):
     """Train and evaluate one method over the seeds; returns the results dict (also written to --out)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}, but CUDA is not available on this machine; use --device cpu")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same device -> same accuracy
-    data = features_for(args, args.dataset)
-    dataset = data.get("dataset", args.dataset)
-    epochs, lr = RECIPES.get(dataset, DEFAULT_RECIPE)
-    shifts = {name: features_for(args, name) for name in args.eval_datasets}
+    if args.out:
+        check_writable(args.out)
+    if args.save:
+        check_writable(args.save, folder=True)
+    if not args.features and not args.eval_only and args.shots > args.max_shots:
+        raise DataError(f"--shots {args.shots} is above --max-shots {args.max_shots}, the largest K extracted; "
+                        f"pass --max-shots {args.shots}")
+
+    data = load_features(args.features) if args.features else features_for(args, args.dataset)
+    dataset = data["dataset"]
+    if args.features and args.dataset and args.dataset != dataset:
+        raise DataError(f"--features {args.features} holds {dataset!r}, not --dataset {args.dataset!r}; drop "
+                        f"--dataset or pass that dataset's features")
+    ckpts = load_checkpoints(args, data) if args.eval_only else None
+    args.method, args.shots = args.method or "hegraph", args.shots or 16
+    method = METHODS[args.method]
+    recipe = None if args.eval_only else effective_recipe(method, dataset, args.shots, args)
+    negatives = method.negatives and not args.no_negatives
+    if args.search_val and not method.cache:
+        raise DataError(f"--search-val tunes the α and γ of a cache, and {args.method} has none; drop it")
+    if args.search_val and "val_fewshot" not in data:
+        raise DataError(f"--search-val needs a validation split, and the features of {dataset!r} have none")
+    shifts = {name: features_for(args, name, backbone=data["backbone"]) for name in args.eval_datasets}
     for name, shift in shifts.items():
-        if shift["backbone"] != data["backbone"] or "class_map" not in shift:
-            raise DataError(f"{name}: needs a test-only features file with class_map of backbone "
-                            f"{data['backbone']}, got backbone {shift['backbone']}")
-    results = {"seeds": {}, "epoch_seconds": {}, "shift": {}, "alpha_gamma": {}}
+        if "class_map" not in shift:
+            raise DataError(f"{name}: its features file has no class_map; re-extract it")
+
+    results = {"method": args.method, "dataset": dataset, "backbone": data["backbone"], "shots": args.shots,
+               "seeds": {}, "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "fit": {},
+               "shift": {name: {} for name in shifts}, "recipe": recipe and dataclasses.asdict(recipe),
+               "no_negatives": args.no_negatives, "search_val": args.search_val, "device": str(device),
+               "features": str(args.features) if args.features else None}
+    stale = []
     for seed in args.seeds:
-        if args.eval_only:
-            ckpt = load_checkpoint(Path(args.load) / f"seed{seed}.pt", data, seed)
-            for key in ("method", "shots", "no_negatives"):
-                setattr(args, key, ckpt[key])
-            config = HeGraphConfig(**ckpt["config"])
-        else:
-            config = hegraph_config(args)
         torch.manual_seed(seed)
-        # the baselines and T-P never read negative text features, so they run on files without them
-        uses_negatives = args.method.startswith("hegraph") and config.variant != "tp" and not args.no_negatives
-        task = make_task(data, seed, args.shots, device, negatives=uses_negatives)
-        model = build_model(args.method, task, config)
-        seconds = 0.0
-        if args.eval_only:
-            model.load_state_dict(ckpt["state_dict"])
-        elif args.method == "tip-f":
-            seconds = train(model, task, args.epochs or TIP_F["epochs"], args.lr or TIP_F["lr"],
-                            args.batch_size, seed, eps=TIP_F["eps"], warmup=False, leave_one_out=False,
-                            desc=f"tip-f seed {seed}")
-        elif args.method.startswith("hegraph"):
-            seconds = train(model, task, args.epochs or epochs, args.lr or lr, args.batch_size, seed,
-                            desc=f"{args.method} seed {seed}")
-        if args.search_val and not args.eval_only:
-            if task.val is None:
-                raise DataError("--search-val needs a validation split, and the features file has none")
-            results["alpha_gamma"][seed] = search_alpha_gamma(model, task.val)
+        task = make_task(data, seed, args.shots, device, negatives)
+        config = method.config(args, dataset)
+        if ckpts:
+            config = dataclasses.replace(config, **ckpts[seed]["run"]["config"])
+        model = method.model(task, config)
+        results["params"] = tunable_parameters(model)
+        run_id = dict(method=args.method, shots=args.shots, no_negatives=args.no_negatives, dataset=dataset,
+                      backbone=data["backbone"], num_classes=task.pos_text.shape[0], dim=task.pos_text.shape[1],
+                      config=dataclasses.asdict(config), recipe=results["recipe"])
+        if args.save and not ckpts and seed == args.seeds[0]:
+            stale = check_save_folder(args, run_id)
+        start = time.perf_counter()
+        if ckpts:
+            model.load_state_dict(ckpts[seed]["state_dict"])
+            info = {}
+        elif method.fit:
+            info = method.fit(model, task, seed)
+        else:
+            info = train(model, task, recipe, seed, desc=f"{args.method} seed {seed}") if recipe else {}
+        seconds = time.perf_counter() - start
+        if args.search_val:
+            model = search_alpha_gamma(method, task, model)
         results["seeds"][seed] = accuracy(model, *task.test)
-        results["epoch_seconds"][seed] = seconds
+        results["train_seconds"][seed] = 0.0 if ckpts else seconds
+        results["epoch_seconds"][seed] = info.pop("epoch_seconds", results["train_seconds"][seed])
+        results["model_config"][seed] = dataclasses.asdict(model.config)
+        results["fit"][seed] = info
         for name, shift in shifts.items():
-            results["shift"].setdefault(name, {})[seed] = shift_accuracy(model, shift, task.logit_scale)
-        if args.save:
-            ckpt = dict(method=args.method, shots=args.shots, no_negatives=args.no_negatives,
-                        config=dataclasses.asdict(model.config), state_dict=model.state_dict(),
-                        backbone=data["backbone"], dataset=dataset, num_classes=task.pos_text.shape[0],
-                        dim=task.pos_text.shape[1], seed=seed)
-            write_atomic(Path(args.save) / f"seed{seed}.pt", lambda f: torch.save(ckpt, f))
+            classes = shift["class_map"].to(device)
+            feats, labels = shift["test"]["features"].to(device, torch.float32), shift["test"]["labels"]
+            results["shift"][name][seed] = accuracy(model, feats, labels, classes=classes)
+        if args.save and not ckpts:
+            run_id["config"] = results["model_config"][seed]     # after --search-val: what the model holds
+            ckpt = dict(run=run_id, seed=seed, state_dict=model.state_dict())
+            target = Path(args.save) / f"seed{seed}.pt"
+            write_atomic(target, lambda f: torch.save(ckpt, f))
+            for path in stale:                       # --overwrite: the other run's seeds go once ours exist
+                if path != target:
+                    path.unlink(missing_ok=True)
+            stale = []
 
     accs = torch.tensor(list(results["seeds"].values()))
-    results.update(
-        method=args.method, dataset=dataset, backbone=data["backbone"], shots=args.shots,
-        test_accuracy=accs.mean().item(), std=accs.std().item() if len(accs) > 1 else 0.0,
-        config={**vars(args), "epochs": args.epochs, "lr": args.lr, "device": str(device),
-                "hegraph": dataclasses.asdict(config)})
+    results.update(test_accuracy=accs.mean().item(), std=accs.std().item() if len(accs) > 1 else 0.0)
     print_table(results)
     if args.out:
-        write_atomic(args.out, lambda f: f.write(json.dumps(results, indent=2, default=str).encode()))
+        write_atomic(args.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
     return results
 
 
 def print_table(results):
-    """Per-seed test accuracy, mean and standard deviation, seconds per epoch."""
-    print(f"\n{results['method']} on {results['dataset']} ({results['backbone']}), {results['shots']} shots")
+    """Per-seed test accuracy, mean and standard deviation, seconds per epoch, tunable parameters."""
+    print(f"\n{results['method']} on {results['dataset']} ({results['backbone']}), {results['shots']} shots, "
+          f"{results['params']:,} tunable parameters")
     print(f"{'seed':>6} {'test acc %':>11} {'s/epoch':>8}" + "".join(f" {n:>21}" for n in results["shift"]))
     for seed, acc in results["seeds"].items():
         shift = "".join(f" {results['shift'][n][seed]:>21.2f}" for n in results["shift"])
         print(f"{seed:>6} {acc:>11.2f} {results['epoch_seconds'][seed]:>8.3f}{shift}")
     print(f"{'mean':>6} {results['test_accuracy']:>11.2f}  ± {results['std']:.2f} (std over seeds)")
 
+
+# -----------------------------------------------------------------------------
+# command line
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line gets one line, not the whole usage."""
@@ -377,19 +603,20 @@ def fail(message):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = "\n".join(f"  {name:<14} {m.about}" for name, m in METHODS.items())
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"methods:\n{methods}")
     p.add_argument("--dataset", choices=[d for d in DATASETS if d not in SHIFT_DATASETS],
                    help="dataset key (README: Datasets), e.g. dtd; optional with --features")
-    p.add_argument("--shots", type=int, default=16, help="K, training images per class (default 16)")
-    p.add_argument("--method", default="hegraph", choices=METHODS, help="default hegraph (the full model)")
+    p.add_argument("--shots", type=int, help="K, training images per class (default 16)")
+    p.add_argument("--method", choices=list(METHODS), help="default hegraph (the full model); list below")
     p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")
     p.add_argument("--features", type=path_arg, help="train on this features file instead of extracting one")
     add_extraction_args(p)
-    g = p.add_argument_group("recipe (defaults: the paper's, per dataset; see RECIPES in train.py)")
-    g.add_argument("--epochs", type=int, help="training epochs (default: 100 eurosat/dtd/fgvc_aircraft, "
-                   "else 30; Tip-Adapter-F 20)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.01 fgvc_aircraft, else 0.001)")
-    g.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
+    g = p.add_argument_group("recipe (default: each method's published one; see METHODS in train.py)")
+    g.add_argument("--epochs", type=int, help="training epochs; 0 evaluates the model as built")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--batch-size", type=int, help="training images per step")
     defaults = HeGraphConfig()
     for f in dataclasses.fields(HeGraphConfig):
         if f.name != "variant":
@@ -403,12 +630,18 @@ def parse_args(argv=None):
     g.add_argument("--eval-only", action="store_true", help="evaluate checkpoints from --load, no training")
     g.add_argument("--load", type=path_arg, help="checkpoint folder written by --save (with --eval-only)")
     g.add_argument("--eval-datasets", nargs="+", default=[], choices=SHIFT_DATASETS,
-                   help="also evaluate the text classifier on these ImageNet shift sets")
+                   help="also evaluate on these ImageNet shift sets, restricted to their classes")
     args = p.parse_args(argv)
     if args.dataset is None and args.features is None:
         p.error("give --dataset (features are extracted if needed) or --features FILE")
     if args.eval_only != bool(args.load):
         p.error("--eval-only and --load DIR go together")
+    for flag, value, low in (("--shots", args.shots, 1), ("--epochs", args.epochs, 0),
+                             ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
     return args
 
 
@@ -416,7 +649,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except ValueError as e:  # DataError, and the model's checks of its inputs
+    except ValueError as e:  # DataError, and the models' checks of their inputs
         fail(e)
 
 

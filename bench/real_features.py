@@ -32,8 +32,13 @@ import train  # noqa: E402  (after the path is set)
 DEFAULT_FILE = ROOT.parent / "shared" / "realfeats" / "imagenet_vitb32_dev.pt"
 RUNS = {  # row name -> train.py arguments
     "zeroshot": ["--method", "zeroshot"],
+    "linear-probe": ["--method", "linear-probe"],
     "tip": ["--method", "tip"],
     "tip-f": ["--method", "tip-f"],
+    "taskres": ["--method", "taskres"],
+    "clip-adapter": ["--method", "clip-adapter"],
+    "graphadapter": ["--method", "graphadapter"],
+    "hegraph-bias --no-negatives": ["--method", "hegraph-bias", "--no-negatives"],
     "hegraph --no-negatives": ["--method", "hegraph", "--no-negatives"],
     "hegraph-tp": ["--method", "hegraph-tp", "--no-negatives"],
 }

@@ -1,0 +1,240 @@
+"""train.py under bad input and faults: one `error:` line, no wrong number with exit 0, nothing lost.
+
+Also the tests that catch a train.py that looks right but is not: the α of Tip-Adapter, the split the
+search reads, leave-one-out reaching the loss, and the views an epoch draws.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from baselines import TipAdapter, TipConfig
+from test_train import fail, run, synthetic_features
+
+
+@pytest.fixture
+def feats(tmp_path):
+    return synthetic_features(tmp_path / "synthetic.pt")
+
+
+def edit(path, change, out=None):
+    """A copy of a features file with change(data) applied; returns its path."""
+    data = torch.load(path, weights_only=True)
+    change(data)
+    out = out or Path(path).with_name("edited.pt")
+    torch.save(data, out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# never a wrong number with exit 0
+
+@pytest.mark.parametrize("split", ["test", "val"])
+@pytest.mark.parametrize("value", [float("nan"), 0.0])
+def test_nan_or_zero_rows_are_refused_with_their_split_and_count(feats, capsys, split, value):
+    def spoil(data):
+        data[split]["features"][[1, 4, 6]] = value
+    line = fail(capsys, "--features", edit(feats, spoil), "--method", "zeroshot", "--shots", 2)
+    assert f"'{split}.features'" in line and "3 of" in line
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["text"].pop("positive"), "'text.positive'"),
+    (lambda d: d["train"].pop("labels"), "'train.labels'"),
+    (lambda d: d["fewshot"][1].__setitem__((0, 0), 10**6), "fewshot[1]"),
+    (lambda d: d["fewshot"][2].copy_(d["fewshot"][2].flip(0)), "row c must list images of class c"),
+    (lambda d: d["test"]["labels"].__setitem__(0, 99), "'test.labels' lie in"),
+    (lambda d: d["val"].__setitem__("labels", d["val"]["labels"][:-1]), "'val.labels' has"),
+    (lambda d: d["text"].__setitem__("negative", d["text"]["negative"][:, :5]), "'text.negative' is"),
+    (lambda d: d["train"].__setitem__("features", d["train"]["features"][0]), "'train.features' must be"),
+])
+def test_every_tensor_is_checked_on_load(feats, capsys, change, words):
+    assert words in fail(capsys, "--features", edit(feats, change), "--method", "zeroshot", "--shots", 2)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "-1"], "--epochs must be at least 0"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--shots", "0"], "--shots must be at least 1"),
+    (["--shots", "-2"], "--shots must be at least 1"),
+])
+def test_bad_recipe_values_are_refused(feats, capsys, flags, words):
+    assert words in fail(capsys, "--features", feats, *flags)
+
+
+def test_a_diverging_loss_stops_the_run_with_no_accuracy(feats, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    for method in ("hegraph", "tip-f"):
+        line = fail(capsys, "--features", feats, "--method", method, "--shots", 4, "--lr", "1e6", "--epochs", 30,
+                    "--seeds", 2, "--out", out)
+        assert "diverged at seed 2, epoch" in line and "step" in line and "--lr" in line
+        assert not out.exists()
+
+
+def test_features_of_another_dataset_are_refused(feats, capsys):
+    assert "holds 'synthetic', not --dataset 'dtd'" in fail(capsys, "--features", feats, "--dataset", "dtd")
+
+
+def test_search_val_refuses_methods_without_a_cache(feats, capsys, tmp_path):
+    for method in ("zeroshot", "hegraph-t", "taskres"):
+        assert f"{method} has none" in fail(capsys, "--features", feats, "--method", method, "--search-val")
+    # a text-only variant therefore never leaves a searched γ in its saved config
+    run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1, "--save",
+        tmp_path / "ck")
+    assert torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["run"]["config"]["gamma"] == 5.0
+
+
+def test_search_val_tunes_on_the_validation_subset_only(tmp_path):
+    """The recorded α, γ are the brute-force best on the val subset, which differs from the test's best."""
+    feats = synthetic_features(tmp_path / "f.pt", C=8, text_noise=1.0, seeds=(1,))
+    data = torch.load(feats, weights_only=True)
+    data["val"]["features"] = data["train"]["features"][0, data["fewshot"][1][:, :1].repeat(1, 4).flatten()]
+    torch.save(data, feats)                                        # val = the cache's own images: α wants to be large
+    r = run("--features", feats, "--method", "tip", "--shots", 2, "--search-val", "--seeds", 1)
+    chosen = r["model_config"][1]
+    task = train.make_task(train.load_features(feats), 1, 2, "cpu")
+
+    def best(feats, labels):
+        scores = []
+        for gamma in (0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10):
+            model = TipAdapter(task.pos_text, task.cache_feats, task.train_labels, config=TipConfig(gamma=gamma))
+            logits_t, logits_v = model.logits(feats)
+            for alpha in torch.linspace(0.1, 5, 50).tolist():
+                scores.append((((logits_t + alpha * logits_v).argmax(1) == labels).float().mean().item(), alpha, gamma))
+        return max(scores)[1:]
+    on_val, on_test = best(*task.val), best(*task.test)
+    assert on_val != on_test, "the fixture must make val and test disagree for this test to mean anything"
+    assert (chosen["alpha"], chosen["gamma"]) == pytest.approx(on_val)
+
+
+def test_eval_only_takes_method_and_shots_from_the_checkpoints_and_refuses_conflicts(feats, tmp_path, capsys):
+    run("--features", feats, "--method", "hegraph-t", "--shots", 3, "--epochs", 1, "--seeds", 1, 2,
+        "--save", tmp_path / "ck")
+    line = fail(capsys, "--features", feats, "--eval-only", "--load", tmp_path / "ck", "--method", "tip",
+                "--seeds", 1, 2)
+    assert "--method tip conflicts" in line and "hegraph-t" in line
+    assert "--shots 2 conflicts" in fail(capsys, "--features", feats, "--eval-only", "--load", tmp_path / "ck",
+                                         "--shots", 2, "--seeds", 1)
+    r = run("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1, 2)
+    assert (r["method"], r["shots"]) == ("hegraph-t", 3)
+
+
+def test_truncated_files_get_one_line(feats, tmp_path, capsys):
+    run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", tmp_path / "ck")
+    for path in (tmp_path / "ck" / "seed1.pt", Path(feats)):
+        path.write_bytes(path.read_bytes()[:200])
+    assert "seed1.pt is truncated or not a file written by torch.save" in \
+        fail(capsys, "--features", synthetic_features(tmp_path / "g.pt"), "--eval-only", "--load", tmp_path / "ck",
+             "--seeds", 1)
+    assert "truncated or not a file written by torch.save" in fail(capsys, "--features", feats)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "truncated" in fail(capsys, "--features", tmp_path / "empty.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_says_so(feats, capsys):
+    assert "CUDA is not available" in fail(capsys, "--features", feats, "--device", "cuda")
+
+
+def test_shots_above_max_shots_stop_before_any_extraction(tmp_path, capsys):
+    line = fail(capsys, "--dataset", "dtd", "--root", tmp_path / "data", "--features-dir", tmp_path / "f",
+                "--shots", 32)
+    assert "--max-shots 32" in line and not (tmp_path / "f").exists()
+
+
+def test_tilde_is_expanded_in_path_flags(feats, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train.parse_args(["--features", str(feats), "--out=~/r.json", "--save", "~/ck", "--features-dir=~/f"])
+    assert (args.out, args.save, args.features_dir) == (tmp_path / "r.json", tmp_path / "ck", tmp_path / "f")
+
+
+# -----------------------------------------------------------------------------
+# nothing lost
+
+def test_unwritable_outputs_are_refused_before_training(feats, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    (tmp_path / "file").write_text("")
+    assert "cannot write" in fail(capsys, "--features", feats, "--out", tmp_path / "file" / "r.json")
+    assert "cannot write" in fail(capsys, "--features", feats, "--save", tmp_path / "file" / "ck")
+
+
+def test_checkpoint_folders_are_never_mixed(feats, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1, "--seeds", 1, 3, "--save", ck)
+    run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1, "--seeds", 2, "--save", ck)
+    assert sorted(p.name for p in ck.iterdir()) == ["seed1.pt", "seed2.pt", "seed3.pt"]   # same run: joins
+    line = fail(capsys, "--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1,
+                "--save", ck)
+    assert "another run" in line and "--overwrite" in line
+    assert "another run" in fail(capsys, "--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1,
+                                 "--seeds", 1, "--beta-vv", 0.5, "--save", ck)    # same method, other config
+    run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", ck,
+        "--overwrite")
+    assert sorted(p.name for p in ck.iterdir()) == ["seed1.pt"]                # the old run's seeds are gone
+    # a folder whose seeds disagree (put together by hand) is refused by --eval-only
+    run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1, "--seeds", 2, "--save",
+        tmp_path / "other")
+    (tmp_path / "other" / "seed2.pt").rename(ck / "seed2.pt")
+    assert "different runs" in fail(capsys, "--features", feats, "--eval-only", "--load", ck, "--seeds", 1, 2)
+
+
+def test_a_failed_run_leaves_existing_results_untouched(feats, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("previous results")
+    fail(capsys, "--features", feats, "--shots", 99, "--out", out)
+    assert out.read_text() == "previous results"
+
+
+# -----------------------------------------------------------------------------
+# a train.py that looks right but is not
+
+def test_leave_one_out_reaches_the_loss_and_views_are_drawn_at_random(feats, monkeypatch):
+    """hegraph trains with exclude = each image's own cache row; every epoch draws among all stored views."""
+    data = train.load_features(feats)
+    task = train.make_task(data, 1, 4, "cpu")
+    model = train.METHODS["hegraph"].model(task, train.HeGraphConfig())
+    calls = []
+    original = model.loss
+    monkeypatch.setattr(model, "loss", lambda x, y, **kw: calls.append((x, y, kw)) or original(x, y, **kw))
+    recipe = train.effective_recipe(train.METHODS["hegraph"], "synthetic", 4, train.parse_args(["--features", "x"]))
+    train.train(model, task, train.dataclasses.replace(recipe, epochs=4, batch_size=16), seed=1)
+    views = task.train_views                                                  # [V, n, d]
+    drawn = torch.zeros(views.shape[0], dtype=torch.long)
+    for x, y, kw in calls:
+        rows = kw["exclude"]                                                  # the images' own cache rows
+        assert torch.equal(y, task.train_labels[rows])
+        match = (x[None] == views[:, rows]).all(-1)                          # [V, b]: which view each row is
+        assert match.any(0).all()
+        drawn += match.long().argmax(0).bincount(minlength=views.shape[0])
+    assert (drawn > 0).all(), drawn                                          # not view 0 only
+    assert sum(len(y) for _, y, _ in calls) == 4 * len(task.train_labels)   # every image once per epoch
+
+
+def test_tip_f_trains_without_leave_one_out(feats, monkeypatch):
+    data = train.load_features(feats)
+    task = train.make_task(data, 1, 2, "cpu")
+    model = train.METHODS["tip-f"].model(task, TipConfig(learn_keys=True))
+    seen = []
+    original = model.loss
+    monkeypatch.setattr(model, "loss", lambda x, y, **kw: seen.append(kw) or original(x, y, **kw))
+    recipe = train.effective_recipe(train.METHODS["tip-f"], "synthetic", 2, train.parse_args(["--features", "x"]))
+    train.train(model, task, train.dataclasses.replace(recipe, epochs=1), seed=1)
+    assert seen and all(kw == {} for kw in seen)
+
+
+def test_tip_uses_alpha(feats):
+    """--alpha changes Tip-Adapter's prediction, and --alpha 0 is zero-shot."""
+    zs = run("--features", feats, "--method", "zeroshot", "--shots", 2)["seeds"]
+    assert run("--features", feats, "--method", "tip", "--shots", 2, "--alpha", 0)["seeds"] == zs
+    assert run("--features", feats, "--method", "tip", "--shots", 2, "--alpha", 3)["seeds"] != zs
+
+
+def test_results_json_holds_only_what_was_evaluated(feats, tmp_path):
+    out = tmp_path / "r.json"
+    run("--features", feats, "--method", "tip", "--shots", 2, "--epochs", 7, "--out", out)
+    r = json.loads(out.read_text())
+    assert r["recipe"] is None and r["params"] == 0                            # tip trains nothing: no epochs
