@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -243,6 +244,25 @@ def load_prompts(path, classnames: list[str]) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------- encoding
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    convert("RGB") clips the integer modes to 0..255, so a 16-bit image would come out almost white. They
+    are scaled to 8 bits first, by the range their values are stored in: the 16-bit modes (I;16, I;16B, ...)
+    and I (32-bit integers, which some decoders give for 16-bit PNG, TIFF or PGM files) as 0..65535 (/ 257),
+    F (floats) as 0..1. An image whose values fall outside that range has no range to go by, so it is scaled
+    by its own min..max.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image.convert("RGB")
+    x = np.asarray(image, dtype=np.float64)                                    # [H, W]
+    lo, hi = 0.0, 1.0 if image.mode == "F" else 65535.0
+    if x.size and (x.min() < lo or x.max() > hi):
+        lo, hi = x.min(), (x.max() if x.max() > x.min() else x.min() + 1)  # a constant image: black
+    gray = np.round((x - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)  # [H, W]
+    return Image.fromarray(gray).convert("RGB")
+
+
 class Views:
     """One decoded image -> [V, 3, R, R]: view 0 is CLIP's own preprocessing, the others Tip-Adapter's augmentation."""
 
@@ -279,7 +299,7 @@ class ImageFiles(Dataset):
         path = self.folder / self.paths[i]
         try:
             with Image.open(path) as f:
-                image = f.convert("RGB")
+                image = to_rgb(f)
         except (OSError, ValueError) as e:
             # reported by the main process with the file's name, instead of a worker's traceback
             shape = (self.views.views, 3, self.views.resolution, self.views.resolution)

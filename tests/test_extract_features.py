@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,27 @@ def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
         expected = F.normalize(model.encode_image(x).float(), dim=-1)
     assert torch.allclose(f["train"]["features"][0, :4].float(), expected, atol=2e-3)
     assert not torch.allclose(f["train"]["features"][1], f["train"]["features"][2])  # augmented views differ
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # clip.load tries the deprecated torch.jit.load
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkpoint, tmp_path):
+    gray = np.random.default_rng(0).integers(0, 256, (36, 48), dtype=np.uint8)          # [H, W]
+    Image.fromarray(gray).save(tmp_path / "8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")        # 0..65535
+    Image.fromarray(np.full_like(gray, 255)).save(tmp_path / "white.png")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"
+    device = torch.device("cpu")
+    model, preprocess = ef.load_clip("tiny", tiny_vit_checkpoint, device)
+    files = ef.ImageFiles(tmp_path, ["8bit.png", "16bit.png", "white.png"], ef.Views(preprocess, 32, 1))
+    eight, sixteen, white = ef.encode_images(model, files, 8, 0, device, "test")[0].float()  # [d] each
+    assert torch.equal(eight, sixteen)
+    assert F.cosine_similarity(sixteen, white, dim=0) < 0.99
+    # the other wide modes: big-endian 16-bit, 32-bit integers holding 16-bit values, floats in 0..1
+    for wide in (Image.fromarray((gray.astype(np.uint16) * 257).astype(">u2")), Image.fromarray(gray.astype(np.int32) * 257),
+                 Image.fromarray(gray.astype(np.float32) / 255)):
+        assert np.array_equal(np.asarray(ef.to_rgb(wide))[..., 0], gray), wide.mode  # I;16B, I, F
+    # values outside the mode's range are scaled by the image's own min..max
+    assert np.asarray(ef.to_rgb(Image.fromarray(gray.astype(np.float32) * 4 - 300))).max() == 255
 
 
 def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoint, tmp_path, capsys):
