@@ -124,10 +124,16 @@ def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
     path = _require(folder / spec.split, "split file", name)
     try:
         split = json.loads(path.read_text())
-        items = {s: [(p, int(y)) for p, y, _ in split.get(s, [])] for s in ("train", "val", "test")}
-        names = {int(y): c for s in split.values() for _, y, c in s}
+        entries = [(s, p, y, c) for s in ("train", "val", "test") for p, y, c in split.get(s, [])]
     except (ValueError, TypeError, AttributeError) as e:
         raise DataError(f"cannot parse split file {path}: {e} ({LAYOUT_HINT})") from None
+    # a label is a class index: 1.7, 2.0, "2" or true are refused, never rounded into some class
+    bad = [y for _, _, y, _ in entries if type(y) is not int]
+    if bad:
+        raise DataError(f"split file {path} has {len(bad)} labels that are not integers, e.g. {bad[0]!r}; "
+                        f"labels must be class indices 0..C-1 ({LAYOUT_HINT})")
+    items = {s: [(p, y) for t, p, y, _ in entries if t == s] for s in ("train", "val", "test")}
+    names = {y: c for _, _, y, c in entries}
     if sorted(names) != list(range(len(names))):
         raise DataError(f"labels in {path} are not 0..C-1 ({LAYOUT_HINT})")
     return Splits([names[y] for y in range(len(names))], folder / spec.images, **items)

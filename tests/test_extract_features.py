@@ -220,6 +220,14 @@ def _remove_split(root):
     return str(root / "dtd" / ef.DATASETS["dtd"].split)
 
 
+def _fractional_label(root):
+    path = root / "dtd" / ef.DATASETS["dtd"].split
+    split = json.loads(path.read_text())
+    split["train"][3][1] = 1.7  # truncated to 1 by int() before
+    path.write_text(json.dumps(split))
+    return str(path)
+
+
 def _corrupt_image(root):
     path = ef.load_splits("dtd", root).images / "class b_1" / "test_0.jpg"
     path.write_bytes(b"not a jpeg")
@@ -229,6 +237,7 @@ def _corrupt_image(root):
 @pytest.mark.parametrize("break_it, kwargs, message", [
     (lambda root: str(root / "dtd"), dict(root_override="missing"), "dataset folder not found"),
     (_remove_split, {}, "split file not found"),
+    (_fractional_label, {}, "labels that are not integers, e.g. 1.7"),
     (_corrupt_image, {}, "cannot read image"),
     (lambda root: "class 1 ('class b_1') has 2 training images", dict(counts={"train": [5, 2, 6]}), "--allow-repeats"),
     (lambda root: "fgvc", dict(dataset="fgvc"), "unknown dataset"),
