@@ -209,8 +209,10 @@ def sample_fewshot(labels: list[int], num_classes: int, shots: int, seed: int, a
         members[y].append(i)
     picks = []
     for y, idx in enumerate(members):
-        if len(idx) < shots and not (allow_repeats and idx):
-            name = f" ({classnames[y]!r})" if classnames else ""
+        name = f" ({classnames[y]!r})" if classnames else ""
+        if not idx:  # nothing to repeat: --allow-repeats cannot help here
+            raise DataError(f"class {y}{name} has no {what} images; every class needs at least one ({LAYOUT_HINT})")
+        if len(idx) < shots and not allow_repeats:
             raise DataError(f"class {y}{name} has {len(idx)} {what} images, fewer than the {shots} needed; "
                             f"lower --max-shots or pass --allow-repeats to reuse its images")
         order = torch.randperm(len(idx), generator=generator)

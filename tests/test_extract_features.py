@@ -256,6 +256,15 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("allow_repeats", [False, True])
+def test_a_class_without_training_images_is_named_without_suggesting_repeats(make_dataset, tiny_vit_checkpoint,
+                                                                            tmp_path, allow_repeats):
+    root = make_dataset("dtd", counts={"train": [5, 0, 6]})
+    with pytest.raises(ef.DataError) as e:
+        run(root, tmp_path, tiny_vit_checkpoint, allow_repeats=allow_repeats)
+    assert "class 1 ('class b_1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
+
+
 def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_checkpoint, tmp_path):
     f, _ = run(make_dataset("dtd", counts={"train": [5, 2, 6]}), tmp_path, tiny_vit_checkpoint, allow_repeats=True)
     for rows in f["fewshot"].values():
