@@ -364,6 +364,51 @@ def load_clip(backbone: str, clip_checkpoint, device: torch.device):
     return model.eval(), preprocess
 
 
+# ----------------------------------------------------------------------------- the flags
+
+def _fills_in_a_name(template: str) -> bool:
+    """True if template.format(name) puts the name in and asks for nothing else ("{} texture.")."""
+    try:
+        return "\0" in template.format("\0")
+    except (IndexError, KeyError, ValueError):  # "{} {}", "{name}", "{"
+        return False
+
+
+def check_flags(seeds, max_shots: int, views: int, batch_size: int, workers, negative_template: str):
+    """One clear line for the first flag out of its range, before anything is read, loaded or encoded."""
+    problems = [
+        (not seeds, "--seeds must list at least one seed"),
+        (max_shots < 1, f"--max-shots must be at least 1, not {max_shots}"),
+        (views < 1, f"--views must be at least 1 (view 0 is CLIP's own preprocessing), not {views}"),
+        (batch_size < 1, f"--encode-batch-size must be at least 1, not {batch_size}"),
+        (workers is not None and workers < 0,
+         f"--workers must be 0 (load the images in the main process) or more, not {workers}"),
+        (not _fills_in_a_name(negative_template),
+         f"--negative-template must contain {{}} where the class name goes, e.g. 'a photo of no {{}}.', "
+         f"not {negative_template!r}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise DataError(message)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch.device (default: cuda if available, else cpu); one clear line if it cannot be used."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                        f"use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return device
+
+
 # ----------------------------------------------------------------------------- the whole job
 
 def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
@@ -420,11 +465,10 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
                      max_shots: int = 16, views: int = 10, batch_size: int = 256, workers: int | None = None,
                      device=None, allow_repeats: bool = False, overwrite: bool = False) -> Path:
     """Encode `dataset` under `root` with CLIP and write one features file; returns its path."""
-    splits = load_splits(dataset, root)
     seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if max_shots < 1 or views < 1 or not seeds:
-        raise DataError("--max-shots and --views must be at least 1 and --seeds must list at least one seed")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_flags(seeds, max_shots, views, batch_size, workers, negative_template)
+    device = resolve_device(device)
+    splits = load_splits(dataset, root)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     names = splits.classnames
     positive = load_prompts(prompts, names) if prompts else [[DATASETS[dataset].template.format(c)] for c in names]

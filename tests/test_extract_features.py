@@ -265,6 +265,34 @@ def test_a_class_without_training_images_is_named_without_suggesting_repeats(mak
     assert "class 1 ('class b_1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
 
 
+@pytest.mark.parametrize("flag, kwargs", [
+    ("--encode-batch-size", dict(batch_size=0)),
+    ("--workers", dict(workers=-1)),
+    ("--negative-template", dict(negative_template="a photo without the class name.")),
+    ("--negative-template", dict(negative_template="a {} that is no {}.")),
+    ("--max-shots", dict(max_shots=0)),
+    ("--views", dict(views=0)),
+    ("--seeds", dict(seeds=())),
+])
+def test_bad_flags_are_named_before_anything_is_read(tiny_vit_checkpoint, tmp_path, flag, kwargs):
+    # the dataset folder does not even exist: the flag is checked first
+    with pytest.raises(ef.DataError) as e:
+        run(tmp_path / "absent", tmp_path / "out", tiny_vit_checkpoint, **kwargs)
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available on this machine"),
+                                             ("cuda:1", "CUDA is not available on this machine"),
+                                             ("gpu", "is not a torch device")])
+def test_an_unusable_device_is_named(tiny_vit_checkpoint, tmp_path, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    with pytest.raises(ef.DataError) as e:
+        run(tmp_path / "absent", tmp_path, tiny_vit_checkpoint, device=device)
+    assert str(e.value).startswith(f"--device {device}") and message in str(e.value)
+    assert "--clip-checkpoint" not in str(e.value)
+
+
 def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_checkpoint, tmp_path):
     f, _ = run(make_dataset("dtd", counts={"train": [5, 2, 6]}), tmp_path, tiny_vit_checkpoint, allow_repeats=True)
     for rows in f["fewshot"].values():
