@@ -18,9 +18,11 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 import time
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,18 +351,49 @@ def encode_text(model, prompts: list[list[str]], batch_size: int, device: torch.
     return F.normalize(means, dim=-1).half().cpu()
 
 
+def load_torch_file(path, what: str, mmap: bool = False):
+    """torch.load(path) on the CPU with weights_only=True, or one DataError line naming `what` and `path`.
+
+    For any file a user hands over (a features file, a checkpoint): a missing path, an empty or truncated
+    file, or one torch.save did not write (text, an image, a plain pickle) each end in one line, e.g.
+    "checkpoint runs/seed1.pt is truncated or not a file written by torch.save (...)", not a traceback.
+    mmap=True maps the tensors instead of reading them (for files in torch.save's default zip format; others
+    are read), so a large file's small entries are cheap to look at.
+
+        data = load_torch_file(args.features, "features file")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist" + (" as a file (it is a folder)" if path.is_dir() else ""))
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; False for a truncated one
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except Exception as e:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
+        first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        if is_zip and isinstance(e, pickle.UnpicklingError):
+            raise DataError(f"{what} {path} holds objects other than tensors and plain Python containers, "
+                            f"which are not loaded (torch.load weights_only=True; {reason})") from None
+        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
+
+
 def load_clip(backbone: str, clip_checkpoint, device: torch.device):
     """OpenAI CLIP from a local checkpoint if given, else by name (downloaded once by the clip package)."""
     source = str(clip_checkpoint) if clip_checkpoint else backbone
-    if clip_checkpoint and not Path(clip_checkpoint).is_file():
-        raise DataError(f"CLIP checkpoint not found: {clip_checkpoint}")
     try:
         with warnings.catch_warnings():  # clip.load first tries torch.jit.load, deprecated, on every file
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)  # and torch.load warns before refusing a plain pickle
             model, preprocess = clip.load(source, device=device)
-    except (RuntimeError, OSError) as e:
-        raise DataError(f"cannot load CLIP '{source}': {e}; pass --clip-checkpoint PATH to a local "
-                        f"OpenAI CLIP checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - whatever torch.jit.load, torch.load or clip's state-dict reader raise
+        if not clip_checkpoint:
+            raise DataError(f"cannot load CLIP '{backbone}': {e}; pass --clip-checkpoint PATH to a local "
+                            f"OpenAI CLIP checkpoint") from None
+        load_torch_file(clip_checkpoint, "--clip-checkpoint")  # one line if it is no torch file at all
+        raise DataError(f"--clip-checkpoint {clip_checkpoint} is a torch file but not an OpenAI CLIP checkpoint "
+                        f"(a state dict or TorchScript archive as clip.load reads; {type(e).__name__}: {e})") from None
     return model.eval(), preprocess
 
 
@@ -420,9 +453,10 @@ def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
     if overwrite:
         return False
     try:
-        old = torch.load(path, weights_only=True, mmap=True).get("settings")
-    except Exception:  # noqa: BLE001 - any unreadable file is "not ours" here
-        old = None
+        old = load_torch_file(path, "features file", mmap=True)
+    except DataError as e:
+        raise DataError(f"{e}; pass --overwrite to replace it or choose another --features-dir") from None
+    old = old.get("settings") if isinstance(old, dict) else None
     if not isinstance(old, dict):
         raise DataError(f"{path} exists and is not a features file written by this script; pass --overwrite "
                         f"to replace it or choose another --features-dir")

@@ -293,6 +293,41 @@ def test_an_unusable_device_is_named(tiny_vit_checkpoint, tmp_path, monkeypatch,
     assert "--clip-checkpoint" not in str(e.value)
 
 
+def _bad_torch_files(folder: Path, checkpoint: Path) -> dict:
+    """name -> a file torch.load cannot read: empty, truncated, text."""
+    files = {"empty": b"", "truncated": checkpoint.read_bytes()[:100_000], "text": b"model: ViT-B/32\n"}
+    for name, content in files.items():
+        (folder / f"{name}.pt").write_bytes(content)
+    return {name: folder / f"{name}.pt" for name in files}
+
+
+def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
+    for name, path in _bad_torch_files(tmp_path, tiny_vit_checkpoint).items():
+        with pytest.raises(ef.DataError) as e:
+            ef.load_clip("tiny", path, torch.device("cpu"))
+        assert str(e.value).startswith(f"--clip-checkpoint {path} is truncated or not a file written by "
+                                       f"torch.save"), name
+        assert "\n" not in str(e.value)
+        with pytest.raises(ef.DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
+            ef.load_torch_file(path, "checkpoint")
+    with pytest.raises(ef.DataError, match="^features file .*absent.pt does not exist$"):
+        ef.load_torch_file(tmp_path / "absent.pt", "features file")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "not_clip.pt")   # a torch file, not a CLIP
+    with pytest.raises(ef.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
+        ef.load_clip("tiny", tmp_path / "not_clip.pt", torch.device("cpu"))
+    torch.save({"a": Path("x")}, tmp_path / "objects.pt")         # torch.save'd, but not weights only
+    with pytest.raises(ef.DataError, match="objects other than tensors"):
+        ef.load_torch_file(tmp_path / "objects.pt", "checkpoint")
+    assert ef.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
+
+
+def test_an_unreadable_file_at_the_output_path_is_named(make_dataset, tiny_vit_checkpoint, tmp_path):
+    (tmp_path / "dtd_tiny.pt").write_bytes(b"")  # e.g. left by a crash of another tool
+    with pytest.raises(ef.DataError, match="features file .*dtd_tiny.pt is truncated .*; pass --overwrite"):
+        run(make_dataset("dtd"), tmp_path, tiny_vit_checkpoint)
+    assert (tmp_path / "dtd_tiny.pt").read_bytes() == b""
+
+
 def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_checkpoint, tmp_path):
     f, _ = run(make_dataset("dtd", counts={"train": [5, 2, 6]}), tmp_path, tiny_vit_checkpoint, allow_repeats=True)
     for rows in f["fewshot"].values():
