@@ -24,6 +24,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -317,6 +318,32 @@ class ImageFiles(Dataset):
         return self.views(image, self.paths[i]), ""
 
 
+def check_images(folder: Path, paths: list[str]):
+    """Open every image's header (no decoding) before anything is loaded or encoded; one line for all bad ones.
+
+    A missing file, a folder, an empty or a non-image file fails here, all of them reported at once, instead
+    of one by one after minutes of encoding. A file cut short after its header passes and still fails at
+    decoding, with its name.
+    """
+    def problem(rel: str) -> str:
+        try:
+            with Image.open(folder / rel) as image:
+                return "" if image.width and image.height else f"{folder / rel} (0 pixels)"
+        except FileNotFoundError:
+            return f"{folder / rel} (missing)"
+        except UnidentifiedImageError:
+            return f"{folder / rel} (not an image)"
+        except Exception as e:  # noqa: BLE001 - IsADirectoryError, PermissionError, DecompressionBombError, ...
+            return f"{folder / rel} ({type(e).__name__})"
+    # threads overlap the waits on a slow (network) file system; chunks keep the pool's overhead off a fast one
+    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        bad = [p for found in pool.map(lambda chunk: [problem(p) for p in chunk], chunks) for p in found if p]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} images cannot be read, e.g. {'; '.join(bad[:3])}; replace "
+                        f"them or remove them from the split ({LAYOUT_HINT})")
+
+
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
 
@@ -534,6 +561,7 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
     if splits.class_map is not None:
         out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
 
+    check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])
     model, preprocess = load_clip(backbone, clip_checkpoint, device)
     out["logit_scale"] = model.logit_scale.exp().item()
     out["text"] = {"positive": encode_text(model, positive, batch_size, device),

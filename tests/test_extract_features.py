@@ -228,9 +228,10 @@ def _fractional_label(root):
     return str(path)
 
 
-def _corrupt_image(root):
+def _truncated_image(root):
     path = ef.load_splits("dtd", root).images / "class b_1" / "test_0.jpg"
-    path.write_bytes(b"not a jpeg")
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"\xff\xda") + 20])  # the header is whole: fails only at decoding
     return str(path)
 
 
@@ -238,7 +239,7 @@ def _corrupt_image(root):
     (lambda root: str(root / "dtd"), dict(root_override="missing"), "dataset folder not found"),
     (_remove_split, {}, "split file not found"),
     (_fractional_label, {}, "labels that are not integers, e.g. 1.7"),
-    (_corrupt_image, {}, "cannot read image"),
+    (_truncated_image, {}, "cannot read image"),
     (lambda root: "class 1 ('class b_1') has 2 training images", dict(counts={"train": [5, 2, 6]}), "--allow-repeats"),
     (lambda root: "fgvc", dict(dataset="fgvc"), "unknown dataset"),
 ])
@@ -254,6 +255,24 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
     if "not found" in message:
         assert "README.md" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, tiny_vit_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    root = make_dataset("dtd", counts={"train": [5, 5, 5], "val": [4, 4, 4]})  # with 5 shots, all are used
+    images = ef.load_splits("dtd", root).images
+    (images / "class a_0" / "test_1.jpg").unlink()
+    (images / "class c_2" / "train_0.jpg").write_text("not a jpeg")
+    (images / "class c_2" / "val_0.jpg").write_bytes(b"")
+    monkeypatch.setattr(ef, "load_clip", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
+    with pytest.raises(ef.DataError) as e:
+        run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
+    message = str(e.value)
+    assert message.startswith("3 of 34 images cannot be read, e.g. ") and "\n" not in message  # 15 + 12 + 7
+    for name, why in (("class a_0/test_1.jpg", "missing"), ("class c_2/train_0.jpg", "not an image"),
+                      ("class c_2/val_0.jpg", "not an image")):
+        assert f"{images / name} ({why})" in message
+    assert not ef.features_path(tmp_path, "dtd", "tiny").exists()
 
 
 @pytest.mark.parametrize("allow_repeats", [False, True])
