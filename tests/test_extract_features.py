@@ -354,6 +354,16 @@ def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_
         assert len(set(small[:2])) == 2 and small[2:] == small[:2]
 
 
+def test_path_flags_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(ef, "extract_from_args", lambda args, dataset: seen.update(vars(args)))
+    ef.main(["--dataset", "dtd", "--root=~/data", "--features-dir", "~/features", "--clip-checkpoint=~/clip.pt",
+             "--prompts", "~/cupl.json"])
+    assert (seen["root"], seen["features_dir"]) == (tmp_path / "data", tmp_path / "features")
+    assert (seen["clip_checkpoint"], seen["prompts"]) == (tmp_path / "clip.pt", tmp_path / "cupl.json")
+
+
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ef.main(["--dataset", "dtd", "--root", str(tmp_path)])
