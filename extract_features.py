@@ -15,11 +15,13 @@ for Vision-Language Models", DATASETS.md); the augmented training views are Tip-
 All features are L2-normalised float16. Only the images some seed needs are encoded, plus the test split.
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
 import pickle
 import re
+import socket
 import time
 import warnings
 import zipfile
@@ -508,11 +510,49 @@ def file_lock(path) -> FileLock:
     return FileLock(path.with_name(f".{path.name}.lock"))
 
 
+STALE_TEMP_SECONDS = 24 * 3600  # a writer keeps writing its temporary file: one untouched for a day is dead
+
+
+def _alive(pid: int) -> bool:
+    """True if process `pid` of this host runs (or might: when it cannot be asked)."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path):
+    """Delete the temporary files that killed writes of `path` left (kill -9, power cut: no `finally` ran).
+
+    Only files of write_atomic's naming, .NAME.HOST.PID.tmp, and only a dead writer's: a process of this host
+    that no longer runs, or any file untouched for a day (the PID since reused, another host writing to a
+    shared folder). A live writer's file is never removed.
+    """
+    host, named = socket.gethostname(), re.compile(rf"\.{re.escape(path.name)}\.(?:(.+)\.)?(\d+)\.tmp")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = named.fullmatch(tmp.name)
+        try:
+            if match and ((match[1] == host and not _alive(int(match[2])))
+                          or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS):
+                tmp.unlink()
+        except FileNotFoundError:  # another process cleaned it up first
+            pass
+
+
 def write_atomic(path, write):
-    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched."""
+    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched.
+
+    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
             write(f)

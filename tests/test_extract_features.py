@@ -1,8 +1,12 @@
 """End-to-end tests of extract_features.py on tiny random CLIPs and tiny generated datasets (CPU, no downloads)."""
 import json
+import multiprocessing
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +181,28 @@ def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp
     with pytest.raises(KeyboardInterrupt):
         run(make_dataset("ucf101"), tmp_path, tiny_vit_checkpoint, "ucf101")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
+    path = tmp_path / "f.pt"
+    killed = multiprocessing.get_context("fork").Process(target=ef.write_atomic, args=(
+        path, lambda f: (f.write(b"half"), f.flush(), os.kill(os.getpid(), signal.SIGKILL))))
+    killed.start()
+    killed.join()
+    assert killed.exitcode == -signal.SIGKILL and not path.exists()
+    [left] = tmp_path.glob(".f.pt.*.tmp")
+    assert left.read_bytes() == b"half"
+    host = socket.gethostname()
+    keep = [tmp_path / f".f.pt.{host}.{os.getppid()}.tmp",  # a live writer's (the process that ran pytest)
+            tmp_path / ".f.pt.otherhost.1.tmp",              # another host's, recent: its writer may be alive
+            tmp_path / f".g.pt.{host}.{left.name.split('.')[-2]}.tmp"]  # another file's
+    old = tmp_path / ".f.pt.otherhost.2.tmp"                 # another host's, untouched for two days
+    for p in (*keep, old):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    ef.write_atomic(path, lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [path, *keep])
 
 
 def test_resnet_backbone_fgvc_layout_and_prompt_file(make_dataset, tiny_resnet_checkpoint, tmp_path):
