@@ -41,7 +41,7 @@ from tqdm import tqdm
 with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
     warnings.simplefilter("ignore", UserWarning)
     import clip
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 FORMAT = "hegraphadapter-features-v1"
 VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
@@ -183,11 +183,16 @@ def _read_shift(name: str, spec: DatasetSpec, folder: Path) -> Splits:
                   class_map=[i for i, _ in present])
 
 
-def load_splits(dataset: str, root) -> Splits:
-    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """DATASETS[dataset], or one line listing the datasets there are."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset '{dataset}'; choose one of: {', '.join(DATASETS)}")
-    spec = DATASETS[dataset]
+    return DATASETS[dataset]
+
+
+def load_splits(dataset: str, root) -> Splits:
+    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
+    spec = dataset_spec(dataset)
     folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
     reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
     splits = reader(dataset, spec, folder)
@@ -473,30 +478,86 @@ def resolve_device(name: str | None) -> torch.device:
 
 # ----------------------------------------------------------------------------- the whole job
 
-def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
-    """True if `path` already holds what `settings` ask for; refuses other files unless overwrite.
+def plan_encoding(splits: Splits, seeds: list[int], max_shots: int, views: int, allow_repeats: bool):
+    """What to encode, {split: ((path, label) items, views)}, and the few-shot subsets as rows into them:
+    {"fewshot": {seed: [C, max_shots]}, "val_fewshot": {seed: [C, min(max_shots, 4)]}} (those that exist)."""
+    jobs, subsets = {"test": (splits.test, 1)}, {}
+    labels = lambda items: [y for _, y in items]  # noqa: E731
+    if splits.train:
+        rows, subsets["fewshot"] = fewshot_rows(labels(splits.train), splits.classnames, max_shots, seeds,
+                                                allow_repeats, "training")
+        jobs["train"] = ([splits.train[i] for i in rows], views)
+    if splits.val:
+        rows, subsets["val_fewshot"] = fewshot_rows(labels(splits.val), splits.classnames,
+                                                    min(max_shots, VAL_SHOTS), seeds, allow_repeats, "validation")
+        jobs["val"] = ([splits.val[i] for i in rows], 1)
+    return jobs, subsets
 
-    A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
-    depend on the other seeds, and K shots are the first K columns of any larger max-shots.
-    """
-    if overwrite:
-        return False
+
+def encode_splits(model, preprocess, folder: Path, jobs: dict, batch_size: int, workers: int,
+                  device: torch.device, dataset: str) -> dict:
+    """{split: {"features": [V, N, d] for train, [M, d] otherwise, "labels"}, "paths": {split: [path]}}."""
+    out, n_forward, seconds = {"paths": {}}, 0, 0.0
+    for split, (items, views) in jobs.items():
+        paths, labels = [p for p, _ in items], [y for _, y in items]
+        files = ImageFiles(folder, paths, Views(preprocess, model.visual.input_resolution, views))
+        start = time.perf_counter()
+        features = encode_images(model, files, batch_size, workers, device, f"{dataset} {split}")
+        seconds += time.perf_counter() - start
+        n_forward += len(paths) * views
+        out[split] = {"features": features if split == "train" else features[0],
+                      "labels": torch.tensor(labels, dtype=torch.long)}
+        out["paths"][split] = paths
+    print(f"encoded {n_forward} images (training views counted) in {seconds:.1f} s, "
+          f"{n_forward / max(seconds, 1e-9):.1f} images/s on {device}")
+    return out
+
+
+def _existing(path: Path) -> dict:
+    """The dict in the features file at `path`, its tensors mapped rather than read; one line if it is none."""
     try:
-        old = load_torch_file(path, "features file", mmap=True)
+        data = load_torch_file(path, "features file", mmap=True)
     except DataError as e:
         raise DataError(f"{e}; pass --overwrite to replace it or choose another --features-dir") from None
-    old = old.get("settings") if isinstance(old, dict) else None
-    if not isinstance(old, dict):
+    if not isinstance(data, dict):
+        raise DataError(f"{path} exists and is not a features file; pass --overwrite to replace it or choose "
+                        f"another --features-dir")
+    return data
+
+
+def _check_served(path: Path, recorded, settings: dict, absent: Path | None = None):
+    """Return if the file at `path`, made with the `recorded` settings, serves `settings`; else one line why not.
+
+    A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
+    depend on the other seeds, and K shots are the first K columns of any larger max-shots. `absent`: the
+    dataset folder, when it is absent (then the file cannot be extracted again).
+    """
+    if not isinstance(recorded, dict):
         raise DataError(f"{path} exists and is not a features file written by this script; pass --overwrite "
                         f"to replace it or choose another --features-dir")
-    differ = [k for k in settings if k not in ("seeds", "max_shots") and old.get(k) != settings[k]]
-    differ += [] if set(settings["seeds"]) <= set(old.get("seeds", [])) else ["seeds"]
-    differ += [] if settings["max_shots"] <= old.get("max_shots", 0) else ["max_shots"]
-    if differ:
-        raise DataError(f"{path} exists with different settings ({', '.join(differ)}); pass --overwrite to "
-                        f"replace it or choose another --features-dir")
-    print(f"reusing {path}: it was extracted with the same settings")
-    return True
+    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v  # noqa: E731
+    differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in settings.items()
+              if k not in ("seeds", "max_shots") and recorded.get(k) != v]
+    old_seeds, old_shots = recorded.get("seeds", []), recorded.get("max_shots", 0)
+    if not set(settings["seeds"]) <= set(old_seeds) or settings["max_shots"] > old_shots:
+        differ.append(f"seeds {old_seeds} and max-shots {old_shots} in the file, seeds {settings['seeds']} and "
+                      f"max-shots {settings['max_shots']} asked")
+    if not differ:
+        print(f"reusing {path}: it was extracted with the same settings"
+              + (f" (the dataset folder {absent} is absent)" if absent else ""))
+        return
+    if absent:
+        raise DataError(f"{path} was extracted with other settings ({'; '.join(differ)}) and the dataset folder "
+                        f"{absent} is absent, so it cannot be extracted again: ask for the file's settings or put "
+                        f"the dataset under --root")
+    if len(differ) == 1 and differ[0].startswith("seeds"):  # most likely per-seed jobs sharing one file
+        seeds = " ".join(map(str, sorted(set(old_seeds) | set(settings["seeds"]))))
+        raise DataError(f"{path} exists with {differ[0]}: extract it once for all the seeds before starting "
+                        f"per-seed jobs (python extract_features.py --dataset {settings['dataset']} --seeds {seeds} "
+                        f"--max-shots {max(old_shots, settings['max_shots'])} and the same other flags), or pass "
+                        f"--overwrite to replace it")
+    raise DataError(f"{path} exists with different settings ({'; '.join(differ)}); pass --overwrite to replace it "
+                    f"or choose another --features-dir")
 
 
 def file_lock(path) -> FileLock:
@@ -508,6 +569,15 @@ def file_lock(path) -> FileLock:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(path.with_name(f".{path.name}.lock"))
+
+
+def _acquire(lock: FileLock, path: Path):
+    """lock.acquire() for a `with`, saying what it waits for when another process holds the lock."""
+    try:
+        return lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process to finish writing {path}", flush=True)
+        return lock.acquire()
 
 
 STALE_TEMP_SECONDS = 24 * 3600  # a writer keeps writing its temporary file: one untouched for a day is dead
@@ -565,62 +635,54 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
                      prompts=None, negative_template: str = "a photo of no {}.", seeds=(1, 2, 3),
                      max_shots: int = 16, views: int = 10, batch_size: int = 256, workers: int | None = None,
                      device=None, allow_repeats: bool = False, overwrite: bool = False) -> Path:
-    """Encode `dataset` under `root` with CLIP and write one features file; returns its path."""
+    """Encode `dataset` under `root` with CLIP and write one features file; returns its path.
+
+    An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), and
+    refused otherwise unless `overwrite`. Processes writing the same
+    file take turns (file_lock): the second reuses or refuses what the first wrote.
+    """
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     check_flags(seeds, max_shots, views, batch_size, workers, negative_template)
     device = resolve_device(device)
-    splits = load_splits(dataset, root)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    names = splits.classnames
-    positive = load_prompts(prompts, names) if prompts else [[DATASETS[dataset].template.format(c)] for c in names]
-    negative = [[negative_template.format(c)] for c in names]
-    settings = {
-        "format": FORMAT, "dataset": dataset, "backbone": backbone,
-        "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
-        "prompts": Path(prompts).name if prompts else "templates",  # the content is compared by its hash
-        "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
-        "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
-        "allow_repeats": allow_repeats,
-    }
     path = features_path(out_dir, dataset, backbone)
-    if path.exists() and _check_existing(path, settings, overwrite):
-        return path
 
-    # sample before loading the model, so that a class too small fails at once
-    out = {"format": FORMAT, "dataset": dataset, "backbone": backbone, "classnames": names,
-           "prompts": {"positive": positive, "negative": negative}, "settings": settings}
-    jobs = {"test": (splits.test, 1)}  # split -> ((path, label) items to encode, views)
-    if splits.train:
-        rows, out["fewshot"] = fewshot_rows([y for _, y in splits.train], names, max_shots, seeds,
-                                            allow_repeats, "training")
-        jobs["train"] = ([splits.train[i] for i in rows], views)
-    if splits.val:
-        rows, out["val_fewshot"] = fewshot_rows([y for _, y in splits.val], names, min(max_shots, VAL_SHOTS),
-                                                seeds, allow_repeats, "validation")
-        jobs["val"] = ([splits.val[i] for i in rows], 1)
-    if splits.class_map is not None:
-        out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+    def settings_for(names: list[str]):
+        """The positive and negative prompts of the classes, and the settings a file records and is compared by."""
+        template = DATASETS[dataset].template
+        positive = load_prompts(prompts, names) if prompts else [[template.format(c)] for c in names]
+        negative = [[negative_template.format(c)] for c in names]
+        return positive, negative, {
+            "format": FORMAT, "dataset": dataset, "backbone": backbone,
+            "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
+            "prompts": Path(prompts).name if prompts else "templates",  # the content is compared by its hash
+            "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
+            "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
+            "allow_repeats": allow_repeats,
+        }
 
-    check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])
-    model, preprocess = load_clip(backbone, clip_checkpoint, device)
-    out["logit_scale"] = model.logit_scale.exp().item()
-    out["text"] = {"positive": encode_text(model, positive, batch_size, device),
-                   "negative": encode_text(model, negative, batch_size, device)}
-    out["paths"] = {}
-    n_forward, seconds = 0, 0.0
-    for split, (items, v) in jobs.items():
-        paths, labels = [p for p, _ in items], [y for _, y in items]
-        files = ImageFiles(splits.images, paths, Views(preprocess, model.visual.input_resolution, v))
-        start = time.perf_counter()
-        features = encode_images(model, files, batch_size, workers, device, f"{dataset} {split}")
-        seconds += time.perf_counter() - start
-        n_forward += len(paths) * v
-        out[split] = {"features": features if split == "train" else features[0],
-                      "labels": torch.tensor(labels, dtype=torch.long)}
-        out["paths"][split] = paths
-    write_atomic(path, lambda f: torch.save(out, f))
-    print(f"wrote {path}: {n_forward} images encoded (training views counted) in {seconds:.1f} s, "
-          f"{n_forward / max(seconds, 1e-9):.1f} images/s on {device}")
+    splits = load_splits(dataset, root)
+    names = splits.classnames
+    positive, negative, settings = settings_for(names)
+    # held from the check to the write: a second process waits, then reuses or refuses what this one wrote
+    with _acquire(file_lock(path), path):
+        if path.exists() and not overwrite:
+            _check_served(path, _existing(path).get("settings"), settings)
+            return path
+        jobs, subsets = plan_encoding(splits, seeds, max_shots, views, allow_repeats)
+        check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
+        model, preprocess = load_clip(backbone, clip_checkpoint, device)
+        out = {"format": FORMAT, "dataset": dataset, "backbone": backbone, "classnames": names,
+               "logit_scale": model.logit_scale.exp().item(),
+               "prompts": {"positive": positive, "negative": negative},
+               "text": {"positive": encode_text(model, positive, batch_size, device),
+                        "negative": encode_text(model, negative, batch_size, device)},
+               **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, dataset),
+               **subsets, "settings": settings}
+        if splits.class_map is not None:
+            out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+        write_atomic(path, lambda f: torch.save(out, f))
+    print(f"wrote {path}")
     return path
 
 

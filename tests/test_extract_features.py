@@ -156,10 +156,44 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
                                max_shots=3, views=3, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
-        with pytest.raises(ef.DataError, match="different settings"):
+        with pytest.raises(ef.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
+                                               "it once for all the seeds"):
             ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
                                 workers=0, device="cpu", **more)
     assert path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("first, second, refusal", [
+    (dict(seeds=(1,)), dict(seeds=(2,)), "extract it once for all the seeds before starting per-seed jobs "
+                                         "(python extract_features.py --dataset dtd --seeds 1 2 --max-shots 4"),
+    (dict(views=3), dict(views=2), "exists with different settings (views: "),
+])
+def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dataset, tiny_vit_checkpoint,
+                                                                        tmp_path, capfd, first, second, refusal):
+    root, context = make_dataset("dtd"), multiprocessing.get_context("fork")
+    start, outcomes = context.Barrier(2), context.Queue()
+
+    def job(name, kwargs):  # both start their check at once: without the lock, both write, the last one wins
+        start.wait()
+        try:
+            run(root, tmp_path, tiny_vit_checkpoint, **kwargs)
+            outcomes.put((name, "wrote"))
+        except ef.DataError as e:
+            outcomes.put((name, str(e)))
+    jobs = [context.Process(target=job, args=args) for args in (("first", first), ("second", second))]
+    for p in jobs:
+        p.start()
+    for p in jobs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in jobs] == [0, 0]
+    result = dict(outcomes.get(timeout=10) for _ in jobs)
+    [winner] = [name for name, r in result.items() if r == "wrote"]   # the other waited, then refused
+    [loser] = [name for name, r in result.items() if r != "wrote"]
+    assert refusal in result[loser] and "\n" not in result[loser]
+    assert "waiting for another process to finish writing" in capfd.readouterr().out
+    settings = torch.load(ef.features_path(tmp_path, "dtd", "tiny"), weights_only=True)["settings"]
+    for key, value in dict(first=first, second=second)[winner].items():  # the file is the winner's
+        assert settings[key] == (list(value) if key == "seeds" else value)
 
 
 def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_checkpoint, tmp_path):
@@ -180,7 +214,7 @@ def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp
     monkeypatch.setattr(torch, "save", save_half)
     with pytest.raises(KeyboardInterrupt):
         run(make_dataset("ucf101"), tmp_path, tiny_vit_checkpoint, "ucf101")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".ucf101_tiny.pt.lock"]  # only file_lock's empty file
 
 
 def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
@@ -280,7 +314,7 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
     assert message in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
     if "not found" in message:
         assert "README.md" in str(e.value)
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert [p for p in tmp_path.iterdir() if p.suffix != ".lock"] == []  # nothing written
 
 
 def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, tiny_vit_checkpoint, tmp_path,
