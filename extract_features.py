@@ -637,8 +637,8 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
                      device=None, allow_repeats: bool = False, overwrite: bool = False) -> Path:
     """Encode `dataset` under `root` with CLIP and write one features file; returns its path.
 
-    An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), and
-    refused otherwise unless `overwrite`. Processes writing the same
+    An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), also
+    when the dataset folder is absent, and refused otherwise unless `overwrite`. Processes writing the same
     file take turns (file_lock): the second reuses or refuses what the first wrote.
     """
     seeds = list(dict.fromkeys(int(s) for s in seeds))
@@ -660,6 +660,16 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
             "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
             "allow_repeats": allow_repeats,
         }
+
+    folder = Path(root) / dataset_spec(dataset).folder
+    if not folder.exists() and path.exists() and not overwrite:
+        # nothing to extract from (train.py on features alone): the file serves only if it was made as asked
+        old = _existing(path)
+        if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
+            print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
+            return path
+        _check_served(path, old["settings"], settings_for(list(old.get("classnames", [])))[2], absent=folder)
+        return path
 
     splits = load_splits(dataset, root)
     names = splits.classnames

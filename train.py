@@ -263,13 +263,10 @@ def shift_accuracy(model, data, logit_scale):
 
 def features_for(args, dataset):
     """The features of a dataset: --features if given, else features_dir/<dataset>_<backbone>.pt,
-    extracted first, or reused when it was made with the same settings (extract_features checks)."""
+    extracted first, or reused when it was made with the settings asked for (extract_features checks,
+    also when the dataset folder is absent)."""
     if args.features and dataset == args.dataset:
         return load_features(args.features)
-    path = features_path(args.features_dir, dataset, args.backbone)
-    if path.exists() and not (Path(args.root) / DATASETS[dataset].folder).exists():
-        print(f"note: {Path(args.root) / DATASETS[dataset].folder} is absent, so {path} is used as it is")
-        return load_features(path)
     return load_features(extract_from_args(args, dataset))
 
 

@@ -196,6 +196,37 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
         assert settings[key] == (list(value) if key == "seeds" else value)
 
 
+def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_with(cli, tiny_vit_checkpoint,
+                                                                                     tmp_path, capsys):
+    _, path, _, _ = cli                    # seeds 1 2, max-shots 5, views 3, DTD's template, tiny_vit_checkpoint
+    stamp, absent = path.stat().st_mtime_ns, tmp_path / "no-data"
+    extract = lambda **kw: ef.extract_features("dtd", absent, path.parent, "tiny", **{  # noqa: E731
+        "clip_checkpoint": tiny_vit_checkpoint, "views": 3, "workers": 0, "device": "cpu", **kw})
+    capsys.readouterr()
+    assert extract(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset
+    assert f"(the dataset folder {absent / 'dtd'} is absent)" in capsys.readouterr().out
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({c: [f"a photo of {c}."] for c in ("class a_0", "class b_1", "class c_2")}))
+    other_checkpoint = tmp_path / "clip.pt"
+    other_checkpoint.write_bytes(tiny_vit_checkpoint.read_bytes())
+    for kwargs, setting in ((dict(views=2), "views: 3 in the file, 2 asked"),
+                            (dict(seeds=(3,)), "seeds [1, 2] and max-shots 5 in the file"),
+                            (dict(negative_template="not a {}."), "negative_template: "),
+                            (dict(prompts=prompts), "prompts: "),
+                            (dict(clip_checkpoint=other_checkpoint), "clip_checkpoint: "),
+                            (dict(allow_repeats=True), "allow_repeats: ")):
+        with pytest.raises(ef.DataError) as e:
+            extract(**kwargs)
+        assert setting in str(e.value) and f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
+    with pytest.raises(ef.DataError, match="dataset folder not found"):  # --overwrite cannot extract either
+        extract(overwrite=True)
+    assert path.stat().st_mtime_ns == stamp
+    # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
+    torch.save({"format": ef.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
+    assert ef.extract_features("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
+    assert "records no extraction settings, so it is used as it is" in capsys.readouterr().out
+
+
 def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_checkpoint, tmp_path):
     root = make_dataset("eurosat")
     f, path = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat")
