@@ -17,12 +17,15 @@ All features are L2-normalised float16. Only the images some seed needs are enco
 import argparse
 import glob
 import hashlib
+import http.client
 import json
 import os
 import pickle
 import re
 import socket
+import sys
 import time
+import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -243,21 +246,93 @@ def fewshot_rows(labels: list[int], classnames: list[str], shots: int, seeds, al
 
 # ----------------------------------------------------------------------------- prompts
 
-def load_prompts(path, classnames: list[str]) -> list[list[str]]:
-    """CuPL-style json {classname: [sentence, ...]} -> the sentences of each class, in label order."""
+CUPL = "cupl"  # --prompts cupl: CuPL's class descriptions instead of a file
+# CuPL's GPT-3 class descriptions (Pratt et al., "What does a platypus look like?", ICCV 2023), one json
+# {classname: [sentence, ...]} per dataset, as APE (Zhu et al., ICCV 2023) publishes them for CoOp's datasets;
+# pinned to a commit and checked by sha256. ImageNet's file (CuPL_prompts_imagenet.json, beside the others) is
+# not pinned yet: for ImageNet and its shift sets, download it and pass --prompts FILE.
+_APE = "https://raw.githubusercontent.com/yangyangyang127/APE/8cd042c095c4190f7acecb5f59bb2c5d4de24659/gpt3_prompts"
+CUPL_PROMPTS = {  # dataset -> (url, sha256)
+    "caltech101": (f"{_APE}/CuPL_prompts_caltech101.json",
+                   "b5c3f52be95a1e450c4ebbac1fd0d2644a5d2efc2bac15e1a82cad587fdd09f6"),
+    "oxford_pets": (f"{_APE}/CuPL_prompts_oxfordpets.json",
+                    "f393a01f911ceed70458d1b7fa3b8f2df2148732210b3783488f2efecc672c95"),
+    "stanford_cars": (f"{_APE}/CuPL_prompts_stanfordcars.json",
+                      "8b84424728b57442cbe190b0d996fda7a16fbb8ac42617911c61fea8f1496a53"),
+    "oxford_flowers": (f"{_APE}/CuPL_prompts_flowers102.json",
+                       "904c8850eafeaa1cc60a0f55fab7bdc168af4b2d1e5cb5bd06c5d32cbbc9d676"),
+    "food101": (f"{_APE}/CuPL_prompts_food101.json",
+                "0aed280ca518c37abec6b1c85a6093b8f9993988df1581bda59805b541694735"),
+    "fgvc_aircraft": (f"{_APE}/CuPL_prompts_fgvcaircraft.json",
+                      "3d0733867fa1e30a229639df9528d9da3fe11b9cf56c0cd6eda11688d9a31393"),
+    "sun397": (f"{_APE}/CuPL_prompts_sun397.json",
+               "b6e2c68f1cfaad78a725de1aea337cea8f5481402708225bcecbe8ce8b436967"),
+    "dtd": (f"{_APE}/CuPL_prompts_dtd.json",
+            "b5d2ae76c1e8e5ded0df87d70aa60ce78730060ae65d7b36c30034457b8cfbe8"),
+    "eurosat": (f"{_APE}/CuPL_prompts_eurosat.json",
+                "c1831f13dff8f8f2b6e3121b122b4e40582ccc1274537c3f9023641d35d07234"),
+    "ucf101": (f"{_APE}/CuPL_prompts_ucf101.json",
+               "f685a1d6e8b1316a4f70554d2913c9fb58050af80c96004e6c7b40515488f9e4"),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: $XDG_CACHE_HOME/hegraphadapter, else ~/.cache/hegraphadapter (as clip keeps
+    its weights in ~/.cache/clip)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hegraphadapter"
+
+
+def cupl_prompts(dataset: str) -> Path:
+    """The CuPL descriptions of `dataset`, downloaded once from CUPL_PROMPTS into cache_dir(); the file's sha256
+    is checked before every use, so a download that is cut short or altered is never used."""
+    if dataset not in CUPL_PROMPTS:
+        raise DataError(f"--prompts cupl: no CuPL descriptions are pinned for '{dataset}' (there are for "
+                        f"{', '.join(CUPL_PROMPTS)}); pass --prompts FILE.json of {{classname: [sentence, ...]}}")
+    url, sha256 = CUPL_PROMPTS[dataset]
+    path = cache_dir() / url.rsplit("/", 1)[-1]
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path
+    print(f"downloading the CuPL prompts of {dataset} from {url}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # no network, HTTP errors, a connection cut short
+        raise DataError(f"--prompts cupl: cannot download {url} ({e}); download it by hand and pass "
+                        f"--prompts FILE") from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise DataError(f"--prompts cupl: {url} has sha256 {found}, not the pinned {sha256} (a broken download, "
+                        f"or the file changed); nothing was cached or used")
+    write_atomic(path, lambda f: f.write(data))
+    return path
+
+
+def load_prompts(path, classnames: list[str], template: str) -> list[list[str]]:
+    """CuPL-style json {classname: [sentence, ...]} -> the sentences of each class, in label order.
+
+    Class names match after normalising case, underscores and spaces (CuPL files spell them their own way).
+    A class the file has no sentences for gets template.format(name) instead, with one warning counting them.
+    """
     try:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read prompts file {path}: {e}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                              for v in table.values()):
+        raise DataError(f"prompts file {path} is not a json object {{classname: [sentence, ...]}}")
 
-    def key(name):  # CuPL files spell class names with spaces or underscores, in any case
-        return name.replace("_", " ").lower().strip()
+    def key(name):
+        return " ".join(name.replace("_", " ").lower().split())
     loose = {key(k): v for k, v in table.items()}
-    prompts = [table.get(c) or loose.get(key(c)) for c in classnames]
-    missing = [c for c, p in zip(classnames, prompts) if not p or not isinstance(p, list)]
+    prompts = [table.get(c) or loose.get(key(c)) or [] for c in classnames]
+    missing = [c for c, p in zip(classnames, prompts) if not p]
+    if len(missing) == len(classnames):
+        raise DataError(f"prompts file {path} has sentences for none of the {len(classnames)} classes (e.g. "
+                        f"{missing[:3]}); is it another dataset's?")
     if missing:
-        raise DataError(f"prompts file {path} has no sentences for {len(missing)} classes, e.g. {missing[:3]}")
-    return prompts
+        print(f"warning: prompts file {path} has no sentences for {len(missing)} of {len(classnames)} classes "
+              f"(e.g. {missing[:3]}); they use the template {template!r}", file=sys.stderr)
+    return [p or [template.format(c)] for c, p in zip(classnames, prompts)]
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -650,12 +725,14 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
     def settings_for(names: list[str]):
         """The positive and negative prompts of the classes, and the settings a file records and is compared by."""
         template = DATASETS[dataset].template
-        positive = load_prompts(prompts, names) if prompts else [[template.format(c)] for c in names]
+        source = cupl_prompts(dataset) if prompts == CUPL else prompts
+        positive = load_prompts(source, names, template) if source else [[template.format(c)] for c in names]
         negative = [[negative_template.format(c)] for c in names]
         return positive, negative, {
             "format": FORMAT, "dataset": dataset, "backbone": backbone,
             "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
-            "prompts": Path(prompts).name if prompts else "templates",  # the content is compared by its hash
+            # "templates", "cupl" or the file's name; the sentences themselves are compared by their hash
+            "prompts": CUPL if prompts == CUPL else Path(prompts).name if prompts else "templates",
             "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
             "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
             "allow_repeats": allow_repeats,
@@ -701,6 +778,11 @@ def path_arg(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def prompts_arg(text: str):
+    """argparse type of --prompts: "cupl" (CuPL's descriptions, downloaded) or a json file's path."""
+    return CUPL if text == CUPL else path_arg(text)
+
+
 def add_extraction_args(parser):
     """The extraction flags, declared once for every command that may extract (this script, train.py,
     bench/reproduce.py), so that an error naming one of them names a flag of the command that was run."""
@@ -712,8 +794,9 @@ def add_extraction_args(parser):
                    help="where features files are written and looked up (default features/)")
     g.add_argument("--clip-checkpoint", type=path_arg, help="local OpenAI CLIP checkpoint, loaded with "
                    "clip.load(PATH) instead of downloading --backbone")
-    g.add_argument("--prompts", type=path_arg, help="CuPL-style json {classname: [sentence, ...]} of positive "
-                   "prompts, used instead of the dataset's template")
+    g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
+                   "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
+                   "file {classname: [sentence, ...]}; a class without sentences keeps the template")
     g.add_argument("--negative-template", default="a photo of no {}.",
                    help="template of the negative prompts (default 'a photo of no {}.')")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")

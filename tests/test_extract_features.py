@@ -1,7 +1,9 @@
 """End-to-end tests of extract_features.py on tiny random CLIPs and tiny generated datasets (CPU, no downloads)."""
+import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -453,6 +455,66 @@ def test_path_flags_expand_the_home_folder(tmp_path, monkeypatch):
              "--prompts", "~/cupl.json"])
     assert (seen["root"], seen["features_dir"]) == (tmp_path / "data", tmp_path / "features")
     assert (seen["clip_checkpoint"], seen["prompts"]) == (tmp_path / "clip.pt", tmp_path / "cupl.json")
+    ef.main(["--dataset", "dtd", "--prompts", "cupl"])  # not a path: CuPL's descriptions
+    assert seen["prompts"] == "cupl"
+
+
+@pytest.fixture
+def cupl_dtd(tmp_path, monkeypatch):
+    """A CuPL file for dtd served from a file:// URL in place of the pinned one, and an empty cache folder."""
+    source = tmp_path / "CuPL_prompts_dtd.json"
+    # spelt CuPL's way (case, spaces for underscores); "class c_2" has no sentences
+    source.write_text(json.dumps({"Class A 0": ["a woven texture.", "threads."], "class_b_1": ["spots."]}))
+    monkeypatch.setattr(ef, "CUPL_PROMPTS", {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return source
+
+
+def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, tiny_vit_checkpoint, tmp_path,
+                                                                  capsys):
+    root = cli[0]
+    capsys.readouterr()
+    f, _ = run(root, tmp_path / "out", tiny_vit_checkpoint, prompts="cupl")
+    out, err = capsys.readouterr()
+    assert "downloading the CuPL prompts of dtd" in out
+    assert f["prompts"]["positive"] == [["a woven texture.", "threads."], ["spots."], ["class c_2 texture."]]
+    assert err.count("warning") == 1 and "no sentences for 1 of 3 classes" in err  # the fallback is said once
+    cached = tmp_path / "cache" / "hegraphadapter" / "CuPL_prompts_dtd.json"
+    assert cached.read_bytes() == cupl_dtd.read_bytes()
+    # recorded apart from the templates, which the cli run used
+    assert f["settings"]["prompts"] == "cupl" and cli[3]["settings"]["prompts"] == "templates"
+    assert f["settings"]["prompts_sha256"] != cli[3]["settings"]["prompts_sha256"]
+    cupl_dtd.unlink()                          # a second use reads the cache: no download
+    assert ef.cupl_prompts("dtd") == cached and "downloading" not in capsys.readouterr().out
+    cached.write_text("{}")                    # a cache that no longer matches its sha256 is not used
+    with pytest.raises(ef.DataError, match="^--prompts cupl: cannot download file:"):
+        ef.cupl_prompts("dtd")
+
+
+def test_a_cupl_download_with_another_sha256_is_refused_and_not_kept(cupl_dtd, tmp_path, monkeypatch):
+    monkeypatch.setitem(ef.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
+    with pytest.raises(ef.DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
+                                           f"pinned 0{{64}} .*nothing was cached or used$"):
+        ef.cupl_prompts("dtd")
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ef.DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
+        ef.cupl_prompts("imagenet-sketch")
+
+
+def test_cupl_table_pins_a_commit_and_a_sha256_per_dataset():
+    for dataset, (url, sha256) in ef.CUPL_PROMPTS.items():
+        assert dataset in ef.DATASETS and re.fullmatch(r"[0-9a-f]{64}", sha256)
+        assert re.fullmatch(r"https://raw\.githubusercontent\.com/[\w-]+/[\w-]+/[0-9a-f]{40}/.+\.json", url)
+    assert len({url for url, _ in ef.CUPL_PROMPTS.values()}) == len(ef.CUPL_PROMPTS)
+
+
+def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"abyssinian": ["a cat."]}))
+    with pytest.raises(ef.DataError, match="sentences for none of the 2 classes"):
+        ef.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
+    (tmp_path / "p.json").write_text(json.dumps({"banded": "stripes."}))  # a string, not a list of sentences
+    with pytest.raises(ef.DataError, match="is not a json object"):
+        ef.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
 
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
