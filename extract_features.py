@@ -635,6 +635,14 @@ def _check_served(path: Path, recorded, settings: dict, absent: Path | None = No
                     f"or choose another --features-dir")
 
 
+def _reuse(path: Path, settings: dict, overwrite: bool) -> bool:
+    """True if the file at `path` serves `settings`, False if there is none (or overwrite); else one line why not."""
+    if overwrite or not path.exists():
+        return False
+    _check_served(path, _existing(path).get("settings"), settings)
+    return True
+
+
 def file_lock(path) -> FileLock:
     """An exclusive lock on `path` across processes, held in a hidden `.<name>.lock` file beside it.
 
@@ -751,10 +759,11 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
     splits = load_splits(dataset, root)
     names = splits.classnames
     positive, negative, settings = settings_for(names)
+    if _reuse(path, settings, overwrite):  # reading needs no lock (a shared features folder may be read-only)
+        return path
     # held from the check to the write: a second process waits, then reuses or refuses what this one wrote
     with _acquire(file_lock(path), path):
-        if path.exists() and not overwrite:
-            _check_served(path, _existing(path).get("settings"), settings)
+        if _reuse(path, settings, overwrite):  # another process wrote it while this one waited
             return path
         jobs, subsets = plan_encoding(splits, seeds, max_shots, views, allow_repeats)
         check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads

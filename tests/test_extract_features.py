@@ -165,6 +165,16 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
     assert path.stat().st_mtime_ns == stamp
 
 
+def test_reusing_a_file_takes_no_lock(cli, tiny_vit_checkpoint, monkeypatch, capsys):
+    def no_lock(path):  # as in a read-only shared features folder, where no lock file can be made
+        raise PermissionError(f"read-only: {path}")
+    monkeypatch.setattr(ef, "file_lock", no_lock)
+    root, path, _, _ = cli
+    capsys.readouterr()
+    run(root, path.parent, tiny_vit_checkpoint, max_shots=5)
+    assert "reusing" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("first, second, refusal", [
     (dict(seeds=(1,)), dict(seeds=(2,)), "extract it once for all the seeds before starting per-seed jobs "
                                          "(python extract_features.py --dataset dtd --seeds 1 2 --max-shots 4"),
