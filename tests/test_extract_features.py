@@ -132,9 +132,9 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkp
     assert torch.equal(eight, sixteen)
     assert F.cosine_similarity(sixteen, white, dim=0) < 0.99
     # the other wide modes: big-endian 16-bit, 32-bit integers holding 16-bit values, floats in 0..1
-    for wide in (Image.fromarray((gray.astype(np.uint16) * 257).astype(">u2")), Image.fromarray(gray.astype(np.int32) * 257),
-                 Image.fromarray(gray.astype(np.float32) / 255)):
-        assert np.array_equal(np.asarray(ef.to_rgb(wide))[..., 0], gray), wide.mode  # I;16B, I, F
+    for wide in (gray.astype(np.uint16) * 257).astype(">u2"), gray.astype(np.int32) * 257, gray.astype(np.float32) / 255:
+        image = Image.fromarray(wide)                                                   # I;16B, I, F
+        assert np.array_equal(np.asarray(ef.to_rgb(image))[..., 0], gray), image.mode
     # values outside the mode's range are scaled by the image's own min..max
     assert np.asarray(ef.to_rgb(Image.fromarray(gray.astype(np.float32) * 4 - 300))).max() == 255
 
