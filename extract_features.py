@@ -15,27 +15,36 @@ for Vision-Language Models", DATASETS.md); the augmented training views are Tip-
 All features are L2-normalised float16. Only the images some seed needs are encoded, plus the test split.
 """
 import argparse
+import glob
 import hashlib
+import http.client
 import json
 import os
+import pickle
 import re
+import socket
+import sys
 import time
+import urllib.request
 import warnings
+import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
     warnings.simplefilter("ignore", UserWarning)
     import clip
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 FORMAT = "hegraphadapter-features-v1"
 VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
@@ -123,10 +132,16 @@ def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
     path = _require(folder / spec.split, "split file", name)
     try:
         split = json.loads(path.read_text())
-        items = {s: [(p, int(y)) for p, y, _ in split.get(s, [])] for s in ("train", "val", "test")}
-        names = {int(y): c for s in split.values() for _, y, c in s}
+        entries = [(s, p, y, c) for s in ("train", "val", "test") for p, y, c in split.get(s, [])]
     except (ValueError, TypeError, AttributeError) as e:
         raise DataError(f"cannot parse split file {path}: {e} ({LAYOUT_HINT})") from None
+    # a label is a class index: 1.7, 2.0, "2" or true are refused, never rounded into some class
+    bad = [y for _, _, y, _ in entries if type(y) is not int]
+    if bad:
+        raise DataError(f"split file {path} has {len(bad)} labels that are not integers, e.g. {bad[0]!r}; "
+                        f"labels must be class indices 0..C-1 ({LAYOUT_HINT})")
+    items = {s: [(p, y) for t, p, y, _ in entries if t == s] for s in ("train", "val", "test")}
+    names = {y: c for _, _, y, c in entries}
     if sorted(names) != list(range(len(names))):
         raise DataError(f"labels in {path} are not 0..C-1 ({LAYOUT_HINT})")
     return Splits([names[y] for y in range(len(names))], folder / spec.images, **items)
@@ -171,11 +186,16 @@ def _read_shift(name: str, spec: DatasetSpec, folder: Path) -> Splits:
                   class_map=[i for i, _ in present])
 
 
-def load_splits(dataset: str, root) -> Splits:
-    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """DATASETS[dataset], or one line listing the datasets there are."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset '{dataset}'; choose one of: {', '.join(DATASETS)}")
-    spec = DATASETS[dataset]
+    return DATASETS[dataset]
+
+
+def load_splits(dataset: str, root) -> Splits:
+    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
+    spec = dataset_spec(dataset)
     folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
     reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
     splits = reader(dataset, spec, folder)
@@ -202,8 +222,10 @@ def sample_fewshot(labels: list[int], num_classes: int, shots: int, seed: int, a
         members[y].append(i)
     picks = []
     for y, idx in enumerate(members):
-        if len(idx) < shots and not (allow_repeats and idx):
-            name = f" ({classnames[y]!r})" if classnames else ""
+        name = f" ({classnames[y]!r})" if classnames else ""
+        if not idx:  # nothing to repeat: --allow-repeats cannot help here
+            raise DataError(f"class {y}{name} has no {what} images; every class needs at least one ({LAYOUT_HINT})")
+        if len(idx) < shots and not allow_repeats:
             raise DataError(f"class {y}{name} has {len(idx)} {what} images, fewer than the {shots} needed; "
                             f"lower --max-shots or pass --allow-repeats to reuse its images")
         order = torch.randperm(len(idx), generator=generator)
@@ -224,24 +246,115 @@ def fewshot_rows(labels: list[int], classnames: list[str], shots: int, seeds, al
 
 # ----------------------------------------------------------------------------- prompts
 
-def load_prompts(path, classnames: list[str]) -> list[list[str]]:
-    """CuPL-style json {classname: [sentence, ...]} -> the sentences of each class, in label order."""
+CUPL = "cupl"  # --prompts cupl: CuPL's class descriptions instead of a file
+# CuPL's GPT-3 class descriptions (Pratt et al., "What does a platypus look like?", ICCV 2023), one json
+# {classname: [sentence, ...]} per dataset, as APE (Zhu et al., ICCV 2023) publishes them for CoOp's datasets;
+# pinned to a commit and checked by sha256. ImageNet's file (CuPL_prompts_imagenet.json, beside the others) is
+# not pinned yet: for ImageNet and its shift sets, download it and pass --prompts FILE.
+_APE = "https://raw.githubusercontent.com/yangyangyang127/APE/8cd042c095c4190f7acecb5f59bb2c5d4de24659/gpt3_prompts"
+CUPL_PROMPTS = {  # dataset -> (url, sha256)
+    "caltech101": (f"{_APE}/CuPL_prompts_caltech101.json",
+                   "b5c3f52be95a1e450c4ebbac1fd0d2644a5d2efc2bac15e1a82cad587fdd09f6"),
+    "oxford_pets": (f"{_APE}/CuPL_prompts_oxfordpets.json",
+                    "f393a01f911ceed70458d1b7fa3b8f2df2148732210b3783488f2efecc672c95"),
+    "stanford_cars": (f"{_APE}/CuPL_prompts_stanfordcars.json",
+                      "8b84424728b57442cbe190b0d996fda7a16fbb8ac42617911c61fea8f1496a53"),
+    "oxford_flowers": (f"{_APE}/CuPL_prompts_flowers102.json",
+                       "904c8850eafeaa1cc60a0f55fab7bdc168af4b2d1e5cb5bd06c5d32cbbc9d676"),
+    "food101": (f"{_APE}/CuPL_prompts_food101.json",
+                "0aed280ca518c37abec6b1c85a6093b8f9993988df1581bda59805b541694735"),
+    "fgvc_aircraft": (f"{_APE}/CuPL_prompts_fgvcaircraft.json",
+                      "3d0733867fa1e30a229639df9528d9da3fe11b9cf56c0cd6eda11688d9a31393"),
+    "sun397": (f"{_APE}/CuPL_prompts_sun397.json",
+               "b6e2c68f1cfaad78a725de1aea337cea8f5481402708225bcecbe8ce8b436967"),
+    "dtd": (f"{_APE}/CuPL_prompts_dtd.json",
+            "b5d2ae76c1e8e5ded0df87d70aa60ce78730060ae65d7b36c30034457b8cfbe8"),
+    "eurosat": (f"{_APE}/CuPL_prompts_eurosat.json",
+                "c1831f13dff8f8f2b6e3121b122b4e40582ccc1274537c3f9023641d35d07234"),
+    "ucf101": (f"{_APE}/CuPL_prompts_ucf101.json",
+               "f685a1d6e8b1316a4f70554d2913c9fb58050af80c96004e6c7b40515488f9e4"),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: $XDG_CACHE_HOME/hegraphadapter, else ~/.cache/hegraphadapter (as clip keeps
+    its weights in ~/.cache/clip)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hegraphadapter"
+
+
+def cupl_prompts(dataset: str) -> Path:
+    """The CuPL descriptions of `dataset`, downloaded once from CUPL_PROMPTS into cache_dir(); the file's sha256
+    is checked before every use, so a download that is cut short or altered is never used."""
+    if dataset not in CUPL_PROMPTS:
+        raise DataError(f"--prompts cupl: no CuPL descriptions are pinned for '{dataset}' (there are for "
+                        f"{', '.join(CUPL_PROMPTS)}); pass --prompts FILE.json of {{classname: [sentence, ...]}}")
+    url, sha256 = CUPL_PROMPTS[dataset]
+    path = cache_dir() / url.rsplit("/", 1)[-1]
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path
+    print(f"downloading the CuPL prompts of {dataset} from {url}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # no network, HTTP errors, a connection cut short
+        raise DataError(f"--prompts cupl: cannot download {url} ({e}); download it by hand and pass "
+                        f"--prompts FILE") from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise DataError(f"--prompts cupl: {url} has sha256 {found}, not the pinned {sha256} (a broken download, "
+                        f"or the file changed); nothing was cached or used")
+    write_atomic(path, lambda f: f.write(data))
+    return path
+
+
+def load_prompts(path, classnames: list[str], template: str) -> list[list[str]]:
+    """CuPL-style json {classname: [sentence, ...]} -> the sentences of each class, in label order.
+
+    Class names match after normalising case, underscores and spaces (CuPL files spell them their own way).
+    A class the file has no sentences for gets template.format(name) instead, with one warning counting them.
+    """
     try:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read prompts file {path}: {e}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                              for v in table.values()):
+        raise DataError(f"prompts file {path} is not a json object {{classname: [sentence, ...]}}")
 
-    def key(name):  # CuPL files spell class names with spaces or underscores, in any case
-        return name.replace("_", " ").lower().strip()
+    def key(name):
+        return " ".join(name.replace("_", " ").lower().split())
     loose = {key(k): v for k, v in table.items()}
-    prompts = [table.get(c) or loose.get(key(c)) for c in classnames]
-    missing = [c for c, p in zip(classnames, prompts) if not p or not isinstance(p, list)]
+    prompts = [table.get(c) or loose.get(key(c)) or [] for c in classnames]
+    missing = [c for c, p in zip(classnames, prompts) if not p]
+    if len(missing) == len(classnames):
+        raise DataError(f"prompts file {path} has sentences for none of the {len(classnames)} classes (e.g. "
+                        f"{missing[:3]}); is it another dataset's?")
     if missing:
-        raise DataError(f"prompts file {path} has no sentences for {len(missing)} classes, e.g. {missing[:3]}")
-    return prompts
+        print(f"warning: prompts file {path} has no sentences for {len(missing)} of {len(classnames)} classes "
+              f"(e.g. {missing[:3]}); they use the template {template!r}", file=sys.stderr)
+    return [p or [template.format(c)] for c, p in zip(classnames, prompts)]
 
 
 # ----------------------------------------------------------------------------- encoding
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    convert("RGB") clips the integer modes to 0..255, so a 16-bit image would come out almost white. They
+    are scaled to 8 bits first, by the range their values are stored in: the 16-bit modes (I;16, I;16B, ...)
+    and I (32-bit integers, which some decoders give for 16-bit PNG, TIFF or PGM files) as 0..65535 (/ 257),
+    F (floats) as 0..1. An image whose values fall outside that range has no range to go by, so it is scaled
+    by its own min..max.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image.convert("RGB")
+    x = np.asarray(image, dtype=np.float64)                                    # [H, W]
+    lo, hi = 0.0, 1.0 if image.mode == "F" else 65535.0
+    if x.size and (x.min() < lo or x.max() > hi):
+        lo, hi = x.min(), (x.max() if x.max() > x.min() else x.min() + 1)  # a constant image: black
+    gray = np.round((x - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)  # [H, W]
+    return Image.fromarray(gray).convert("RGB")
+
 
 class Views:
     """One decoded image -> [V, 3, R, R]: view 0 is CLIP's own preprocessing, the others Tip-Adapter's augmentation."""
@@ -279,12 +392,38 @@ class ImageFiles(Dataset):
         path = self.folder / self.paths[i]
         try:
             with Image.open(path) as f:
-                image = f.convert("RGB")
+                image = to_rgb(f)
         except (OSError, ValueError) as e:
             # reported by the main process with the file's name, instead of a worker's traceback
             shape = (self.views.views, 3, self.views.resolution, self.views.resolution)
             return torch.zeros(shape), f"cannot read image {path}: {e}"
         return self.views(image, self.paths[i]), ""
+
+
+def check_images(folder: Path, paths: list[str]):
+    """Open every image's header (no decoding) before anything is loaded or encoded; one line for all bad ones.
+
+    A missing file, a folder, an empty or a non-image file fails here, all of them reported at once, instead
+    of one by one after minutes of encoding. A file cut short after its header passes and still fails at
+    decoding, with its name.
+    """
+    def problem(rel: str) -> str:
+        try:
+            with Image.open(folder / rel) as image:
+                return "" if image.width and image.height else f"{folder / rel} (0 pixels)"
+        except FileNotFoundError:
+            return f"{folder / rel} (missing)"
+        except UnidentifiedImageError:
+            return f"{folder / rel} (not an image)"
+        except Exception as e:  # noqa: BLE001 - IsADirectoryError, PermissionError, DecompressionBombError, ...
+            return f"{folder / rel} ({type(e).__name__})"
+    # threads overlap the waits on a slow (network) file system; chunks keep the pool's overhead off a fast one
+    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        bad = [p for found in pool.map(lambda chunk: [problem(p) for p in chunk], chunks) for p in found if p]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} images cannot be read, e.g. {'; '.join(bad[:3])}; replace "
+                        f"them or remove them from the split ({LAYOUT_HINT})")
 
 
 def _autocast(device: torch.device):
@@ -321,45 +460,186 @@ def encode_text(model, prompts: list[list[str]], batch_size: int, device: torch.
     return F.normalize(means, dim=-1).half().cpu()
 
 
+def load_torch_file(path, what: str, mmap: bool = False):
+    """torch.load(path) on the CPU with weights_only=True, or one DataError line naming `what` and `path`.
+
+    For any file a user hands over (a features file, a checkpoint): a missing path, an empty or truncated
+    file, or one torch.save did not write (text, an image, a plain pickle) each end in one line, e.g.
+    "checkpoint runs/seed1.pt is truncated or not a file written by torch.save (...)", not a traceback.
+    mmap=True maps the tensors instead of reading them (for files in torch.save's default zip format; others
+    are read), so a large file's small entries are cheap to look at.
+
+        data = load_torch_file(args.features, "features file")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist" + (" as a file (it is a folder)" if path.is_dir() else ""))
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; False for a truncated one
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except Exception as e:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
+        first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        if is_zip and isinstance(e, pickle.UnpicklingError):
+            raise DataError(f"{what} {path} holds objects other than tensors and plain Python containers, "
+                            f"which are not loaded (torch.load weights_only=True; {reason})") from None
+        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
+
+
 def load_clip(backbone: str, clip_checkpoint, device: torch.device):
     """OpenAI CLIP from a local checkpoint if given, else by name (downloaded once by the clip package)."""
     source = str(clip_checkpoint) if clip_checkpoint else backbone
-    if clip_checkpoint and not Path(clip_checkpoint).is_file():
-        raise DataError(f"CLIP checkpoint not found: {clip_checkpoint}")
     try:
         with warnings.catch_warnings():  # clip.load first tries torch.jit.load, deprecated, on every file
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)  # and torch.load warns before refusing a plain pickle
             model, preprocess = clip.load(source, device=device)
-    except (RuntimeError, OSError) as e:
-        raise DataError(f"cannot load CLIP '{source}': {e}; pass --clip-checkpoint PATH to a local "
-                        f"OpenAI CLIP checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - whatever torch.jit.load, torch.load or clip's state-dict reader raise
+        if not clip_checkpoint:
+            raise DataError(f"cannot load CLIP '{backbone}': {e}; pass --clip-checkpoint PATH to a local "
+                            f"OpenAI CLIP checkpoint") from None
+        load_torch_file(clip_checkpoint, "--clip-checkpoint")  # one line if it is no torch file at all
+        raise DataError(f"--clip-checkpoint {clip_checkpoint} is a torch file but not an OpenAI CLIP checkpoint "
+                        f"(a state dict or TorchScript archive as clip.load reads; {type(e).__name__}: {e})") from None
     return model.eval(), preprocess
+
+
+# ----------------------------------------------------------------------------- the flags
+
+def _fills_in_a_name(template: str) -> bool:
+    """True if template.format(name) puts the name in and asks for nothing else ("{} texture.")."""
+    try:
+        return "\0" in template.format("\0")
+    except (IndexError, KeyError, ValueError):  # "{} {}", "{name}", "{"
+        return False
+
+
+def check_flags(seeds, max_shots: int, views: int, batch_size: int, workers, negative_template: str):
+    """One clear line for the first flag out of its range, before anything is read, loaded or encoded."""
+    problems = [
+        (not seeds, "--seeds must list at least one seed"),
+        (max_shots < 1, f"--max-shots must be at least 1, not {max_shots}"),
+        (views < 1, f"--views must be at least 1 (view 0 is CLIP's own preprocessing), not {views}"),
+        (batch_size < 1, f"--encode-batch-size must be at least 1, not {batch_size}"),
+        (workers is not None and workers < 0,
+         f"--workers must be 0 (load the images in the main process) or more, not {workers}"),
+        (not _fills_in_a_name(negative_template),
+         f"--negative-template must contain {{}} where the class name goes, e.g. 'a photo of no {{}}.', "
+         f"not {negative_template!r}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise DataError(message)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device as a torch.device (default: cuda if available, else cpu); one clear line if it cannot be used."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                        f"use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return device
 
 
 # ----------------------------------------------------------------------------- the whole job
 
-def _check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
-    """True if `path` already holds what `settings` ask for; refuses other files unless overwrite.
+def plan_encoding(splits: Splits, seeds: list[int], max_shots: int, views: int, allow_repeats: bool):
+    """What to encode, {split: ((path, label) items, views)}, and the few-shot subsets as rows into them:
+    {"fewshot": {seed: [C, max_shots]}, "val_fewshot": {seed: [C, min(max_shots, 4)]}} (those that exist)."""
+    jobs, subsets = {"test": (splits.test, 1)}, {}
+    labels = lambda items: [y for _, y in items]  # noqa: E731
+    if splits.train:
+        rows, subsets["fewshot"] = fewshot_rows(labels(splits.train), splits.classnames, max_shots, seeds,
+                                                allow_repeats, "training")
+        jobs["train"] = ([splits.train[i] for i in rows], views)
+    if splits.val:
+        rows, subsets["val_fewshot"] = fewshot_rows(labels(splits.val), splits.classnames,
+                                                    min(max_shots, VAL_SHOTS), seeds, allow_repeats, "validation")
+        jobs["val"] = ([splits.val[i] for i in rows], 1)
+    return jobs, subsets
+
+
+def encode_splits(model, preprocess, folder: Path, jobs: dict, batch_size: int, workers: int,
+                  device: torch.device, dataset: str) -> dict:
+    """{split: {"features": [V, N, d] for train, [M, d] otherwise, "labels"}, "paths": {split: [path]}}."""
+    out, n_forward, seconds = {"paths": {}}, 0, 0.0
+    for split, (items, views) in jobs.items():
+        paths, labels = [p for p, _ in items], [y for _, y in items]
+        files = ImageFiles(folder, paths, Views(preprocess, model.visual.input_resolution, views))
+        start = time.perf_counter()
+        features = encode_images(model, files, batch_size, workers, device, f"{dataset} {split}")
+        seconds += time.perf_counter() - start
+        n_forward += len(paths) * views
+        out[split] = {"features": features if split == "train" else features[0],
+                      "labels": torch.tensor(labels, dtype=torch.long)}
+        out["paths"][split] = paths
+    print(f"encoded {n_forward} images (training views counted) in {seconds:.1f} s, "
+          f"{n_forward / max(seconds, 1e-9):.1f} images/s on {device}")
+    return out
+
+
+def _existing(path: Path) -> dict:
+    """The dict in the features file at `path`, its tensors mapped rather than read; one line if it is none."""
+    try:
+        data = load_torch_file(path, "features file", mmap=True)
+    except DataError as e:
+        raise DataError(f"{e}; pass --overwrite to replace it or choose another --features-dir") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} exists and is not a features file; pass --overwrite to replace it or choose "
+                        f"another --features-dir")
+    return data
+
+
+def _check_served(path: Path, recorded, settings: dict, absent: Path | None = None):
+    """Return if the file at `path`, made with the `recorded` settings, serves `settings`; else one line why not.
 
     A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
-    depend on the other seeds, and K shots are the first K columns of any larger max-shots.
+    depend on the other seeds, and K shots are the first K columns of any larger max-shots. `absent`: the
+    dataset folder, when it is absent (then the file cannot be extracted again).
     """
-    if overwrite:
-        return False
-    try:
-        old = torch.load(path, weights_only=True, mmap=True).get("settings")
-    except Exception:  # noqa: BLE001 - any unreadable file is "not ours" here
-        old = None
-    if not isinstance(old, dict):
+    if not isinstance(recorded, dict):
         raise DataError(f"{path} exists and is not a features file written by this script; pass --overwrite "
                         f"to replace it or choose another --features-dir")
-    differ = [k for k in settings if k not in ("seeds", "max_shots") and old.get(k) != settings[k]]
-    differ += [] if set(settings["seeds"]) <= set(old.get("seeds", [])) else ["seeds"]
-    differ += [] if settings["max_shots"] <= old.get("max_shots", 0) else ["max_shots"]
-    if differ:
-        raise DataError(f"{path} exists with different settings ({', '.join(differ)}); pass --overwrite to "
-                        f"replace it or choose another --features-dir")
-    print(f"reusing {path}: it was extracted with the same settings")
+    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v  # noqa: E731
+    differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in settings.items()
+              if k not in ("seeds", "max_shots") and recorded.get(k) != v]
+    old_seeds, old_shots = recorded.get("seeds", []), recorded.get("max_shots", 0)
+    if not set(settings["seeds"]) <= set(old_seeds) or settings["max_shots"] > old_shots:
+        differ.append(f"seeds {old_seeds} and max-shots {old_shots} in the file, seeds {settings['seeds']} and "
+                      f"max-shots {settings['max_shots']} asked")
+    if not differ:
+        print(f"reusing {path}: it was extracted with the same settings"
+              + (f" (the dataset folder {absent} is absent)" if absent else ""))
+        return
+    if absent:
+        raise DataError(f"{path} was extracted with other settings ({'; '.join(differ)}) and the dataset folder "
+                        f"{absent} is absent, so it cannot be extracted again: ask for the file's settings or put "
+                        f"the dataset under --root")
+    if len(differ) == 1 and differ[0].startswith("seeds"):  # most likely per-seed jobs sharing one file
+        seeds = " ".join(map(str, sorted(set(old_seeds) | set(settings["seeds"]))))
+        raise DataError(f"{path} exists with {differ[0]}: extract it once for all the seeds before starting "
+                        f"per-seed jobs (python extract_features.py --dataset {settings['dataset']} --seeds {seeds} "
+                        f"--max-shots {max(old_shots, settings['max_shots'])} and the same other flags), or pass "
+                        f"--overwrite to replace it")
+    raise DataError(f"{path} exists with different settings ({'; '.join(differ)}); pass --overwrite to replace it "
+                    f"or choose another --features-dir")
+
+
+def _reuse(path: Path, settings: dict, overwrite: bool) -> bool:
+    """True if the file at `path` serves `settings`, False if there is none (or overwrite); else one line why not."""
+    if overwrite or not path.exists():
+        return False
+    _check_served(path, _existing(path).get("settings"), settings)
     return True
 
 
@@ -374,11 +654,58 @@ def file_lock(path) -> FileLock:
     return FileLock(path.with_name(f".{path.name}.lock"))
 
 
+def _acquire(lock: FileLock, path: Path):
+    """lock.acquire() for a `with`, saying what it waits for when another process holds the lock."""
+    try:
+        return lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process to finish writing {path}", flush=True)
+        return lock.acquire()
+
+
+STALE_TEMP_SECONDS = 24 * 3600  # a writer keeps writing its temporary file: one untouched for a day is dead
+
+
+def _alive(pid: int) -> bool:
+    """True if process `pid` of this host runs (or might: when it cannot be asked)."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path):
+    """Delete the temporary files that killed writes of `path` left (kill -9, power cut: no `finally` ran).
+
+    Only files of write_atomic's naming, .NAME.HOST.PID.tmp, and only a dead writer's: a process of this host
+    that no longer runs, or any file untouched for a day (the PID since reused, another host writing to a
+    shared folder). A live writer's file is never removed.
+    """
+    host, named = socket.gethostname(), re.compile(rf"\.{re.escape(path.name)}\.(?:(.+)\.)?(\d+)\.tmp")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = named.fullmatch(tmp.name)
+        try:
+            if match and ((match[1] == host and not _alive(int(match[2])))
+                          or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS):
+                tmp.unlink()
+        except FileNotFoundError:  # another process cleaned it up first
+            pass
+
+
 def write_atomic(path, write):
-    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched."""
+    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched.
+
+    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
             write(f)
@@ -391,68 +718,78 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
                      prompts=None, negative_template: str = "a photo of no {}.", seeds=(1, 2, 3),
                      max_shots: int = 16, views: int = 10, batch_size: int = 256, workers: int | None = None,
                      device=None, allow_repeats: bool = False, overwrite: bool = False) -> Path:
-    """Encode `dataset` under `root` with CLIP and write one features file; returns its path."""
-    splits = load_splits(dataset, root)
+    """Encode `dataset` under `root` with CLIP and write one features file; returns its path.
+
+    An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), also
+    when the dataset folder is absent, and refused otherwise unless `overwrite`. Processes writing the same
+    file take turns (file_lock): the second reuses or refuses what the first wrote.
+    """
     seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if max_shots < 1 or views < 1 or not seeds:
-        raise DataError("--max-shots and --views must be at least 1 and --seeds must list at least one seed")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_flags(seeds, max_shots, views, batch_size, workers, negative_template)
+    device = resolve_device(device)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    names = splits.classnames
-    positive = load_prompts(prompts, names) if prompts else [[DATASETS[dataset].template.format(c)] for c in names]
-    negative = [[negative_template.format(c)] for c in names]
-    settings = {
-        "format": FORMAT, "dataset": dataset, "backbone": backbone,
-        "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
-        "prompts": Path(prompts).name if prompts else "templates",  # the content is compared by its hash
-        "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
-        "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
-        "allow_repeats": allow_repeats,
-    }
     path = features_path(out_dir, dataset, backbone)
-    if path.exists() and _check_existing(path, settings, overwrite):
+
+    def settings_for(names: list[str]):
+        """The positive and negative prompts of the classes, and the settings a file records and is compared by."""
+        template = DATASETS[dataset].template
+        source = cupl_prompts(dataset) if prompts == CUPL else prompts
+        positive = load_prompts(source, names, template) if source else [[template.format(c)] for c in names]
+        negative = [[negative_template.format(c)] for c in names]
+        return positive, negative, {
+            "format": FORMAT, "dataset": dataset, "backbone": backbone,
+            "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
+            # "templates", "cupl" or the file's name; the sentences themselves are compared by their hash
+            "prompts": CUPL if prompts == CUPL else Path(prompts).name if prompts else "templates",
+            "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
+            "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
+            "allow_repeats": allow_repeats,
+        }
+
+    folder = Path(root) / dataset_spec(dataset).folder
+    if not folder.exists() and path.exists() and not overwrite:
+        # nothing to extract from (train.py on features alone): the file serves only if it was made as asked
+        old = _existing(path)
+        if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
+            print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
+            return path
+        _check_served(path, old["settings"], settings_for(list(old.get("classnames", [])))[2], absent=folder)
         return path
 
-    # sample before loading the model, so that a class too small fails at once
-    out = {"format": FORMAT, "dataset": dataset, "backbone": backbone, "classnames": names,
-           "prompts": {"positive": positive, "negative": negative}, "settings": settings}
-    jobs = {"test": (splits.test, 1)}  # split -> ((path, label) items to encode, views)
-    if splits.train:
-        rows, out["fewshot"] = fewshot_rows([y for _, y in splits.train], names, max_shots, seeds,
-                                            allow_repeats, "training")
-        jobs["train"] = ([splits.train[i] for i in rows], views)
-    if splits.val:
-        rows, out["val_fewshot"] = fewshot_rows([y for _, y in splits.val], names, min(max_shots, VAL_SHOTS),
-                                                seeds, allow_repeats, "validation")
-        jobs["val"] = ([splits.val[i] for i in rows], 1)
-    if splits.class_map is not None:
-        out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
-
-    model, preprocess = load_clip(backbone, clip_checkpoint, device)
-    out["logit_scale"] = model.logit_scale.exp().item()
-    out["text"] = {"positive": encode_text(model, positive, batch_size, device),
-                   "negative": encode_text(model, negative, batch_size, device)}
-    out["paths"] = {}
-    n_forward, seconds = 0, 0.0
-    for split, (items, v) in jobs.items():
-        paths, labels = [p for p, _ in items], [y for _, y in items]
-        files = ImageFiles(splits.images, paths, Views(preprocess, model.visual.input_resolution, v))
-        start = time.perf_counter()
-        features = encode_images(model, files, batch_size, workers, device, f"{dataset} {split}")
-        seconds += time.perf_counter() - start
-        n_forward += len(paths) * v
-        out[split] = {"features": features if split == "train" else features[0],
-                      "labels": torch.tensor(labels, dtype=torch.long)}
-        out["paths"][split] = paths
-    write_atomic(path, lambda f: torch.save(out, f))
-    print(f"wrote {path}: {n_forward} images encoded (training views counted) in {seconds:.1f} s, "
-          f"{n_forward / max(seconds, 1e-9):.1f} images/s on {device}")
+    splits = load_splits(dataset, root)
+    names = splits.classnames
+    positive, negative, settings = settings_for(names)
+    if _reuse(path, settings, overwrite):  # reading needs no lock (a shared features folder may be read-only)
+        return path
+    # held from the check to the write: a second process waits, then reuses or refuses what this one wrote
+    with _acquire(file_lock(path), path):
+        if _reuse(path, settings, overwrite):  # another process wrote it while this one waited
+            return path
+        jobs, subsets = plan_encoding(splits, seeds, max_shots, views, allow_repeats)
+        check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
+        model, preprocess = load_clip(backbone, clip_checkpoint, device)
+        out = {"format": FORMAT, "dataset": dataset, "backbone": backbone, "classnames": names,
+               "logit_scale": model.logit_scale.exp().item(),
+               "prompts": {"positive": positive, "negative": negative},
+               "text": {"positive": encode_text(model, positive, batch_size, device),
+                        "negative": encode_text(model, negative, batch_size, device)},
+               **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, dataset),
+               **subsets, "settings": settings}
+        if splits.class_map is not None:
+            out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+        write_atomic(path, lambda f: torch.save(out, f))
+    print(f"wrote {path}")
     return path
 
 
 def path_arg(text: str) -> Path:
     """argparse type of every path flag: ~ is expanded, in "--flag ~/x" and "--flag=~/x" alike."""
     return Path(text).expanduser()
+
+
+def prompts_arg(text: str):
+    """argparse type of --prompts: "cupl" (CuPL's descriptions, downloaded) or a json file's path."""
+    return CUPL if text == CUPL else path_arg(text)
 
 
 def add_extraction_args(parser):
@@ -466,8 +803,9 @@ def add_extraction_args(parser):
                    help="where features files are written and looked up (default features/)")
     g.add_argument("--clip-checkpoint", type=path_arg, help="local OpenAI CLIP checkpoint, loaded with "
                    "clip.load(PATH) instead of downloading --backbone")
-    g.add_argument("--prompts", type=path_arg, help="CuPL-style json {classname: [sentence, ...]} of positive "
-                   "prompts, used instead of the dataset's template")
+    g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
+                   "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
+                   "file {classname: [sentence, ...]}; a class without sentences keeps the template")
     g.add_argument("--negative-template", default="a photo of no {}.",
                    help="template of the negative prompts (default 'a photo of no {}.')")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
@@ -482,7 +820,7 @@ def add_extraction_args(parser):
     g.add_argument("--allow-repeats", action="store_true",
                    help="let a class with fewer images than --max-shots repeat its images instead of failing")
     g.add_argument("--overwrite", action="store_true", help="replace an existing features file made with "
-                   "other settings")
+                   "other settings (train.py: also another run's checkpoints in --save)")
     return g
 
 

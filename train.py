@@ -29,8 +29,8 @@ from tqdm import tqdm
 from baselines import (CLIPAdapter, GraphAdapter, LinearProbe, NoConfig, TaskRes, TaskResConfig, TipAdapter,
                        TipConfig, ZeroShot, CLIPAdapterConfig, GraphAdapterConfig, LinearProbeConfig,
                        fit_linear_probe)
-from extract_features import (DATASETS, FORMAT, DataError, add_extraction_args, extract_from_args, features_path,
-                              path_arg, write_atomic)
+from extract_features import (DATASETS, FORMAT, DataError, add_extraction_args, extract_from_args, load_torch_file,
+                              path_arg, resolve_device, write_atomic)
 from hegraphadapter import HeGraphAdapter, HeGraphConfig, normalize
 
 SHIFT_DATASETS = ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")
@@ -96,13 +96,7 @@ class Task:
 
 def load_features(path):
     """Load a features file (README: "The features file") and check every tensor train.py will use."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"features file {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch raises many types for a file that is not a torch.save'd dict
-        raise DataError(f"{path} is truncated or not a file written by torch.save") from None
+    data = load_torch_file(path, "features file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise DataError(f"{path} is not a features file of format {FORMAT!r} (found {found!r})")
@@ -393,13 +387,10 @@ def search_alpha_gamma(method, task, model):
 
 def features_for(args, dataset, backbone=None):
     """The features of a dataset in --features-dir, extracted first or reused when they were made with the
-    same settings (extract_features checks). backbone: look up this backbone's file instead of --backbone."""
+    settings asked for (extract_features checks, also when the dataset folder is absent). backbone: look up
+    this backbone's file instead of --backbone."""
     if backbone is not None and backbone != args.backbone:
         args = argparse.Namespace(**{**vars(args), "backbone": backbone})
-    path = features_path(args.features_dir, dataset, args.backbone)
-    if path.exists() and not (Path(args.root) / DATASETS[dataset].folder).exists():
-        print(f"note: {Path(args.root) / DATASETS[dataset].folder} is absent, so {path} is used as it is")
-        return load_features(path)
     return load_features(extract_from_args(args, dataset))
 
 
@@ -417,10 +408,7 @@ def check_writable(path, folder=False):
 
 def read_checkpoint(path):
     """A checkpoint written by --save, or one clear error."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch raises many types for a file that is not a torch.save'd dict
-        raise DataError(f"{path} is truncated or not a file written by torch.save") from None
+    ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not {"run", "state_dict", "seed"} <= set(ckpt):
         raise DataError(f"{path} is not a checkpoint written by train.py --save")
     return ckpt
@@ -486,9 +474,7 @@ def effective_recipe(method, dataset, shots, args):
 
 def run(args):
     """Train and evaluate one method over the seeds; returns the results dict (also written to --out)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}, but CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(args.device)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same device -> same accuracy
     if args.out:

@@ -1,10 +1,17 @@
 """End-to-end tests of extract_features.py on tiny random CLIPs and tiny generated datasets (CPU, no downloads)."""
+import hashlib
 import json
+import multiprocessing
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,6 +118,27 @@ def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
     assert not torch.allclose(f["train"]["features"][1], f["train"]["features"][2])  # augmented views differ
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # clip.load tries the deprecated torch.jit.load
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkpoint, tmp_path):
+    gray = np.random.default_rng(0).integers(0, 256, (36, 48), dtype=np.uint8)          # [H, W]
+    Image.fromarray(gray).save(tmp_path / "8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit.png")        # 0..65535
+    Image.fromarray(np.full_like(gray, 255)).save(tmp_path / "white.png")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"
+    device = torch.device("cpu")
+    model, preprocess = ef.load_clip("tiny", tiny_vit_checkpoint, device)
+    files = ef.ImageFiles(tmp_path, ["8bit.png", "16bit.png", "white.png"], ef.Views(preprocess, 32, 1))
+    eight, sixteen, white = ef.encode_images(model, files, 8, 0, device, "test")[0].float()  # [d] each
+    assert torch.equal(eight, sixteen)
+    assert F.cosine_similarity(sixteen, white, dim=0) < 0.99
+    # the other wide modes: big-endian 16-bit, 32-bit integers holding 16-bit values, floats in 0..1
+    for wide in (gray.astype(np.uint16) * 257).astype(">u2"), gray.astype(np.int32) * 257, gray.astype(np.float32) / 255:
+        image = Image.fromarray(wide)                                                   # I;16B, I, F
+        assert np.array_equal(np.asarray(ef.to_rgb(image))[..., 0], gray), image.mode
+    # values outside the mode's range are scaled by the image's own min..max
+    assert np.asarray(ef.to_rgb(Image.fromarray(gray.astype(np.float32) * 4 - 300))).max() == 255
+
+
 def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoint, tmp_path, capsys):
     root, first, _, _ = cli
     # the same seeds and settings without loader workers, into another folder: the identical bytes
@@ -130,10 +158,85 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
                                max_shots=3, views=3, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
-        with pytest.raises(ef.DataError, match="different settings"):
+        with pytest.raises(ef.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
+                                               "it once for all the seeds"):
             ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
                                 workers=0, device="cpu", **more)
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_reusing_a_file_takes_no_lock(cli, tiny_vit_checkpoint, monkeypatch, capsys):
+    def no_lock(path):  # as in a read-only shared features folder, where no lock file can be made
+        raise PermissionError(f"read-only: {path}")
+    monkeypatch.setattr(ef, "file_lock", no_lock)
+    root, path, _, _ = cli
+    capsys.readouterr()
+    run(root, path.parent, tiny_vit_checkpoint, max_shots=5)
+    assert "reusing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("first, second, refusal", [
+    (dict(seeds=(1,)), dict(seeds=(2,)), "extract it once for all the seeds before starting per-seed jobs "
+                                         "(python extract_features.py --dataset dtd --seeds 1 2 --max-shots 4"),
+    (dict(views=3), dict(views=2), "exists with different settings (views: "),
+])
+def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dataset, tiny_vit_checkpoint,
+                                                                        tmp_path, capfd, first, second, refusal):
+    root, context = make_dataset("dtd"), multiprocessing.get_context("fork")
+    start, outcomes = context.Barrier(2), context.Queue()
+
+    def job(name, kwargs):  # both start their check at once: without the lock, both write, the last one wins
+        start.wait()
+        try:
+            run(root, tmp_path, tiny_vit_checkpoint, **kwargs)
+            outcomes.put((name, "wrote"))
+        except ef.DataError as e:
+            outcomes.put((name, str(e)))
+    jobs = [context.Process(target=job, args=args) for args in (("first", first), ("second", second))]
+    for p in jobs:
+        p.start()
+    for p in jobs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in jobs] == [0, 0]
+    result = dict(outcomes.get(timeout=10) for _ in jobs)
+    [winner] = [name for name, r in result.items() if r == "wrote"]   # the other waited, then refused
+    [loser] = [name for name, r in result.items() if r != "wrote"]
+    assert refusal in result[loser] and "\n" not in result[loser]
+    assert "waiting for another process to finish writing" in capfd.readouterr().out
+    settings = torch.load(ef.features_path(tmp_path, "dtd", "tiny"), weights_only=True)["settings"]
+    for key, value in dict(first=first, second=second)[winner].items():  # the file is the winner's
+        assert settings[key] == (list(value) if key == "seeds" else value)
+
+
+def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_with(cli, tiny_vit_checkpoint,
+                                                                                     tmp_path, capsys):
+    _, path, _, _ = cli                    # seeds 1 2, max-shots 5, views 3, DTD's template, tiny_vit_checkpoint
+    stamp, absent = path.stat().st_mtime_ns, tmp_path / "no-data"
+    extract = lambda **kw: ef.extract_features("dtd", absent, path.parent, "tiny", **{  # noqa: E731
+        "clip_checkpoint": tiny_vit_checkpoint, "views": 3, "workers": 0, "device": "cpu", **kw})
+    capsys.readouterr()
+    assert extract(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset
+    assert f"(the dataset folder {absent / 'dtd'} is absent)" in capsys.readouterr().out
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({c: [f"a photo of {c}."] for c in ("class a_0", "class b_1", "class c_2")}))
+    other_checkpoint = tmp_path / "clip.pt"
+    other_checkpoint.write_bytes(tiny_vit_checkpoint.read_bytes())
+    for kwargs, setting in ((dict(views=2), "views: 3 in the file, 2 asked"),
+                            (dict(seeds=(3,)), "seeds [1, 2] and max-shots 5 in the file"),
+                            (dict(negative_template="not a {}."), "negative_template: "),
+                            (dict(prompts=prompts), "prompts: "),
+                            (dict(clip_checkpoint=other_checkpoint), "clip_checkpoint: "),
+                            (dict(allow_repeats=True), "allow_repeats: ")):
+        with pytest.raises(ef.DataError) as e:
+            extract(**kwargs)
+        assert setting in str(e.value) and f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
+    with pytest.raises(ef.DataError, match="dataset folder not found"):  # --overwrite cannot extract either
+        extract(overwrite=True)
+    assert path.stat().st_mtime_ns == stamp
+    # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
+    torch.save({"format": ef.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
+    assert ef.extract_features("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
+    assert "records no extraction settings, so it is used as it is" in capsys.readouterr().out
 
 
 def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_checkpoint, tmp_path):
@@ -154,7 +257,29 @@ def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp
     monkeypatch.setattr(torch, "save", save_half)
     with pytest.raises(KeyboardInterrupt):
         run(make_dataset("ucf101"), tmp_path, tiny_vit_checkpoint, "ucf101")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".ucf101_tiny.pt.lock"]  # only file_lock's empty file
+
+
+def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
+    path = tmp_path / "f.pt"
+    killed = multiprocessing.get_context("fork").Process(target=ef.write_atomic, args=(
+        path, lambda f: (f.write(b"half"), f.flush(), os.kill(os.getpid(), signal.SIGKILL))))
+    killed.start()
+    killed.join()
+    assert killed.exitcode == -signal.SIGKILL and not path.exists()
+    [left] = tmp_path.glob(".f.pt.*.tmp")
+    assert left.read_bytes() == b"half"
+    host = socket.gethostname()
+    keep = [tmp_path / f".f.pt.{host}.{os.getppid()}.tmp",  # a live writer's (the process that ran pytest)
+            tmp_path / ".f.pt.otherhost.1.tmp",              # another host's, recent: its writer may be alive
+            tmp_path / f".g.pt.{host}.{left.name.split('.')[-2]}.tmp"]  # another file's
+    old = tmp_path / ".f.pt.otherhost.2.tmp"                 # another host's, untouched for two days
+    for p in (*keep, old):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    ef.write_atomic(path, lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [path, *keep])
 
 
 def test_resnet_backbone_fgvc_layout_and_prompt_file(make_dataset, tiny_resnet_checkpoint, tmp_path):
@@ -198,16 +323,26 @@ def _remove_split(root):
     return str(root / "dtd" / ef.DATASETS["dtd"].split)
 
 
-def _corrupt_image(root):
+def _fractional_label(root):
+    path = root / "dtd" / ef.DATASETS["dtd"].split
+    split = json.loads(path.read_text())
+    split["train"][3][1] = 1.7  # truncated to 1 by int() before
+    path.write_text(json.dumps(split))
+    return str(path)
+
+
+def _truncated_image(root):
     path = ef.load_splits("dtd", root).images / "class b_1" / "test_0.jpg"
-    path.write_bytes(b"not a jpeg")
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"\xff\xda") + 20])  # the header is whole: fails only at decoding
     return str(path)
 
 
 @pytest.mark.parametrize("break_it, kwargs, message", [
     (lambda root: str(root / "dtd"), dict(root_override="missing"), "dataset folder not found"),
     (_remove_split, {}, "split file not found"),
-    (_corrupt_image, {}, "cannot read image"),
+    (_fractional_label, {}, "labels that are not integers, e.g. 1.7"),
+    (_truncated_image, {}, "cannot read image"),
     (lambda root: "class 1 ('class b_1') has 2 training images", dict(counts={"train": [5, 2, 6]}), "--allow-repeats"),
     (lambda root: "fgvc", dict(dataset="fgvc"), "unknown dataset"),
 ])
@@ -222,7 +357,97 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
     assert message in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
     if "not found" in message:
         assert "README.md" in str(e.value)
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert [p for p in tmp_path.iterdir() if p.suffix != ".lock"] == []  # nothing written
+
+
+def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, tiny_vit_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    root = make_dataset("dtd", counts={"train": [5, 5, 5], "val": [4, 4, 4]})  # with 5 shots, all are used
+    images = ef.load_splits("dtd", root).images
+    (images / "class a_0" / "test_1.jpg").unlink()
+    (images / "class c_2" / "train_0.jpg").write_text("not a jpeg")
+    (images / "class c_2" / "val_0.jpg").write_bytes(b"")
+    monkeypatch.setattr(ef, "load_clip", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
+    with pytest.raises(ef.DataError) as e:
+        run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
+    message = str(e.value)
+    assert message.startswith("3 of 34 images cannot be read, e.g. ") and "\n" not in message  # 15 + 12 + 7
+    for name, why in (("class a_0/test_1.jpg", "missing"), ("class c_2/train_0.jpg", "not an image"),
+                      ("class c_2/val_0.jpg", "not an image")):
+        assert f"{images / name} ({why})" in message
+    assert not ef.features_path(tmp_path, "dtd", "tiny").exists()
+
+
+@pytest.mark.parametrize("allow_repeats", [False, True])
+def test_a_class_without_training_images_is_named_without_suggesting_repeats(make_dataset, tiny_vit_checkpoint,
+                                                                            tmp_path, allow_repeats):
+    root = make_dataset("dtd", counts={"train": [5, 0, 6]})
+    with pytest.raises(ef.DataError) as e:
+        run(root, tmp_path, tiny_vit_checkpoint, allow_repeats=allow_repeats)
+    assert "class 1 ('class b_1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag, kwargs", [
+    ("--encode-batch-size", dict(batch_size=0)),
+    ("--workers", dict(workers=-1)),
+    ("--negative-template", dict(negative_template="a photo without the class name.")),
+    ("--negative-template", dict(negative_template="a {} that is no {}.")),
+    ("--max-shots", dict(max_shots=0)),
+    ("--views", dict(views=0)),
+    ("--seeds", dict(seeds=())),
+])
+def test_bad_flags_are_named_before_anything_is_read(tiny_vit_checkpoint, tmp_path, flag, kwargs):
+    # the dataset folder does not even exist: the flag is checked first
+    with pytest.raises(ef.DataError) as e:
+        run(tmp_path / "absent", tmp_path / "out", tiny_vit_checkpoint, **kwargs)
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available on this machine"),
+                                             ("cuda:1", "CUDA is not available on this machine"),
+                                             ("gpu", "is not a torch device")])
+def test_an_unusable_device_is_named(tiny_vit_checkpoint, tmp_path, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    with pytest.raises(ef.DataError) as e:
+        run(tmp_path / "absent", tmp_path, tiny_vit_checkpoint, device=device)
+    assert str(e.value).startswith(f"--device {device}") and message in str(e.value)
+    assert "--clip-checkpoint" not in str(e.value)
+
+
+def _bad_torch_files(folder: Path, checkpoint: Path) -> dict:
+    """name -> a file torch.load cannot read: empty, truncated, text."""
+    files = {"empty": b"", "truncated": checkpoint.read_bytes()[:100_000], "text": b"model: ViT-B/32\n"}
+    for name, content in files.items():
+        (folder / f"{name}.pt").write_bytes(content)
+    return {name: folder / f"{name}.pt" for name in files}
+
+
+def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
+    for name, path in _bad_torch_files(tmp_path, tiny_vit_checkpoint).items():
+        with pytest.raises(ef.DataError) as e:
+            ef.load_clip("tiny", path, torch.device("cpu"))
+        assert str(e.value).startswith(f"--clip-checkpoint {path} is truncated or not a file written by "
+                                       f"torch.save"), name
+        assert "\n" not in str(e.value)
+        with pytest.raises(ef.DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
+            ef.load_torch_file(path, "checkpoint")
+    with pytest.raises(ef.DataError, match="^features file .*absent.pt does not exist$"):
+        ef.load_torch_file(tmp_path / "absent.pt", "features file")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "not_clip.pt")   # a torch file, not a CLIP
+    with pytest.raises(ef.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
+        ef.load_clip("tiny", tmp_path / "not_clip.pt", torch.device("cpu"))
+    torch.save({"a": Path("x")}, tmp_path / "objects.pt")         # torch.save'd, but not weights only
+    with pytest.raises(ef.DataError, match="objects other than tensors"):
+        ef.load_torch_file(tmp_path / "objects.pt", "checkpoint")
+    assert ef.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
+
+
+def test_an_unreadable_file_at_the_output_path_is_named(make_dataset, tiny_vit_checkpoint, tmp_path):
+    (tmp_path / "dtd_tiny.pt").write_bytes(b"")  # e.g. left by a crash of another tool
+    with pytest.raises(ef.DataError, match="features file .*dtd_tiny.pt is truncated .*; pass --overwrite"):
+        run(make_dataset("dtd"), tmp_path, tiny_vit_checkpoint)
+    assert (tmp_path / "dtd_tiny.pt").read_bytes() == b""
 
 
 def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_checkpoint, tmp_path):
@@ -230,6 +455,76 @@ def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_
     for rows in f["fewshot"].values():
         small = rows[1].tolist()
         assert len(set(small[:2])) == 2 and small[2:] == small[:2]
+
+
+def test_path_flags_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(ef, "extract_from_args", lambda args, dataset: seen.update(vars(args)))
+    ef.main(["--dataset", "dtd", "--root=~/data", "--features-dir", "~/features", "--clip-checkpoint=~/clip.pt",
+             "--prompts", "~/cupl.json"])
+    assert (seen["root"], seen["features_dir"]) == (tmp_path / "data", tmp_path / "features")
+    assert (seen["clip_checkpoint"], seen["prompts"]) == (tmp_path / "clip.pt", tmp_path / "cupl.json")
+    ef.main(["--dataset", "dtd", "--prompts", "cupl"])  # not a path: CuPL's descriptions
+    assert seen["prompts"] == "cupl"
+
+
+@pytest.fixture
+def cupl_dtd(tmp_path, monkeypatch):
+    """A CuPL file for dtd served from a file:// URL in place of the pinned one, and an empty cache folder."""
+    source = tmp_path / "CuPL_prompts_dtd.json"
+    # spelt CuPL's way (case, spaces for underscores); "class c_2" has no sentences
+    source.write_text(json.dumps({"Class A 0": ["a woven texture.", "threads."], "class_b_1": ["spots."]}))
+    monkeypatch.setattr(ef, "CUPL_PROMPTS", {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return source
+
+
+def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, tiny_vit_checkpoint, tmp_path,
+                                                                  capsys):
+    root = cli[0]
+    capsys.readouterr()
+    f, _ = run(root, tmp_path / "out", tiny_vit_checkpoint, prompts="cupl")
+    out, err = capsys.readouterr()
+    assert "downloading the CuPL prompts of dtd" in out
+    assert f["prompts"]["positive"] == [["a woven texture.", "threads."], ["spots."], ["class c_2 texture."]]
+    assert err.count("warning") == 1 and "no sentences for 1 of 3 classes" in err  # the fallback is said once
+    cached = tmp_path / "cache" / "hegraphadapter" / "CuPL_prompts_dtd.json"
+    assert cached.read_bytes() == cupl_dtd.read_bytes()
+    # recorded apart from the templates, which the cli run used
+    assert f["settings"]["prompts"] == "cupl" and cli[3]["settings"]["prompts"] == "templates"
+    assert f["settings"]["prompts_sha256"] != cli[3]["settings"]["prompts_sha256"]
+    cupl_dtd.unlink()                          # a second use reads the cache: no download
+    assert ef.cupl_prompts("dtd") == cached and "downloading" not in capsys.readouterr().out
+    cached.write_text("{}")                    # a cache that no longer matches its sha256 is not used
+    with pytest.raises(ef.DataError, match="^--prompts cupl: cannot download file:"):
+        ef.cupl_prompts("dtd")
+
+
+def test_a_cupl_download_with_another_sha256_is_refused_and_not_kept(cupl_dtd, tmp_path, monkeypatch):
+    monkeypatch.setitem(ef.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
+    with pytest.raises(ef.DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
+                                           f"pinned 0{{64}} .*nothing was cached or used$"):
+        ef.cupl_prompts("dtd")
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ef.DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
+        ef.cupl_prompts("imagenet-sketch")
+
+
+def test_cupl_table_pins_a_commit_and_a_sha256_per_dataset():
+    for dataset, (url, sha256) in ef.CUPL_PROMPTS.items():
+        assert dataset in ef.DATASETS and re.fullmatch(r"[0-9a-f]{64}", sha256)
+        assert re.fullmatch(r"https://raw\.githubusercontent\.com/[\w-]+/[\w-]+/[0-9a-f]{40}/.+\.json", url)
+    assert len({url for url, _ in ef.CUPL_PROMPTS.values()}) == len(ef.CUPL_PROMPTS)
+
+
+def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"abyssinian": ["a cat."]}))
+    with pytest.raises(ef.DataError, match="sentences for none of the 2 classes"):
+        ef.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
+    (tmp_path / "p.json").write_text(json.dumps({"banded": "stripes."}))  # a string, not a list of sentences
+    with pytest.raises(ef.DataError, match="is not a json object"):
+        ef.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
 
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
