@@ -729,6 +729,7 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
     device = resolve_device(device)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     path = features_path(out_dir, dataset, backbone)
+    test_only = dataset_spec(dataset).layout == "shift"
 
     def settings_for(names: list[str]):
         """The positive and negative prompts of the classes, and the settings a file records and is compared by."""
@@ -742,8 +743,11 @@ def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN
             # "templates", "cupl" or the file's name; the sentences themselves are compared by their hash
             "prompts": CUPL if prompts == CUPL else Path(prompts).name if prompts else "templates",
             "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
-            "negative_template": negative_template, "seeds": seeds, "max_shots": max_shots, "views": views,
-            "allow_repeats": allow_repeats,
+            "negative_template": negative_template,
+            # a test-only set (ImageNet shift set) has no few-shot subsets and no training views: the main
+            # run's --seeds, --max-shots, --views and --allow-repeats mean nothing for it
+            **({"seeds": [], "max_shots": 0} if test_only else
+               {"seeds": seeds, "max_shots": max_shots, "views": views, "allow_repeats": allow_repeats}),
         }
 
     folder = Path(root) / dataset_spec(dataset).folder

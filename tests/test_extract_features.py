@@ -316,6 +316,13 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
     assert f["text"]["positive"].shape == (len(class_map), 32)
     assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
     assert not {"train", "fewshot", "val", "val_fewshot"} & set(f)
+    # a test-only set is reused whatever the main run's few-shot flags, which mean nothing for it
+    path = ef.features_path(tmp_path, key, "tiny")
+    stamp = path.stat().st_mtime_ns
+    for other in (dict(seeds=(5,), max_shots=9, views=2), dict(allow_repeats=True)):
+        run(root, tmp_path, tiny_vit_checkpoint, key, **other)
+        run(root / "absent", tmp_path, tiny_vit_checkpoint, key, **other)
+    assert path.stat().st_mtime_ns == stamp
 
 
 def _remove_split(root):
