@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
-from baselines import (CLIPAdapter, GraphAdapter, LinearProbe, NoConfig, TaskRes, TaskResConfig, TipAdapter,
-                       TipConfig, ZeroShot, CLIPAdapterConfig, GraphAdapterConfig, LinearProbeConfig,
+from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
+                       LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
                        fit_linear_probe)
 from extract_features import (DATASETS, FORMAT, DataError, add_extraction_args, extract_from_args, load_torch_file,
                               path_arg, resolve_device, write_atomic)
@@ -207,7 +206,19 @@ def make_task(data, seed, shots, device, negatives=True):
 # -----------------------------------------------------------------------------
 # the methods: one row each
 
-def hegraph(variant, learn_projections=True):
+@dataclass(frozen=True)
+class Method:
+    """One row of METHODS: how a method builds its model, configures it and trains."""
+    model: Callable                  # (task, config) -> nn.Module with forward() and loss()
+    config: Callable                 # (args, dataset) -> the model's frozen config
+    about: str                       # one line for --help
+    recipe: Callable | None = None   # (dataset, shots) -> Recipe; None: nothing to train by gradient steps
+    fit: Callable | None = None      # (model, task, seed) -> info dict, instead of gradient steps
+    negatives: bool = False          # reads the negative text nodes (unless --no-negatives)
+    cache: bool = False              # predicts logits_t + α logits_v: --search-val may tune α and γ
+
+
+def hegraph(variant, about, learn_projections=True):
     """A HeGraphAdapter variant; learn_projections=False keeps every W at zero (only the biases learn)."""
     def model(task, config):
         m = HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.train_labels, config=config,
@@ -219,33 +230,21 @@ def hegraph(variant, learn_projections=True):
     def config(args, dataset):
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(HeGraphConfig) if f.name != "variant"}
         return HeGraphConfig(variant=variant, **fields)
-    return dict(model=model, config=config, recipe=paper_recipe, negatives=variant != "tp",
-                cache=variant == "full")
+    return Method(model, config, about, paper_recipe, negatives=variant != "tp", cache=variant == "full")
 
 
-def tip(learn_keys):
-    return dict(model=lambda task, config: TipAdapter(task.pos_text, task.cache_feats, task.train_labels,
-                                                      config=config, logit_scale=task.logit_scale),
-                config=lambda args, dataset: TipConfig(alpha=args.alpha, gamma=args.gamma, learn_keys=learn_keys),
-                recipe=tip_f_recipe if learn_keys else None, cache=True)
+def tip(learn_keys, about):
+    """Tip-Adapter, or Tip-Adapter-F with learn_keys; α and γ from --alpha and --gamma."""
+    return Method(lambda task, cfg: TipAdapter(task.pos_text, task.cache_feats, task.train_labels, config=cfg,
+                                               logit_scale=task.logit_scale),
+                  lambda args, dataset: TipConfig(alpha=args.alpha, gamma=args.gamma, learn_keys=learn_keys),
+                  about, tip_f_recipe if learn_keys else None, cache=True)
 
 
-def text_baseline(cls, config, recipe, fit=None):
-    """A baseline on the text features alone: cls(pos_text, config=..., logit_scale=...)."""
-    return dict(model=lambda task, cfg: cls(task.pos_text, config=cfg, logit_scale=task.logit_scale),
-                config=config, recipe=recipe, fit=fit)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of METHODS: how a method builds its model, configures it and trains."""
-    model: Callable                  # (task, config) -> nn.Module with forward() and loss()
-    config: Callable                 # (args, dataset) -> the model's frozen config
-    recipe: Callable | None = None   # (dataset, shots) -> Recipe; None: nothing to train
-    fit: Callable | None = None      # (model, task, seed) -> info dict, instead of gradient steps
-    negatives: bool = False          # reads the negative text nodes (unless --no-negatives)
-    cache: bool = False              # predicts logits_t + α logits_v: --search-val may tune α and γ
-    about: str = ""                  # one line for --help and the README
+def on_text(cls, config, about, recipe=None, fit=None):
+    """A baseline built from the text features alone: cls(pos_text, config=..., logit_scale=...)."""
+    return Method(lambda task, cfg: cls(task.pos_text, config=cfg, logit_scale=task.logit_scale), config, about,
+                  recipe, fit)
 
 
 def fit_probe(model, task, seed):
@@ -254,27 +253,27 @@ def fit_probe(model, task, seed):
 
 
 METHODS = {
-    "zeroshot": Method(**text_baseline(ZeroShot, lambda args, dataset: NoConfig(), None),
-                       about="CLIP zero-shot with the positive prompts (the paper's Base)"),
-    "tip": Method(**tip(learn_keys=False), about="Tip-Adapter, training-free"),
-    "tip-f": Method(**tip(learn_keys=True), about="Tip-Adapter-F: the cache keys are learned"),
-    "taskres": Method(**text_baseline(TaskRes, lambda args, dataset: TaskResConfig(
-        scale=1.0 if dataset == "oxford_flowers" else 0.5), taskres_recipe),
-        about="TaskRes: a learned per-class residual on the text classifier"),
-    "clip-adapter": Method(**text_baseline(CLIPAdapter, lambda args, dataset: CLIPAdapterConfig(), coop_recipe),
-                           about="CLIP-Adapter: a residual bottleneck MLP on the image feature"),
-    "graphadapter": Method(model=lambda task, cfg: GraphAdapter(task.pos_text, task.cache_feats, task.train_labels,
-                                                                config=cfg, logit_scale=task.logit_scale),
-                           config=lambda args, dataset: GraphAdapterConfig(), recipe=taskres_recipe,
-                           about="GraphAdapter: textual and visual knowledge graphs refine the text classifier"),
-    "linear-probe": Method(**text_baseline(LinearProbe, lambda args, dataset: LinearProbeConfig(), None, fit_probe),
-                           about="CLIP's linear probe: L2 logistic regression, C searched on val"),
-    "hegraph": Method(**hegraph("full"), about="HeGraphAdapter, the full model"),
-    "hegraph-t": Method(**hegraph("t"), about="HeGraphAdapter(T): the text classifier only"),
-    "hegraph-tn": Method(**hegraph("tn"), about="HeGraphAdapter(T-N): only the negative nodes feed P'"),
-    "hegraph-tp": Method(**hegraph("tp"), about="HeGraphAdapter(T-P): no negative nodes"),
-    "hegraph-bias": Method(**hegraph("full", learn_projections=False),
-                           about="ablation: the full model with every W kept at zero, only the biases learn"),
+    "zeroshot": on_text(ZeroShot, lambda args, dataset: NoConfig(),
+                        "CLIP zero-shot with the positive prompts (the paper's Base)"),
+    "linear-probe": on_text(LinearProbe, lambda args, dataset: LinearProbeConfig(),
+                            "CLIP's linear probe: L2 logistic regression, C searched on val", fit=fit_probe),
+    "tip": tip(False, "Tip-Adapter, training-free"),
+    "tip-f": tip(True, "Tip-Adapter-F: the cache keys are learned"),
+    "taskres": on_text(TaskRes, lambda args, dataset: TaskResConfig(scale=1.0 if dataset == "oxford_flowers" else 0.5),
+                       "TaskRes: a learned per-class residual on the text classifier", taskres_recipe),
+    "clip-adapter": on_text(CLIPAdapter, lambda args, dataset: CLIPAdapterConfig(),
+                            "CLIP-Adapter: a residual bottleneck MLP on the image feature", coop_recipe),
+    "graphadapter": Method(lambda task, cfg: GraphAdapter(task.pos_text, task.cache_feats, task.train_labels,
+                                                          config=cfg, logit_scale=task.logit_scale),
+                           lambda args, dataset: GraphAdapterConfig(),
+                           "GraphAdapter: textual and visual knowledge graphs refine the text classifier",
+                           taskres_recipe),
+    "hegraph": hegraph("full", "HeGraphAdapter, the full model"),
+    "hegraph-t": hegraph("t", "HeGraphAdapter(T): the text classifier only"),
+    "hegraph-tn": hegraph("tn", "HeGraphAdapter(T-N): only the negative nodes feed P'"),
+    "hegraph-tp": hegraph("tp", "HeGraphAdapter(T-P): no negative nodes"),
+    "hegraph-bias": hegraph("full", "ablation: the full model with every W kept at zero, only the biases learn",
+                            learn_projections=False),
 }
 
 

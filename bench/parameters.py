@@ -38,7 +38,7 @@ def main():
     task = random_task(a.dim, a.classes, a.shots)
     args = train.parse_args(["--features", "unused.pt"])
     print(f"tunable parameters, d = {a.dim}, C = {a.classes}, K = {a.shots}\n")
-    print(f"| method | tunable parameters |\n|---|---:|")
+    print("| method | tunable parameters |\n|---|---:|")
     for name, method in train.METHODS.items():
         model = method.model(task, method.config(args, "imagenet"))
         print(f"| `{name}` | {train.tunable_parameters(model):,} |")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from extract_features import FORMAT, write_atomic
+from extract_features import FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 
