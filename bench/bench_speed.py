@@ -3,8 +3,8 @@
 What is measured: one training step = forward + backward + torch.optim.AdamW step, on the same random
 L2-normalised features (C classes, d = 1024, K = 16 shots, so N = C K cache entries), the batch images
 being cache images, trained as train.py trains them (HeGraphAdapter leaves each image's own key out), for
-    HeGraphAdapter: variant "full" with negative nodes; parameters W_n, W_p, W_v (3 d^2).
-    Tip-Adapter-F:  train.TipAdapter(learn_keys=True); parameters the cache keys (N d).
+    HeGraphAdapter: variant "full" with negative nodes; parameters W_n, W_p, W_v and b_n, b_p, b_v (3 d^2 + 3 C d).
+    Tip-Adapter-F:  baselines.TipAdapter(config=TipConfig(learn_keys=True)); parameters the cache keys (N d).
 The two are timed in the same process, interleaved (after warm-up steps each, the repeats alternate
 between the two, swapping which goes first), and the median over the repeats is reported. Batch: 256
 for every C, and the whole few-shot set (B = N) where it fits in time and memory.
@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
-from train import TipAdapter  # noqa: E402
+from baselines import TipAdapter, TipConfig  # noqa: E402
 
 METHODS = ("full", "tipf")
 
@@ -67,7 +67,7 @@ def build(method, feats):
     if method == "full":
         model = HeGraphAdapter(pos, neg, cache, labels, config=cfg)
     else:
-        model = TipAdapter(pos, cache, labels, cfg, learn_keys=True)
+        model = TipAdapter(pos, cache, labels, config=TipConfig(learn_keys=True))
     model.train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
