@@ -349,11 +349,11 @@ def plot_fewshot(runs, backbone, paper, path):
             got = [seeds[m, d, k] for d in datasets if (m, d, k) in seeds]
             if len(got) == len(datasets):
                 seeds[m, "average", k] = average_per_seed(got)
-    panels = datasets + ["average"]
+    panels = datasets + (["average"] if len(datasets) > 1 else [])  # the average of one dataset is itself
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows + 0.9), squeeze=False,
-                             layout="constrained")
+    width = max(3.4 * ncols, 6.5)  # room for the title and the legend, even with one panel
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.9 * nrows + 0.9), squeeze=False, layout="constrained")
     # red is HeGraphAdapter's alone: the others get tab10 without its red, then tab20's light shades of those
     tab10, tab20 = plt.get_cmap("tab10").colors, plt.get_cmap("tab20").colors
     colours = [c for i, c in enumerate(tab10) if i != 3] + [c for i, c in enumerate(tab20) if i % 2 and i != 7]
@@ -398,8 +398,8 @@ def plot_fewshot(runs, backbone, paper, path):
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 5),
-               frameon=False)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
+               ncol=min(len(handles), 5, int(width // 1.7)))
     fig.suptitle(f"Few-shot test accuracy ({backbone}), mean ± std over seeds")
     fig.savefig(path, dpi=130)
     fig.savefig(Path(path).with_suffix(".svg"))
