@@ -257,7 +257,8 @@ def execute(run):
     except BaseException:
         print(printed.getvalue(), end="")  # what train.py said before it failed
         raise
-    device = str(result.get("config", {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = str(result.get("device") or result.get("config", {}).get("device")  # train.py's record, else ours
+                 or ("cuda" if torch.cuda.is_available() else "cpu"))
     result["reproduce"] = {
         "key": run.key, "train_argv": run.argv, "wall_seconds": time.perf_counter() - start,
         "device": device_name(device), "host": socket.gethostname(), "pid": os.getpid(),
