@@ -1,0 +1,509 @@
+"""
+bench/report.py: the outputs of bench/reproduce.py, rebuilt from its run files alone (no training).
+
+    python bench/reproduce.py --report --results results/
+
+reads results/runs/*.json (one per run, written by the sweep) and writes
+    results/README.md     Table A few-shot (one block per K), Table B ablation, Table C domain
+                          generalisation, cost; the paper's numbers (bench/paper_numbers.csv) beside ours
+    results/runs.csv      one row per (run, seed), for pandas
+    results/fewshot.png   the paper's Fig. 2: accuracy vs shots, one panel per dataset and the average
+    results/tsne.png      the paper's Fig. 3: t-SNE of the positive text nodes before and after adaptation
+                          (needs the features file and the checkpoint the sweep saved; else left as it is)
+"""
+
+import csv
+import datetime
+import io
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402  (after the path is set)
+from extract_features import DATASETS, DataError, write_atomic  # noqa: E402
+
+PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
+FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]
+SHIFT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout == "shift"]
+PAPER_BACKBONE = "RN50"  # the paper's default: its rows are shown (without Δ) when ours differs
+TITLES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
+          "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
+          "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
+          "ucf101": "UCF101", "imagenetv2": "-V2", "imagenet-sketch": "-Sketch",
+          "imagenet-adversarial": "-A", "imagenet-rendition": "-R", "average": "Average"}
+# the paper's ablation rows (Table 2) and the method of each
+ABLATION = {"zeroshot": "Base", "hegraph-tn": "T-N", "hegraph-tp": "T-P", "hegraph-t": "T", "hegraph": "full"}
+
+
+# -----------------------------------------------------------------------------
+# reading: run files and the paper's numbers
+
+def load_runs(results):
+    """Every run file under results/runs, newest last; one clear error for a file that is not one."""
+    files = sorted(Path(results, "runs").glob("*.json"))
+    if not files:
+        raise DataError(f"no run files in {Path(results, 'runs')}: run the sweep first")
+    runs = []
+    for path in files:
+        try:
+            run = json.loads(path.read_text())
+        except ValueError as e:
+            raise DataError(f"{path} is not a json file ({e}); move it out of {path.parent}") from None
+        missing = [k for k in ("dataset", "backbone", "method", "shots", "seeds") if not isinstance(run, dict)
+                   or k not in run]
+        if missing:
+            raise DataError(f"{path} is not a run file of bench/reproduce.py (no {', '.join(missing)}); "
+                            f"move it out of {path.parent}")
+        run["name"] = path.stem
+        run.setdefault("reproduce", {})
+        runs.append(run)
+    return sorted(runs, key=lambda r: r["reproduce"].get("finished", ""))
+
+
+def latest_per_cell(runs):
+    """One run per (backbone, dataset, method, shots, shift or not): the newest; and how many were dropped.
+
+    A results folder may hold runs of several configurations (e.g. a rerun with other recipe flags); the
+    tables show the newest of each cell, runs.csv lists them all.
+    """
+    cells = {}
+    for run in runs:  # sorted oldest first, so the newest wins
+        cells[(run["backbone"], run["dataset"], run["method"], run["shots"], bool(run.get("shift")))] = run
+    return list(cells.values()), len(runs) - len(cells)
+
+
+def load_paper_numbers(path=PAPER_NUMBERS):
+    """The rows of paper_numbers.csv (comment lines start with #), accuracy as float and shots as int."""
+    lines = [line for line in Path(path).read_text().splitlines() if line and not line.startswith("#")]
+    rows = list(csv.DictReader(lines))
+    for row in rows:
+        row["shots"], row["accuracy"] = int(row["shots"]), float(row["accuracy"])
+    return rows
+
+
+def paper_rows(paper, tables, backbone, shots):
+    """The paper's rows for one of our tables: {paper_row: {"method": m, dataset: accuracy, ...}}, the
+    backbone they are for, and whether they are comparable with ours (same backbone and K).
+
+    tables: the paper's tables to draw from, by priority (the first with rows for our backbone wins);
+    when none has our backbone, the paper's default backbone is shown, for reference only.
+    """
+    for wanted, comparable in ((backbone, True), (PAPER_BACKBONE, False)):
+        for table in tables:
+            picked = [r for r in paper if r["table"] == table and r["backbone"] == wanted and r["shots"] == shots]
+            if picked:
+                rows = {}
+                for r in picked:
+                    rows.setdefault(r["paper_row"], {"method": r["method"]})[r["dataset"]] = r["accuracy"]
+                return rows, wanted, comparable
+    return {}, None, False
+
+
+# -----------------------------------------------------------------------------
+# numbers: mean ± std over seeds
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1, as train.py), 0 for one value."""
+    values = list(values)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values):
+    """A table cell: "mean ± std" over seeds ("mean" for one seed, "–" for none)."""
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def signed(difference):
+    """A difference with its sign, "0.00" when it rounds to zero."""
+    text = f"{difference:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
+def per_seed(run, target=None):
+    """{seed: accuracy} of a run on its own test set, or on a shift set (target)."""
+    return run["seeds"] if target is None else run.get("shift", {}).get(target, {})
+
+
+def average_per_seed(seed_dicts):
+    """{seed: mean over the dicts} on the seeds they all have: the average over datasets, per seed."""
+    common = set.intersection(*(set(d) for d in seed_dicts)) if seed_dicts else set()
+    return {s: statistics.mean(d[s] for d in seed_dicts) for s in sorted(common)}
+
+
+def method_order(methods):
+    """train.py's order first (its METHODS), then any other name alphabetically."""
+    known = list(train.METHODS)
+    return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
+
+
+def dataset_order(datasets):
+    """The paper's order of the datasets, then any other name (e.g. of a --features file)."""
+    known = list(DATASETS) + ["average"]
+    return sorted(set(datasets), key=lambda d: (known.index(d) if d in known else len(known), d))
+
+
+# -----------------------------------------------------------------------------
+# markdown tables
+
+def markdown_table(header, rows):
+    """A markdown table; the first column left-aligned, the numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def paper_values(row, columns, average_of):
+    """{column: the paper's number} of one paper row; its "average" is its own printed one when our columns
+    are exactly the ones it averaged, else the mean of its numbers over the same columns (if it has them)."""
+    out = {c: row[c] for c in columns if c in row}
+    if "average" in row and {c for c in row if c not in ("method", "average")} == set(average_of):
+        out["average"] = row["average"]
+    elif all(c in row for c in average_of):
+        out["average"] = statistics.mean(row[c] for c in average_of)
+    return out
+
+
+def accuracy_block(cells, columns, methods, label, paper, comparable, average_of=None):
+    """Rows of one accuracy table: per method ours, then "paper: ..." and "Δ vs paper" where the paper
+    has the method; then the paper's rows of methods we did not run. Paper rows with no number in our
+    columns are left out.
+
+    cells: {method: {column: {seed: accuracy}}}; average_of: the columns averaged into "Average" (default
+    all; a method gets an average only when it has every one of them), per seed, then mean ± std.
+    """
+    average_of = columns if average_of is None else average_of
+    header = columns + ["average"]
+    theirs = {name: paper_values(row, columns, average_of) for name, row in paper.items()}
+    theirs = {name: values for name, values in theirs.items() if values}
+
+    def paper_row(name):
+        return [f"paper: {name}"] + [f"{theirs[name][c]:.2f}" if c in theirs[name] else "" for c in header]
+
+    rows, shown = [], set()
+    for method in methods:
+        ours = dict(cells[method])
+        if all(c in ours for c in average_of):
+            ours["average"] = average_per_seed([ours[c] for c in average_of])
+        rows.append([label(method)] + [fmt(list(ours.get(c, {}).values())) for c in header])
+        for name in theirs:
+            if paper[name]["method"] != method:
+                continue
+            shown.add(name)
+            rows.append(paper_row(name))
+            if comparable:
+                rows.append(["Δ vs paper"] + [signed(statistics.mean(ours[c].values()) - theirs[name][c])
+                                              if ours.get(c) and c in theirs[name] else "" for c in header])
+    rows += [paper_row(name) for name in theirs if name not in shown]
+    return markdown_table(["method"] + [TITLES.get(c, c) for c in header], rows), bool(theirs)
+
+
+def paper_note(backbone, shots, paper_backbone, comparable, paper_shots=16):
+    """The line under a table that says which of the paper's numbers are shown, and why no Δ if none."""
+    if comparable:
+        return ["", f"`paper:` rows: the paper's {paper_backbone} numbers; Δ = ours − paper."]
+    why = [] if paper_backbone == backbone else [f"backbone {backbone} here, {paper_backbone} in the paper"]
+    why += [] if shots == paper_shots else [f"K = {shots} here, {paper_shots} in the paper"]
+    return ["", f"`paper:` rows ({paper_backbone}, K = {paper_shots}) for reference only, no Δ: {'; '.join(why)}."]
+
+
+def fewshot_section(runs, backbone, paper):
+    """Table A: one block per K; rows = methods, columns = the datasets present and their average."""
+    mine = [r for r in runs if r["backbone"] == backbone and not r.get("shift")]
+    columns = dataset_order(r["dataset"] for r in mine)
+    out = [f"## A. Few-shot classification ({backbone})", ""]
+    for shots in sorted({r["shots"] for r in mine}):
+        cells = defaultdict(dict)
+        for r in mine:
+            if r["shots"] == shots:
+                cells[r["method"]][r["dataset"]] = per_seed(r)
+        tables = ["Table 2", "Table 4"] if shots == 16 else ["Sec. 4.2 (Fig. 2)"]
+        rows, paper_bb, comparable = paper_rows(paper, tables, backbone, shots)
+        out += [f"### K = {shots}", ""]
+        table, with_paper = accuracy_block(cells, columns, method_order(cells), lambda m: f"`{m}`", rows, comparable)
+        out += table + (paper_note(backbone, shots, paper_bb, comparable, shots) if with_paper else []) + [""]
+    return out
+
+
+def ablation_section(runs, backbone, paper):
+    """Table B: Base, T-N, T-P, T and full at 16 shots (else the largest K present), per dataset."""
+    mine = [r for r in runs if r["backbone"] == backbone and not r.get("shift") and r["method"] in ABLATION]
+    if not mine:
+        return []
+    shots = 16 if any(r["shots"] == 16 for r in mine) else max(r["shots"] for r in mine)
+    columns = dataset_order(r["dataset"] for r in mine)
+    cells = defaultdict(dict)
+    for r in mine:
+        if r["shots"] == shots:
+            cells[r["method"]][r["dataset"]] = per_seed(r)
+    rows, paper_bb, comparable = paper_rows(paper, ["Table 2"], backbone, 16)
+    rows = {name: row for name, row in rows.items() if row["method"] in ABLATION}
+    comparable = comparable and shots == 16
+    methods = [m for m in ABLATION if m in cells]
+    out = [f"## B. Ablation ({backbone}, K = {shots})", ""]
+    table, with_paper = accuracy_block(cells, columns, methods, lambda m: f"{ABLATION[m]} (`{m}`)", rows, comparable)
+    return out + table + (paper_note(backbone, shots, paper_bb, comparable) if with_paper else []) + [""]
+
+
+def shift_section(runs, backbone, paper):
+    """Table C: trained on ImageNet, tested on it (source) and on -V2/-Sketch/-A/-R (text classifier)."""
+    mine = [r for r in runs if r["backbone"] == backbone and r.get("shift")]
+    if not mine:
+        return []
+    targets = [t for t in SHIFT_DATASETS if any(t in r["shift"] for r in mine)]
+    columns = ["imagenet"] + targets
+    out = []
+    for shots in sorted({r["shots"] for r in mine}):
+        cells = defaultdict(dict)
+        for r in mine:
+            if r["shots"] == shots:
+                cells[r["method"]] = {"imagenet": per_seed(r), **{t: per_seed(r, t) for t in targets if t in r["shift"]}}
+        rows, paper_bb, comparable = paper_rows(paper, ["Table 1"], backbone, 16)
+        comparable = comparable and shots == 16
+        out += [f"## C. Domain generalisation ({backbone}, ImageNet K = {shots} → shift sets)", ""]
+        table, with_paper = accuracy_block(cells, columns, method_order(cells), lambda m: f"`{m}`", rows,
+                                           comparable, average_of=["imagenet"] + SHIFT_DATASETS)
+        out += table + ["", "ImageNet = the source's own test set; the shift sets are scored with the text "
+                        "classifier only. Average = of the source and the four targets, as the paper's Table 1."]
+        out += (paper_note(backbone, shots, paper_bb, comparable)[1:] if with_paper else []) + [""]
+    return out
+
+
+def cost_section(runs):
+    """Seconds per epoch and training time per method, and the device that ran them."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r["backbone"], r["method"])].append(r)
+    order = method_order(m for _, m in groups)
+    rows = []
+    for (backbone, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
+        per_epoch = [s for r in rs for s in r.get("epoch_seconds", {}).values() if s > 0]
+        trained = [s for r in rs for s in (r.get("train_seconds") or {}).values()]
+        params = sorted({r["params"] for r in rs if r.get("params") is not None})
+        rows.append([f"`{method}`", backbone, str(len(rs)),
+                     f"{statistics.mean(per_epoch):.3f}" if per_epoch else "–",
+                     f"{sum(trained):.1f}" if trained else "–",
+                     f"{sum(r['reproduce'].get('wall_seconds', 0) for r in rs):.1f}",
+                     "–" if not params else f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}–{params[-1]:,}",
+                     ", ".join(sorted({r["reproduce"].get("device", "?") for r in rs}))])
+    out = ["## Cost", ""]
+    out += markdown_table(["method", "backbone", "runs", "s / epoch (mean)", "training s (total)",
+                           "wall s (total)", "tunable parameters", "device"], rows)
+    return out + ["", "s / epoch: mean over the runs and seeds that train; training s: train.py's per-seed "
+                  "training time, summed (– where train.py does not report it); wall s: each whole run "
+                  "(loading, training, evaluation), summed.", ""]
+
+
+# -----------------------------------------------------------------------------
+# runs.csv
+
+def write_runs_csv(runs, path):
+    """One row per (run, seed), every run file (also those the tables leave out), for pandas."""
+    targets = [t for t in SHIFT_DATASETS if any(t in r.get("shift", {}) for r in runs)]
+    header = ["run", "dataset", "backbone", "method", "shots", "seed", "test_accuracy", "epoch_seconds",
+              "train_seconds", "params"] + [f"shift_{t}" for t in targets] + [
+              "device", "run_wall_seconds", "finished", "train_args"]
+    lines = []
+    for r in runs:
+        rep = r["reproduce"]
+        for seed, acc in r["seeds"].items():
+            lines.append([r["name"], r["dataset"], r["backbone"], r["method"], r["shots"], seed, acc,
+                          r.get("epoch_seconds", {}).get(seed, ""), (r.get("train_seconds") or {}).get(seed, ""),
+                          r.get("params", "")] + [r.get("shift", {}).get(t, {}).get(seed, "") for t in targets]
+                         + [rep.get("device", ""), rep.get("wall_seconds", ""), rep.get("finished", ""),
+                            " ".join(rep.get("key", {}).get("train_args", []))])
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(lines)
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+def plot_fewshot(runs, backbone, paper, path):
+    """The paper's Fig. 2: accuracy vs K (log-spaced), one panel per dataset plus the average, one line
+    per method with a ± std band over seeds; HeGraphAdapter drawn most prominent. Writes .png and .svg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in runs if r["backbone"] == backbone and not r.get("shift")]
+    datasets = dataset_order(r["dataset"] for r in mine)
+    methods = method_order(r["method"] for r in mine)
+    shots = sorted({r["shots"] for r in mine})
+    seeds = {(r["method"], r["dataset"], r["shots"]): per_seed(r) for r in mine}
+    for m in methods:  # the average panel: per seed, over every dataset (only where all are present)
+        for k in shots:
+            got = [seeds[m, d, k] for d in datasets if (m, d, k) in seeds]
+            if len(got) == len(datasets):
+                seeds[m, "average", k] = average_per_seed(got)
+    panels = datasets + (["average"] if len(datasets) > 1 else [])  # the average of one dataset is itself
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    width = max(3.4 * ncols, 6.5)  # room for the title and the legend, even with one panel
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.9 * nrows + 0.9), squeeze=False, layout="constrained")
+    # red is HeGraphAdapter's alone: the others get tab10 without its red, then tab20's light shades of those
+    tab10, tab20 = plt.get_cmap("tab10").colors, plt.get_cmap("tab20").colors
+    colours = [c for i, c in enumerate(tab10) if i != 3] + [c for i, c in enumerate(tab20) if i % 2 and i != 7]
+    colour = dict(zip([m for m in methods if m != "hegraph"], colours * 2))
+    published = defaultdict(dict)  # panel -> {K: the paper's HeGraphAdapter}, for our backbone only
+    for r in paper:
+        if r["method"] == "hegraph" and r["backbone"] == backbone:
+            published[r["dataset"]][r["shots"]] = r["accuracy"]
+    for ax, panel in zip(axes.flat, panels):
+        for m in methods:
+            xs = [k for k in shots if seeds.get((m, panel, k))]
+            if not xs:
+                continue
+            stats = [mean_std(seeds[m, panel, k].values()) for k in xs]
+            mean = [s[0] for s in stats]
+            std = [s[1] for s in stats]
+            main = m == "hegraph"
+            style = dict(color="crimson", lw=2.6, marker="*", ms=9, zorder=5) if main else dict(
+                color=colour[m], lw=1.3, marker="o", ms=3.5, zorder=3,
+                ls="--" if m.startswith("hegraph") else "-")
+            ax.plot(xs, mean, label=m, **style)
+            ax.fill_between(xs, [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
+                            color=style["color"], alpha=0.18 if main else 0.10, lw=0)
+        points = {k: a for k, a in published.get(panel, {}).items() if k in shots}
+        if panel == "average" and set(datasets) != set(FEWSHOT_DATASETS):
+            points = {}  # the paper averages the 11 datasets; ours, those present
+        if points:  # the paper's HeGraphAdapter, where it printed a number for this K
+            ax.plot(sorted(points), [points[k] for k in sorted(points)], ls="none", marker="*", ms=11,
+                    mfc="none", mec="black", zorder=6, label=f"paper: HeGraphAdapter ({backbone})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.minorticks_off()
+        ax.set_title(TITLES.get(panel, panel), fontweight="bold" if panel == "average" else None)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("shots per class (K)")
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
+               ncol=min(len(handles), 5, int(width // 1.7)))
+    fig.suptitle(f"Few-shot test accuracy ({backbone}), mean ± std over seeds")
+    fig.savefig(path, dpi=130)
+    fig.savefig(Path(path).with_suffix(".svg"))
+    plt.close(fig)
+
+
+def text_nodes_before_after(features_file, checkpoint, seed):
+    """The positive text nodes P and P' [C, d] and the class names, from train.py --save's checkpoint of a
+    HeGraphAdapter run (the one place that rebuilds a model from train.py's METHODS)."""
+    data = train.load_features(features_file)
+    ckpt = train.read_checkpoint(checkpoint)
+    run = ckpt["run"]
+    method = train.METHODS[run["method"]]
+    task = train.make_task(data, seed, run["shots"], "cpu", negatives=method.negatives and not run["no_negatives"])
+    model = method.model(task, train.HeGraphConfig(**run["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        return task.pos_text, model.propagate()[0], data["classnames"]
+
+
+def plot_tsne(before, after, classnames, dataset, path, num_classes=20):
+    """The paper's Fig. 3: 2-D t-SNE of P (zero-shot, 'Base') and P' (adapted) for 20 random classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    C = before.shape[0]
+    pick = torch.randperm(C, generator=torch.Generator().manual_seed(0))[:num_classes].sort().values
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
+    colours = plt.get_cmap("tab20").colors
+    for ax, nodes, title in zip(axes, (before, after), ("Base: P (prompts)", "HeGraphAdapter: P' (adapted)")):
+        x = torch.nn.functional.normalize(nodes[pick].float(), dim=-1)
+        cos = x @ x.T
+        spread = (1 - cos[~torch.eye(len(pick), dtype=torch.bool)]).mean().item()  # mean inter-class distance
+        xy = TSNE(n_components=2, perplexity=min(5.0, len(pick) - 1.0), init="pca", random_state=0).fit_transform(
+            x.numpy())
+        for j, c in enumerate(pick.tolist()):
+            ax.scatter(*xy[j], color=colours[j % len(colours)], s=60, edgecolors="black", linewidths=0.4,
+                       label=classnames[c][:28])
+        ax.set_title(f"{title}\nmean inter-class cosine distance {spread:.3f}")
+        ax.set_xticks([]), ax.set_yticks([])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=8)
+    fig.suptitle(f"t-SNE of the positive text nodes, {len(pick)} classes of {TITLES.get(dataset, dataset)}")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def tsne_from_runs(runs, results, dataset):
+    """Draw results/tsne.png from the checkpoint of a hegraph run (of `dataset` if there is one);
+    returns a line for the README saying what was drawn, or why not."""
+    candidates = [r for r in runs if r["method"] == "hegraph" and r["reproduce"].get("checkpoint")]
+    if not candidates:
+        return "No t-SNE: no `hegraph` run saved a checkpoint (the sweep saves one for --tsne-dataset)."
+    run = max(candidates, key=lambda r: (r["dataset"] == dataset, r["shots"]))
+    checkpoint_dir = Path(results, run["reproduce"]["checkpoint"])
+    features = Path(run["reproduce"]["features"])
+    seed = min(run["seeds"], key=int)
+    checkpoint = checkpoint_dir / f"seed{seed}.pt"
+    if not features.is_file() or not checkpoint.is_file():
+        missing = features if not features.is_file() else checkpoint
+        return f"t-SNE not redrawn: {missing} is absent (tsne.png, if any, is from an earlier report)."
+    before, after, classnames = text_nodes_before_after(features, checkpoint, int(seed))
+    plot_tsne(before, after, classnames, run["dataset"], Path(results, "tsne.png"))
+    return (f"![t-SNE](tsne.png)\n\nt-SNE (Fig. 3): `{run['name']}` ({run['dataset']}, K = {run['shots']}, "
+            f"seed {seed}).")
+
+
+# -----------------------------------------------------------------------------
+# the whole report
+
+def write_report(results, tsne_dataset="food101"):
+    """results/README.md, runs.csv, fewshot.png/.svg and tsne.png from results/runs/*.json."""
+    results = Path(results)
+    all_runs = load_runs(results)
+    runs, dropped = latest_per_cell(all_runs)
+    paper = load_paper_numbers()
+    backbones = sorted({r["backbone"] for r in runs})
+    lines = ["# Results", "",
+             f"Written by `python bench/reproduce.py --report --results {results}` from {len(all_runs)} run "
+             f"files in `runs/` on {datetime.date.today()}. Test accuracy %, mean ± std over seeds (n − 1); "
+             "the number of a run is its accuracy after the last epoch (nothing is selected on test images). "
+             "Average = over the datasets of the table, per seed, then mean ± std; for the paper's rows, its printed "
+             "average when the table has all its datasets, else the mean of its numbers over the same datasets. "
+             "`runs.csv` has one row per run and seed.", ""]
+    if dropped:
+        lines += [f"Note: {dropped} run files repeat a cell with another configuration; the tables show the "
+                  "newest of each (runs.csv lists all).", ""]
+    for backbone in backbones:
+        lines += fewshot_section(runs, backbone, paper)
+        lines += ablation_section(runs, backbone, paper)
+        lines += shift_section(runs, backbone, paper)
+    lines += cost_section(runs)
+    lines += ["## Figures", ""]
+    for backbone in backbones:
+        if any(r["backbone"] == backbone and not r.get("shift") for r in runs):
+            name = "fewshot.png" if len(backbones) == 1 else f"fewshot_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.png"
+            plot_fewshot(runs, backbone, paper, results / name)
+            lines += [f"![few-shot accuracy, {backbone}]({name})", "",
+                      f"Fig. 2 ({backbone}): test accuracy vs shots, mean ± std (band) over seeds; "
+                      "`hegraph` in red.", ""]
+    lines += [tsne_from_runs(runs, results, tsne_dataset), ""]
+    write_runs_csv(all_runs, results / "runs.csv")
+    write_atomic(results / "README.md", lambda f: f.write("\n".join(lines).encode()))
+    return results / "README.md"

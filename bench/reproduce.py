@@ -1,0 +1,317 @@
+"""
+bench/reproduce.py: the paper's protocol in one command: every dataset, K, method and seed, then the tables
+and figures (bench/report.py). Resumable, and safe to run several times at once on one results folder.
+
+    python bench/reproduce.py                        # 11 datasets x K 1 2 4 8 16 x every method, seeds 1 2 3
+    python bench/reproduce.py --shift                # ... and Table 1: ImageNet 16-shot -> -V2/-Sketch/-A/-R
+    python bench/reproduce.py --datasets dtd eurosat --shots 1 2 -- --epochs 10   # train.py flags after --
+    python bench/reproduce.py --features my.pt --shots 1 2 4                      # K over one features file
+    python bench/reproduce.py --report               # the outputs again, from results/runs/*.json alone
+
+A run is one call of train.py's own code, in this process: train.run(train.parse_args(argv)) for one
+(dataset, method, K) over all --seeds. It writes results/runs/<dataset>_<backbone>_<method>_<K>shot_<hash>.json
+(train.py's results plus a "reproduce" record), the hash being that of the run's configuration (dataset,
+backbone, method, K, seeds, extraction settings, prompts, the train.py flags after --). A run whose file
+exists is skipped, so a rerun or an interrupted sweep continues where it stopped. Each run is checked, run
+and written under its own lock; a sweep that finds a run locked by another sweep leaves it, goes on, and
+at the end waits for it (and runs it if that sweep died). So sweeps on one results folder, e.g. one per
+GPU with --datasets split between them, never run a run twice.
+
+Features are extracted once per (dataset, backbone), with all --seeds and --max-shots = the largest --shots
+(the default here; a larger --max-shots is kept), and reused by every K and method. (train.run loads the
+file again in each run; that takes 0.2 s for 430 MB, so it is left as it is.)
+"""
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import Timeout
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import report  # noqa: E402  (after the path is set)
+import train  # noqa: E402
+from extract_features import (DATASETS, DataError, add_extraction_args, features_path,  # noqa: E402
+                              file_lock, path_arg, write_atomic)
+
+# train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
+SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",
+               "--eval-datasets"}
+
+
+@dataclass
+class Run:
+    """One train.run call: its arguments, its result file and what identifies it."""
+    dataset: str
+    method: str
+    shots: int
+    argv: list           # train.py's command line
+    key: dict            # the configuration; its hash names the result file
+    path: Path           # results/runs/<name>.json
+    features: Path       # the features file the run reads
+    checkpoint: Path | None = None   # train.py --save folder (the run the t-SNE figure is drawn from)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line, not the whole usage."""
+
+    def error(self, message):
+        fail(f"{message} (python bench/reproduce.py --help lists the options)")
+
+
+def fail(message):
+    """Exit non-zero with one clear line."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def extraction_defaults():
+    """{dest: default} of the extraction flags, as declared by extract_features.add_extraction_args."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_extraction_args(probe)
+    return vars(probe.parse_args([]))
+
+
+def extraction_argv(args):
+    """The extraction flags of this sweep as train.py arguments (the same flags, declared by the same function)."""
+    argv = []
+    for dest in extraction_defaults():
+        value, flag = getattr(args, dest), f"--{dest.replace('_', '-')}"
+        if value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return argv
+
+
+def parse_args(argv=None):
+    """This script's flags, and the train.py flags given after --."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="*", choices=report.FEWSHOT_DATASETS, metavar="DATASET",
+                   help="few-shot datasets (default: the 11 of the paper; none with --shift: Table 1 alone)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default 1 2 4 8 16)")
+    p.add_argument("--methods", nargs="+", default=list(train.METHODS), choices=list(train.METHODS),
+                   metavar="METHOD", help=f"train.py methods (default all: {' '.join(train.METHODS)})")
+    p.add_argument("--results", type=path_arg, default=Path("results"), help="results folder (default results/)")
+    p.add_argument("--shift", action="store_true", help="also Table 1: ImageNet at the largest K with hegraph-t "
+                   "and the baselines, evaluated on the four ImageNet shift sets")
+    p.add_argument("--features", type=path_arg, help="sweep K over this one features file (no extraction)")
+    p.add_argument("--tsne-dataset", default="food101", help="dataset whose hegraph run saves a checkpoint for "
+                   "the t-SNE figure (default food101, else the first dataset swept)")
+    p.add_argument("--report", action="store_true", help="only rebuild the outputs from the run files")
+    add_extraction_args(p)
+    p.set_defaults(max_shots=None)  # here: the largest --shots, so that one features file serves every K
+    args = p.parse_args(ours)
+    reserved = SWEEP_FLAGS | {f"--{d.replace('_', '-')}" for d in extraction_defaults()}
+    clash = [a.split("=")[0] for a in extra if a.split("=")[0] in reserved]
+    if clash:
+        p.error(f"{clash[0]} is set by the sweep; give it before -- (the flags after -- go to every train.py run)")
+    if args.features and (args.datasets is not None or args.shift):
+        p.error("--features sweeps its own file: it goes without --datasets and --shift")
+    for flag, path in (("--features", args.features), ("--prompts", args.prompts)):
+        if path and not path.is_file():
+            p.error(f"{flag} {path} does not exist")
+    if args.datasets is None:
+        args.datasets = [] if args.features else report.FEWSHOT_DATASETS
+    if not args.report and not (args.datasets or args.shift or args.features):
+        p.error("nothing to run: give --datasets, --shift or --features")
+    if min(args.shots) < 1:
+        p.error("--shots must be at least 1")
+    if args.max_shots is None:
+        args.max_shots = max(args.shots)
+    elif args.max_shots < max(args.shots):
+        p.error(f"--max-shots {args.max_shots} is below the largest --shots {max(args.shots)}")
+    return args, extra
+
+
+# -----------------------------------------------------------------------------
+# planning: the runs of a sweep, each with its configuration and file name
+
+def file_sha256(path):
+    """Content hash of a file (prompts, a --features file): a changed file is another configuration."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shared_key(args, extra):
+    """The part of every run's configuration that the whole sweep shares.
+
+    Left out on purpose: where things are (--root, --features-dir, --results), how fast (--device,
+    --workers, --encode-batch-size) and --max-shots (K shots are the first K of any larger max-shots).
+    """
+    if args.features:
+        return {"features_sha256": file_sha256(args.features), "seeds": sorted(set(args.seeds)), "train_args": extra}
+    return {"backbone": args.backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
+            "clip_checkpoint": args.clip_checkpoint.name if args.clip_checkpoint else None,
+            "prompts_sha256": file_sha256(args.prompts) if args.prompts else None,
+            "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
+
+
+def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
+    """A Run: train.py's arguments, the configuration and the file name derived from it."""
+    key = {**shared, "dataset": dataset, "method": method, "shots": shots, "eval_datasets": list(eval_datasets)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = features_path("", dataset, backbone).stem + f"_{method}_{shots}shot{'_shift' if eval_datasets else ''}"
+    path = args.results / "runs" / f"{name}_{digest}.json"
+    if args.features:
+        source, features = ["--features", str(args.features)], args.features
+    else:
+        source, features = ["--dataset", dataset], features_path(args.features_dir, dataset, args.backbone)
+    argv = [*source, "--method", method, "--shots", str(shots), *extraction_argv(args), *shared["train_args"]]
+    if eval_datasets:
+        argv += ["--eval-datasets", *eval_datasets]
+    return Run(dataset, method, shots, argv, key, path, features.resolve())
+
+
+def plan(args, extra):
+    """Every run of the sweep, few-shot first, each checked by train.py's own parser before anything runs."""
+    shared = shared_key(args, extra)
+    if args.features:
+        try:
+            data = torch.load(args.features, map_location="cpu", weights_only=True, mmap=True)
+            datasets, backbone = [data.get("dataset", args.features.stem)], data.get("backbone", "unknown")
+        except Exception as e:  # torch raises many types for a file that is not a torch.save'd dict
+            raise DataError(f"{args.features} is not a readable features file ({type(e).__name__})") from None
+    else:
+        datasets, backbone = args.datasets, args.backbone
+    tsne_dataset = args.tsne_dataset if args.tsne_dataset in datasets else (datasets or [None])[0]
+    runs = []
+    for dataset in datasets:
+        for shots in args.shots:
+            for method in args.methods:
+                run = make_run(args, shared, dataset, method, shots, backbone)
+                if method == "hegraph" and dataset == tsne_dataset and shots == max(args.shots):
+                    run.checkpoint = args.results / "checkpoints" / run.path.stem
+                    run.argv += ["--save", str(run.checkpoint)]
+                runs.append(run)
+    if args.shift:
+        # Table 1: hegraph-t (the paper's HeGraphAdapter(T)) and the baselines, not the other variants
+        methods = [m for m in args.methods if not m.startswith("hegraph") or m == "hegraph-t"]
+        runs += [make_run(args, shared, "imagenet", m, max(args.shots), backbone, report.SHIFT_DATASETS)
+                 for m in methods]
+    for run in runs:
+        train.parse_args(run.argv)  # a bad flag after -- stops here, with train.py's one error line
+    if not args.features:
+        needed = dict.fromkeys(r.dataset for r in runs) | dict.fromkeys(report.SHIFT_DATASETS if args.shift else [])
+        for dataset in needed:  # missing data stops the sweep now, not hours into it
+            folder = Path(args.root) / DATASETS[dataset].folder
+            if not folder.exists() and not features_path(args.features_dir, dataset, args.backbone).exists():
+                raise DataError(f"dataset folder not found: expected {folder} for '{dataset}' (or its features "
+                                f"file in {args.features_dir}); see the dataset layout in README.md")
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# running: one run under its lock, the sweep with its progress bar
+
+def device_name(device):
+    """The device in words, for the cost table: the GPU's name, or the CPU's architecture and core count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def execute(run):
+    """train.run on the run's arguments (its printed table kept back); the result with a "reproduce" record."""
+    start = time.perf_counter()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            result = train.run(train.parse_args(run.argv))
+    except ValueError as e:  # DataError, and the model's checks of its inputs: say which run
+        raise DataError(f"{run.path.stem}: {e}") from None
+    except BaseException:
+        print(printed.getvalue(), end="")  # what train.py said before it failed
+        raise
+    device = result["device"]
+    result["reproduce"] = {
+        "key": run.key, "train_argv": run.argv, "wall_seconds": time.perf_counter() - start,
+        "device": device_name(device), "host": socket.gethostname(), "pid": os.getpid(),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "features": str(run.features),
+        "checkpoint": run.checkpoint.relative_to(run.path.parents[1]).as_posix() if run.checkpoint else None,
+    }
+    return result
+
+
+def attempt(run, args, wait):
+    """Check, run and write one run under its lock: "ran", "exists", or "busy" (locked by another sweep,
+    when not waiting)."""
+    lock = file_lock(run.path)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return "busy"
+    try:
+        if run.path.exists():
+            return "exists"
+        result = execute(run)
+        write_atomic(run.path, lambda f: f.write(json.dumps(result, indent=2, default=str).encode()))
+        tqdm.write(f"ran {run.path.name}: {result['test_accuracy']:.2f} ± {result['std']:.2f} % "
+                   f"({result['reproduce']['wall_seconds']:.1f} s)")
+        return "ran"
+    finally:
+        lock.release()
+
+
+def sweep(runs, args):
+    """Every run not finished yet; returns {"ran", "skipped", "by_others"} counts."""
+    finished_before = {r.path for r in runs if r.path.exists()}
+    todo = [r for r in runs if r.path not in finished_before]
+    print(f"{len(runs)} runs: skipped {len(finished_before)} finished already, {len(todo)} to do "
+          f"(results in {args.results})")
+    counts = {"ran": 0, "skipped": len(finished_before), "by_others": 0}
+    bar = tqdm(total=len(runs), initial=len(finished_before), desc="sweep", unit="run", dynamic_ncols=True)
+    deferred = []
+    try:
+        for run in todo:
+            status = attempt(run, args, wait=False)
+            if status == "busy":
+                deferred.append(run)  # another sweep runs it: come back at the end
+                continue
+            counts["ran" if status == "ran" else "by_others"] += 1
+            bar.update()
+        for run in deferred:  # wait for the other sweep; run it ourselves if that one died
+            counts["ran" if attempt(run, args, wait=True) == "ran" else "by_others"] += 1
+            bar.update()
+    finally:
+        bar.close()
+    print(f"done: ran {counts['ran']}, skipped {counts['skipped']} finished before this sweep, "
+          f"{counts['by_others']} finished by another sweep")
+    return counts
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    try:
+        if not args.report:
+            try:
+                sweep(plan(args, extra), args)
+            except KeyboardInterrupt:
+                fail("interrupted; the same command continues where this one stopped")
+        print(f"wrote {report.write_report(args.results, args.tsne_dataset)}")
+    except ValueError as e:  # DataError, and the model's checks of its inputs
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()
