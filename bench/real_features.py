@@ -10,7 +10,7 @@ the rest as the test set; mean test accuracy over seeds. The positive prompt is 
 file has no negative prompts, so HeGraphAdapter runs as `hegraph --no-negatives` and `hegraph-tp`.
 
     python bench/real_features.py [--file PATH] [--shots 1 2 4] [--seeds 1 2 3]
-    python bench/real_features.py --dev --shots 1 2 -- --beta-vv 0.3    # compare a default on the tuning protocol
+    python bench/real_features.py --dev --shots 1 2 3 -- --bias-scale 0.1   # compare a default on the tuning protocol
 """
 
 import os
@@ -44,11 +44,15 @@ RUNS = {  # row name -> train.py arguments
 }
 
 
-def features_file(real, shots, seed, path, dev=False):
+DEV_FOLDS = 4  # the tuning protocol rotates the 4-shot pool: each of its images validates in some fold
+
+
+def features_file(real, shots, seed, path, dev=False, fold=0):
     """Write a features file (train.py's format) for one K and seed: K per class train, the rest test.
 
     dev: the tuning protocol; only the seed's 4-shot training images are used, K of them per class to
-    train and the other 4 - K to validate, so the 4-shot runs' test images are never looked at.
+    train and the other 4 - K to validate, so the 4-shot runs' test images are never looked at. fold
+    rotates the pool, so that over DEV_FOLDS folds every image of it trains and validates.
     """
     feats, labels = real["image_features"], real["labels"]
     C = len(real["classnames"])
@@ -58,7 +62,7 @@ def features_file(real, shots, seed, path, dev=False):
         rows = (labels == c).nonzero().flatten()                        # sorted: deterministic order
         rows = rows[torch.randperm(len(rows), generator=gen)]
         if dev:
-            rows = rows[:4]
+            rows = rows[:4].roll(-fold)
         train_rows.append(rows[:shots])
         test_rows.append(rows[shots:])
     train_rows, test_rows = torch.cat(train_rows), torch.cat(test_rows)
@@ -78,7 +82,7 @@ def main():
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="ROW")
-    p.add_argument("--dev", action="store_true", help="the tuning protocol (features_file), K in 1 2 only")
+    p.add_argument("--dev", action="store_true", help="the tuning protocol (features_file), K in 1 2 3 only")
     p.add_argument("extra", nargs="*", help="more train.py arguments after --, e.g. -- --beta-vp 0.2")
     args = p.parse_args()
     if not args.file.is_file():
@@ -86,27 +90,33 @@ def main():
         return
     real = torch.load(args.file, weights_only=True)
     table = {}  # (row, K) -> [accuracy per seed]
-    seconds = {}  # row -> [seconds per epoch of each run]
+    seconds, params = {}, {}  # row -> [seconds per epoch of each run], row -> tunable parameters
+    folds = range(DEV_FOLDS if args.dev else 1)
     with tempfile.TemporaryDirectory() as tmp:
         for shots in args.shots:
             for seed in args.seeds:
-                path = Path(tmp) / f"real_{shots}shot_seed{seed}.pt"
-                features_file(real, shots, seed, path, dev=args.dev)
-                for row in args.methods:
-                    argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row],
-                            *args.extra]
-                    with contextlib.redirect_stdout(io.StringIO()):  # one table at the end, not one per run
-                        result = train.run(train.parse_args(argv))
-                    table.setdefault((row, shots), []).append(result["test_accuracy"])
-                    seconds.setdefault(row, []).extend(result["epoch_seconds"].values())
-    print(f"\n{'DEV protocol (tuning, see features_file): ' if args.dev else ''}Real CLIP {real['backbone']} "
-          f"ImageNet features ({len(real['classnames'])} classes): test accuracy %, "
-          f"mean ± std over seeds {args.seeds}")
-    print(f"{'method':<24}" + "".join(f"{f'K={k}':>16}" for k in args.shots) + f"{'s/epoch':>10}")
+                accs = {}  # row -> [accuracy per fold]
+                for fold in folds:
+                    path = Path(tmp) / f"real_{shots}shot_seed{seed}_fold{fold}.pt"
+                    features_file(real, shots, seed, path, dev=args.dev, fold=fold)
+                    for row in args.methods:
+                        argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row],
+                                *args.extra]
+                        with contextlib.redirect_stdout(io.StringIO()):  # one table at the end, not one per run
+                            result = train.run(train.parse_args(argv))
+                        accs.setdefault(row, []).append(result["test_accuracy"])
+                        seconds.setdefault(row, []).extend(result["epoch_seconds"].values())
+                        params[row] = result["params"]
+                for row, a in accs.items():
+                    table.setdefault((row, shots), []).append(sum(a) / len(a))
+    protocol = f"DEV protocol (tuning, {DEV_FOLDS} folds, see features_file): " if args.dev else ""
+    print(f"\n{protocol}Real CLIP {real['backbone']} ImageNet features ({len(real['classnames'])} classes): "
+          f"test accuracy %, mean ± std over seeds {args.seeds}")
+    print(f"{'method':<30}" + "".join(f"{f'K={k}':>16}" for k in args.shots) + f"{'s/epoch':>10}{'params':>12}")
     for row in args.methods:
         cells = [torch.tensor(table[row, k]) for k in args.shots]
-        print(f"{row:<24}" + "".join(f"{c.mean():>9.2f} ± {c.std() if len(c) > 1 else 0:.2f}" for c in cells)
-              + f"{sum(seconds[row]) / len(seconds[row]):>10.3f}")
+        print(f"{row:<30}" + "".join(f"{c.mean():>9.2f} ± {c.std() if len(c) > 1 else 0:.2f}" for c in cells)
+              + f"{sum(seconds[row]) / len(seconds[row]):>10.3f}{params[row]:>12,}")
 
 
 if __name__ == "__main__":

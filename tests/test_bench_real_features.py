@@ -52,3 +52,20 @@ def test_skips_cleanly_without_the_real_file(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--file", str(tmp_path / "absent.pt")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "skipped" in proc.stdout
+
+
+def test_dev_folds_rotate_the_pool_so_each_image_trains_once_at_one_shot(tmp_path):
+    real = fake_real()
+    pool = {tuple(r.tolist()) for r in torch.load(_write(real, 4, tmp_path / "k4.pt"))["train"]["features"][0]}
+    trained = []
+    for fold in range(real_features.DEV_FOLDS):
+        dev = torch.load(_write(real, 1, tmp_path / f"f{fold}.pt", dev=True, fold=fold))
+        used = torch.cat([dev["train"]["features"][0], dev["test"]["features"]])
+        assert {tuple(r.tolist()) for r in used} == pool                  # each fold: the same 4-shot pool
+        trained += [tuple(r.tolist()) for r in dev["train"]["features"][0]]
+    assert sorted(trained) == sorted(pool)                                # every pool image trains exactly once
+
+
+def _write(real, shots, path, **kwargs):
+    real_features.features_file(real, shots, seed=2, path=path, **kwargs)
+    return path
