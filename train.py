@@ -575,10 +575,10 @@ def print_table(results):
 # command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line, not the whole usage."""
+    """argparse, but a bad command line gets one line, not the whole usage. prog: the script's path."""
 
     def error(self, message):
-        fail(f"{message} (python train.py --help lists the options)")
+        fail(f"{message} (python {self.prog} --help lists the options)")
 
 
 def fail(message):
@@ -589,7 +589,7 @@ def fail(message):
 
 def parse_args(argv=None):
     methods = "\n".join(f"  {name:<14} {m.about}" for name, m in METHODS.items())
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=f"methods:\n{methods}")
     p.add_argument("--dataset", choices=[d for d in DATASETS if d not in SHIFT_DATASETS],
                    help="dataset key (README: Datasets), e.g. dtd; optional with --features")

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
+from train import Parser, fail  # noqa: E402
 from extract_features import (DATASETS, DataError, add_extraction_args, features_path,  # noqa: E402
                               file_lock, path_arg, write_atomic)
 
@@ -68,19 +69,6 @@ class Run:
 # -----------------------------------------------------------------------------
 # command line
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line, not the whole usage."""
-
-    def error(self, message):
-        fail(f"{message} (python bench/reproduce.py --help lists the options)")
-
-
-def fail(message):
-    """Exit non-zero with one clear line."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def extraction_defaults():
     """{dest: default} of the extraction flags, as declared by extract_features.add_extraction_args."""
     probe = argparse.ArgumentParser(add_help=False)
@@ -103,7 +91,7 @@ def parse_args(argv=None):
     """This script's flags, and the train.py flags given after --."""
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="bench/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="*", choices=report.FEWSHOT_DATASETS, metavar="DATASET",
                    help="few-shot datasets (default: the 11 of the paper; none with --shift: Table 1 alone)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default 1 2 4 8 16)")
