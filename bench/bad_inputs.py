@@ -20,8 +20,8 @@ file on demand, and an extraction killed with kill -9 inside its write, then run
     python bench/bad_inputs.py --keep               # keep the temporary folder to look at the files
 
 Exits 1 when any case or parallel run does not behave as promised. Each process spends about 3.5 s of CPU
-importing torch, torchvision and clip, so the ~50 processes take about 3 CPU-minutes: 1.5-2 minutes on two
-idle cores (--jobs 2), more on a busy machine.
+importing torch, torchvision and clip before it reads its first flag, so the ~50 processes take about 3.5
+CPU-minutes: about 2 minutes on two idle cores (--jobs 2), more on a machine others are using.
 """
 
 import argparse
