@@ -835,16 +835,29 @@ def extract_from_args(args, dataset: str) -> Path:
                             args.encode_batch_size, args.workers, args.device, args.allow_repeats, args.overwrite)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line, not the whole usage. prog: the script's path."""
+
+    def error(self, message):
+        fail(f"{message} (python {self.prog} --help lists the options)")
+
+
+def fail(message):
+    """Exit non-zero with one clear line."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Extract frozen CLIP features of a few-shot dataset into one file "
-                                            "(layout in README.md).")
+    p = Parser(prog="extract_features.py", description="Extract frozen CLIP features of a few-shot dataset into "
+               "one file (layout in README.md).")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset key")
     add_extraction_args(p)
     a = p.parse_args(argv)
     try:
         extract_from_args(a, a.dataset)
     except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
 
 
 if __name__ == "__main__":

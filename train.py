@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from tqdm import tqdm
 from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
                        LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
                        fit_linear_probe)
-from extract_features import (DATASETS, FORMAT, DataError, add_extraction_args, extract_from_args, load_torch_file,
-                              path_arg, resolve_device, write_atomic)
+from extract_features import (DATASETS, FORMAT, DataError, Parser, add_extraction_args, extract_from_args, fail,
+                              load_torch_file, path_arg, resolve_device, write_atomic)
 from hegraphadapter import HeGraphAdapter, HeGraphConfig, normalize
 
 SHIFT_DATASETS = ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")
@@ -573,19 +572,6 @@ def print_table(results):
 
 # -----------------------------------------------------------------------------
 # command line
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line, not the whole usage. prog: the script's path."""
-
-    def error(self, message):
-        fail(f"{message} (python {self.prog} --help lists the options)")
-
-
-def fail(message):
-    """Exit non-zero with one clear line."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
 
 def parse_args(argv=None):
     methods = "\n".join(f"  {name:<14} {m.about}" for name, m in METHODS.items())

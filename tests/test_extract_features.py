@@ -535,9 +535,14 @@ def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
 
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        ef.main(["--dataset", "dtd", "--root", str(tmp_path)])
-    assert str(e.value.code).startswith("error: dataset folder not found") and "\n" not in str(e.value.code)
+    for argv, words in ((["--dataset", "dtd", "--root", str(tmp_path)], "error: dataset folder not found"),
+                        (["--dataset", "fgvc"], "error: argument --dataset: invalid choice: 'fgvc'"),   # argparse's
+                        (["--dataset", "dtd", "--views", "two"], "error: argument --views: invalid int value")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            ef.main(argv)
+        err = capsys.readouterr().err.strip().split("\n")
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(words), err
     with pytest.raises(SystemExit) as e:
         ef.main(["--help"])
     assert e.value.code == 0
