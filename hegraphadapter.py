@@ -68,7 +68,7 @@ class HeGraphConfig:
     beta_vp: float = 0.3       # β of meta-path V -> P; the paper finds β_VP > β_PP
     beta_pp: float = 0.2       # β of meta-path P -> P
     beta_vv: float = 0.1       # β of meta-path V -> V, the scale of the graph part of Δ (step 3)
-    bias_scale: float = 0.2    # s_b, the scale of the per-class biases b_n, b_p, b_v; under Adam, their step size
+    bias_scale: float = 0.1    # s_b, the scale of the per-class biases b_n, b_p, b_v; under Adam, their step size
     alpha: float = 1.0         # cache residual ratio α in the prediction logits_t + α logits_v
     gamma: float = 5.0         # cache sharpness γ in exp(-γ (1 - cos)) (Tip-Adapter's "beta")
     lam: float = 0.1           # weight λ of the cache loss CE(logits_v, y)
