@@ -90,7 +90,8 @@ def train_step(model, opt, batch):
     """forward + backward + AdamW step, as train.py takes it (leave-one-out for HeGraphAdapter only)."""
     x, y, rows = batch
     opt.zero_grad(set_to_none=True)
-    model.loss(x, y, exclude=rows if isinstance(model, HeGraphAdapter) else None).backward()
+    extra = {"exclude": rows} if isinstance(model, HeGraphAdapter) else {}
+    model.loss(x, y, **extra).backward()
     opt.step()
 
 

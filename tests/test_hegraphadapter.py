@@ -1,6 +1,6 @@
-"""Tests of hegraphadapter.py against METHOD.md.
+"""Tests of hegraphadapter.py against the equations of its module docstring.
 
-Every expected value here is computed independently from METHOD.md's equations (loops, explicit one-hot
+Every expected value here is computed independently from those equations (loops, explicit one-hot
 matmuls, hand-computed numbers), never with the module's own helpers. CPU only, small sizes, a few seconds.
 """
 
@@ -23,7 +23,7 @@ S = 100.0  # CLIP logit scale used throughout
 
 
 # -----------------------------------------------------------------------------
-# data and independent reference computations (written from METHOD.md)
+# data and independent reference computations (written from the equations)
 
 def make_data(C, d, counts, seed=0, dtype=torch.float64, B=6):
     """Random CLIP-like features: a shared direction plus noise (mostly positive, some negative cosines).
