@@ -227,6 +227,8 @@ def hegraph(variant, about, learn_projections=True):
         return m
 
     def config(args, dataset):
+        if variant == "tn" and args.no_negatives:
+            raise DataError("hegraph-tn aggregates only the negative nodes, so it cannot run with --no-negatives")
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(HeGraphConfig) if f.name != "variant"}
         return HeGraphConfig(variant=variant, **fields)
     return Method(model, config, about, paper_recipe, negatives=variant != "tp", cache=variant == "full")
@@ -493,6 +495,7 @@ def run(args):
     method = METHODS[args.method]
     recipe = None if args.eval_only else effective_recipe(method, dataset, args.shots, args)
     negatives = method.negatives and not args.no_negatives
+    configured = method.config(args, dataset)   # the model's config from the flags; refuses what cannot run
     if args.search_val and not method.cache:
         raise DataError(f"--search-val tunes the α and γ of a cache, and {args.method} has none; drop it")
     if args.search_val and "val_fewshot" not in data:
@@ -511,9 +514,7 @@ def run(args):
     for seed in args.seeds:
         torch.manual_seed(seed)
         task = make_task(data, seed, args.shots, device, negatives)
-        config = method.config(args, dataset)
-        if ckpts:
-            config = dataclasses.replace(config, **ckpts[seed]["run"]["config"])
+        config = dataclasses.replace(configured, **ckpts[seed]["run"]["config"]) if ckpts else configured
         model = method.model(task, config)
         results["params"] = tunable_parameters(model)
         run_id = dict(method=args.method, shots=args.shots, no_negatives=args.no_negatives, dataset=dataset,

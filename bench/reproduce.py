@@ -196,8 +196,9 @@ def plan(args, extra):
         methods = [m for m in args.methods if not m.startswith("hegraph") or m == "hegraph-t"]
         runs += [make_run(args, shared, "imagenet", m, max(args.shots), backbone, report.SHIFT_DATASETS)
                  for m in methods]
-    for run in runs:
-        train.parse_args(run.argv)  # a bad flag after -- stops here, with train.py's one error line
+    for run in runs:  # a bad flag after --, or a method that cannot run with the flags, stops the sweep here
+        parsed = train.parse_args(run.argv)
+        train.METHODS[parsed.method].config(parsed, run.dataset)
     if not args.features:
         needed = dict.fromkeys(r.dataset for r in runs) | dict.fromkeys(report.SHIFT_DATASETS if args.shift else [])
         for dataset in needed:  # missing data stops the sweep now, not hours into it

@@ -75,6 +75,11 @@ def test_a_diverging_loss_stops_the_run_with_no_accuracy(feats, tmp_path, capsys
         assert not out.exists()
 
 
+def test_hegraph_tn_without_negatives_is_refused_naming_the_flag(feats, capsys):
+    assert "cannot run with --no-negatives" in fail(capsys, "--features", feats, "--method", "hegraph-tn",
+                                                    "--no-negatives")
+
+
 def test_features_of_another_dataset_are_refused(feats, capsys):
     assert "holds 'synthetic', not --dataset 'dtd'" in fail(capsys, "--features", feats, "--dataset", "dtd")
 
