@@ -332,6 +332,22 @@ def write_runs_csv(runs, path):
 # -----------------------------------------------------------------------------
 # figures
 
+def clip_below_zeroshot(ax, stats):
+    """Start the y-axis a little below zero-shot's lowest point, so that the adapters, which differ by a
+    point or two above it, are not squeezed flat by a method far below (a linear probe at 1 shot); such a
+    method is named in the panel instead. stats: method -> [(mean, std) per K]. No zero-shot: automatic."""
+    if not stats.get("zeroshot"):
+        return
+    zeroshot = min(m for m, _ in stats["zeroshot"])
+    top = max(m + s for points in stats.values() for m, s in points)
+    floor = zeroshot - max(1.0, 0.25 * (top - zeroshot))
+    below = [name for name, points in stats.items() if any(m < floor for m, _ in points)]
+    if below:
+        ax.set_ylim(floor, top + 0.05 * (top - floor))
+        ax.text(0.98, 0.03, "below the axis: " + ", ".join(below), transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=7, color="dimgray")
+
+
 def plot_fewshot(runs, backbone, paper, path):
     """The paper's Fig. 2: accuracy vs K (log-spaced), one panel per dataset plus the average, one line
     per method with a ± std band over seeds; HeGraphAdapter drawn most prominent. Writes .png and .svg."""
@@ -363,6 +379,8 @@ def plot_fewshot(runs, backbone, paper, path):
         if r["method"] == "hegraph" and r["backbone"] == backbone:
             published[r["dataset"]][r["shots"]] = r["accuracy"]
     for ax, panel in zip(axes.flat, panels):
+        clip_below_zeroshot(ax, {m: [mean_std(seeds[m, panel, k].values()) for k in shots
+                                     if seeds.get((m, panel, k))] for m in methods})
         for m in methods:
             xs = [k for k in shots if seeds.get((m, panel, k))]
             if not xs:
