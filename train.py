@@ -409,7 +409,7 @@ def check_writable(path, folder=False):
 def read_checkpoint(path):
     """A checkpoint written by --save, or one clear error."""
     ckpt = load_torch_file(path, "checkpoint")
-    if not isinstance(ckpt, dict) or not {"run", "state_dict", "seed"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not {"run", "state_dict", "seed", "model_config"} <= set(ckpt):
         raise DataError(f"{path} is not a checkpoint written by train.py --save")
     return ckpt
 
@@ -514,12 +514,13 @@ def run(args):
     for seed in args.seeds:
         torch.manual_seed(seed)
         task = make_task(data, seed, args.shots, device, negatives)
-        config = dataclasses.replace(configured, **ckpts[seed]["run"]["config"]) if ckpts else configured
+        config = dataclasses.replace(configured, **ckpts[seed]["model_config"]) if ckpts else configured
         model = method.model(task, config)
         results["params"] = tunable_parameters(model)
+        # what makes two seeds one run: the same method, K, flags and recipe on the same features
         run_id = dict(method=args.method, shots=args.shots, no_negatives=args.no_negatives, dataset=dataset,
                       backbone=data["backbone"], num_classes=task.pos_text.shape[0], dim=task.pos_text.shape[1],
-                      config=dataclasses.asdict(config), recipe=results["recipe"])
+                      config=dataclasses.asdict(configured), search_val=args.search_val, recipe=results["recipe"])
         if args.save and not ckpts and seed == args.seeds[0]:
             stale = check_save_folder(args, run_id)
         start = time.perf_counter()
@@ -543,8 +544,8 @@ def run(args):
             feats, labels = shift["test"]["features"].to(device, torch.float32), shift["test"]["labels"]
             results["shift"][name][seed] = accuracy(model, feats, labels, classes=classes)
         if args.save and not ckpts:
-            run_id["config"] = results["model_config"][seed]     # after --search-val: what the model holds
-            ckpt = dict(run=run_id, seed=seed, state_dict=model.state_dict())
+            ckpt = dict(run=run_id, seed=seed, state_dict=model.state_dict(),
+                        model_config=results["model_config"][seed])   # after --search-val: what the model holds
             target = Path(args.save) / f"seed{seed}.pt"
             write_atomic(target, lambda f: torch.save(ckpt, f))
             for path in stale:                       # --overwrite: the other run's seeds go once ours exist

@@ -432,7 +432,7 @@ def text_nodes_before_after(features_file, checkpoint, seed):
     run = ckpt["run"]
     method = train.METHODS[run["method"]]
     task = train.make_task(data, seed, run["shots"], "cpu", negatives=method.negatives and not run["no_negatives"])
-    model = method.model(task, train.HeGraphConfig(**run["config"]))
+    model = method.model(task, train.HeGraphConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     with torch.no_grad():

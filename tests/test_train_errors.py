@@ -90,7 +90,7 @@ def test_search_val_refuses_methods_without_a_cache(feats, capsys, tmp_path):
     # a text-only variant therefore never leaves a searched γ in its saved config
     run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1, "--save",
         tmp_path / "ck")
-    assert torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["run"]["config"]["gamma"] == 5.0
+    assert torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["model_config"]["gamma"] == 5.0
 
 
 def test_search_val_tunes_on_the_validation_subset_only(tmp_path):
@@ -114,6 +114,21 @@ def test_search_val_tunes_on_the_validation_subset_only(tmp_path):
     on_val, on_test = best(*task.val), best(*task.test)
     assert on_val != on_test, "the fixture must make val and test disagree for this test to mean anything"
     assert (chosen["alpha"], chosen["gamma"]) == pytest.approx(on_val)
+
+
+def test_searched_checkpoints_join_one_folder_and_evaluate_as_searched(feats, tmp_path):
+    """--search-val changes α, γ per seed: seeds of one command are still one run, and --eval-only scores
+    the searched model, not the flags' α and γ."""
+    ck = tmp_path / "ck"
+    first = run("--features", feats, "--method", "tip-f", "--shots", 2, "--epochs", 2, "--search-val", "--seeds", 1,
+                "--save", ck)
+    run("--features", feats, "--method", "tip-f", "--shots", 2, "--epochs", 2, "--search-val", "--seeds", 2,
+        "--save", ck)
+    assert sorted(p.name for p in ck.iterdir()) == ["seed1.pt", "seed2.pt"]
+    searched = torch.load(ck / "seed1.pt", weights_only=True)["model_config"]
+    assert (searched["alpha"], searched["gamma"]) != (1.0, 5.0), "the search must move α or γ for this to test"
+    again = run("--features", feats, "--eval-only", "--load", ck, "--seeds", 1)
+    assert again["seeds"] == first["seeds"] and again["model_config"][1] == searched
 
 
 def test_eval_only_takes_method_and_shots_from_the_checkpoints_and_refuses_conflicts(feats, tmp_path, capsys):
