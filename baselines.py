@@ -66,7 +66,7 @@ class TipConfig:
     learn_keys: bool = False  # Tip-Adapter-F: the cache keys are the parameters
 
 
-class TipAdapter(nn.Module):
+class TipAdapter(Classifier):
     """Tip-Adapter: s f P^T + α exp(-γ (1 - f K^T)) L, with keys K [M, d] and values L = onehot(labels).
 
     Tip-Adapter-F (learn_keys) fine-tunes K from their initial value, trained with CE on the sum.
@@ -98,9 +98,6 @@ class TipAdapter(nn.Module):
         logits_t, logits_v = self.logits(image_feats)
         return logits_t + self.config.alpha * logits_v
 
-    def loss(self, image_feats, labels):
-        return F.cross_entropy(self(image_feats), labels.to(self.P.device))
-
 
 # -----------------------------------------------------------------------------
 
@@ -115,7 +112,8 @@ class TaskRes(Classifier):
     Where ours differs from the authors' code: P is the normalised text feature of the features file
     (theirs: the raw, unnormalised template mean, whose norm varies by a few percent between classes, so
     α R is relative to a unit P here); it trains on the stored augmented views (theirs: RandomResizedCrop
-    scale 0.08-1 through the image encoder); the warm-up epoch rises linearly from 1e-5 (theirs: constant).
+    scale 0.08-1 through the image encoder); the warm-up epoch rises linearly from 1e-5 (theirs: constant)
+    and the cosine is stepped per batch (theirs: per epoch).
     """
 
     def __init__(self, pos_text, *, config=TaskResConfig(), logit_scale=100.0):
