@@ -523,6 +523,14 @@ def judge_processes(scenario, labels, procs, outputs, path):
     return writers
 
 
+def check_writer(s, path, writers, setting, shown):
+    """The features file that remains holds the `setting` its one writer asked for (writers[0], "NAME VALUE")."""
+    if writers and path.exists():
+        value = torch.load(path, weights_only=True)["settings"][setting]
+        if f"{setting} {shown(value)}" != writers[0]:
+            s.problems.append(f"the file has {setting} {value}, its writer asked for {writers[0]}")
+
+
 def two_extractions(folder, fx):
     """extract_features.py --views 2 and --views 3 on one dataset and file, started together."""
     s = Parallel("2 x extract_features.py, `--views 2` and `--views 3`, one file")
@@ -531,10 +539,7 @@ def two_extractions(folder, fx):
     procs = [start(argv, folder) for argv in argvs]
     path = folder / FEATURES
     writers = judge_processes(s, ["views 2", "views 3"], procs, finish_all(procs), path)
-    if writers and path.exists():
-        views = torch.load(path, weights_only=True)["settings"]["views"]
-        if f"views {views}" != writers[0]:
-            s.problems.append(f"the file has views {views}, its writer asked for {writers[0]}")
+    check_writer(s, path, writers, "views", str)
     return s
 
 
@@ -547,10 +552,7 @@ def two_seed_jobs(folder, fx):
     procs = [start(argv, folder) for argv in argvs]
     path = folder / FEATURES
     writers = judge_processes(s, ["seeds 1", "seeds 2"], procs, finish_all(procs), path)
-    if writers and path.exists():
-        seeds = torch.load(path, weights_only=True)["settings"]["seeds"]
-        if f"seeds {' '.join(map(str, seeds))}" != writers[0]:
-            s.problems.append(f"the file has seeds {seeds}, its writer asked for {writers[0]}")
+    check_writer(s, path, writers, "seeds", lambda seeds: " ".join(map(str, seeds)))
     for seed, proc in zip((1, 2), procs):
         if proc.returncode == 0 and "test_accuracy" not in json.loads((folder / f"r{seed}.json").read_text()):
             s.problems.append(f"seeds {seed}: exit 0 without results")
