@@ -36,15 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
+from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-
-with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
-    warnings.simplefilter("ignore", UserWarning)
-    import clip
-from filelock import FileLock, Timeout
 
 FORMAT = "hegraphadapter-features-v1"
 VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
@@ -360,6 +355,7 @@ class Views:
     """One decoded image -> [V, 3, R, R]: view 0 is CLIP's own preprocessing, the others Tip-Adapter's augmentation."""
 
     def __init__(self, preprocess, resolution: int, views: int):
+        import torchvision.transforms as T  # here: train.py imports this module and never augments (1.5 s saved)
         self.preprocess, self.resolution, self.views = preprocess, resolution, views
         self.augment = T.Compose([
             T.RandomResizedCrop(resolution, scale=(0.5, 1), interpolation=T.InterpolationMode.BICUBIC),
@@ -452,7 +448,7 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
 @torch.no_grad()
 def encode_text(model, prompts: list[list[str]], batch_size: int, device: torch.device) -> torch.Tensor:
     """[C, d] class features: the renormalised mean of each class's normalised prompt embeddings, float16."""
-    tokens = clip.tokenize([s for p in prompts for s in p], truncate=True)
+    tokens = import_clip().tokenize([s for p in prompts for s in p], truncate=True)
     with _autocast(device):
         emb = torch.cat([F.normalize(model.encode_text(t.to(device)).float(), dim=-1)
                          for t in tokens.split(batch_size)])
@@ -488,6 +484,14 @@ def load_torch_file(path, what: str, mmap: bool = False):
         raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
 
 
+def import_clip():
+    """The clip package, imported on first use: it imports torchvision, which train.py does not need."""
+    with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
+        warnings.simplefilter("ignore", UserWarning)
+        import clip
+    return clip
+
+
 def load_clip(backbone: str, clip_checkpoint, device: torch.device):
     """OpenAI CLIP from a local checkpoint if given, else by name (downloaded once by the clip package)."""
     source = str(clip_checkpoint) if clip_checkpoint else backbone
@@ -495,7 +499,7 @@ def load_clip(backbone: str, clip_checkpoint, device: torch.device):
         with warnings.catch_warnings():  # clip.load first tries torch.jit.load, deprecated, on every file
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)  # and torch.load warns before refusing a plain pickle
-            model, preprocess = clip.load(source, device=device)
+            model, preprocess = import_clip().load(source, device=device)
     except Exception as e:  # noqa: BLE001 - whatever torch.jit.load, torch.load or clip's state-dict reader raise
         if not clip_checkpoint:
             raise DataError(f"cannot load CLIP '{backbone}': {e}; pass --clip-checkpoint PATH to a local "

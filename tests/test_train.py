@@ -256,3 +256,11 @@ def test_pipeline_from_images_through_the_command_line(make_dataset, tiny_vit_ch
     proc2 = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     assert proc2.returncode == 0 and "reusing" in proc2.stdout
     assert json.loads(out.read_text())["seeds"] == r["seeds"]
+
+
+def test_train_does_not_import_clip_or_torchvision():
+    """train.py on a features file never encodes an image, so it must not pay their import (1.5 s a start);
+    extract_features imports them when it first encodes."""
+    code = "import sys, train; print(sorted(m for m in ('clip', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
