@@ -28,11 +28,15 @@ are constants built once.
 
 Message passing, three steps in this order. Each target node type has one GraphAdapter layer Â X W + b:
 a learnable d x d projection shared by its meta-paths (W_n, W_p, W_v) and a learnable per-class bias
-[C, d] (b_n, b_p, b_v), which enters scaled by s_b. Each meta-path has a fixed fusion weight β. The update
-is residual and the message linear (choice):
-    N' = norm(N + β_PN Â_PN P W_n + β_VN Â_VN V W_n + s_b b_n)                               (1)
-    P' = norm(P + β_NP Â_NP N' W_p + β_VP Â_VP V W_p + β_PP Â_PP P W_p + s_b b_p)            (2)
-    Δ  = β_VV Â_VV V W_v + s_b b_v                  the class visual bias, [C, d]            (3)
+[C, d] (b_n, b_p, b_v). Each meta-path has a fixed fusion weight β. The update is residual and the message
+linear (choice):
+    N' = norm(N + s_W (β_PN Â_PN P + β_VN Â_VN V) W_n + s_b b_n)                              (1)
+    P' = norm(P + s_W (β_NP Â_NP N' + β_VP Â_VP V + β_PP Â_PP P) W_p + s_b b_p)               (2)
+    Δ  = s_W β_VV Â_VV V W_v + s_b b_v              the class visual bias, [C, d]            (3)
+The fixed scales s_W and s_b (choice) set the layers' step sizes. Adam moves every entry of a parameter
+by about the learning rate, whatever its gradient's size, so one step moves an entry of s_b b by s_b lr,
+but an entry of s_W m W (m a message row) by up to s_W lr |m|_1, which grows with d: on CLIP ViT-B/32
+features |m|_1 is about 2.6, so unscaled projections would step 26 times as far as biases at s_b = 0.1.
 β_NP is larger in training and 0.1 at test (paper 4.1); the module switches with train() / eval().
 
 Classifiers and loss (paper 3.2), for an image feature f with label y:
@@ -68,6 +72,7 @@ class HeGraphConfig:
     beta_vp: float = 0.3       # β of meta-path V -> P; the paper finds β_VP > β_PP
     beta_pp: float = 0.2       # β of meta-path P -> P
     beta_vv: float = 0.1       # β of meta-path V -> V, the scale of the graph part of Δ (step 3)
+    weight_scale: float = 0.1  # s_W, the scale of the projections W_n, W_p, W_v; under Adam, their step size
     bias_scale: float = 0.1    # s_b, the scale of the per-class biases b_n, b_p, b_v; under Adam, their step size
     alpha: float = 1.0         # cache residual ratio α in the prediction logits_t + α logits_v
     gamma: float = 5.0         # cache sharpness γ in exp(-γ (1 - cos)) (Tip-Adapter's "beta")
@@ -182,14 +187,15 @@ class HeGraphAdapter(nn.Module):
             buffer("A_pn", normalize_adjacency(negative_edges(N, P), self_loops=False))
             buffer("A_vn", normalize_adjacency(negative_edges(N, V), self_loops=False))
 
-        # Aggregations of the fixed nodes P and V are constants too: fuse them with their β once here,
-        # so that a training step only multiplies them by the W's. Only N' changes with the parameters.
+        # Aggregations of the fixed nodes P and V are constants too: fuse them with their β and s_W once
+        # here, so that a training step only multiplies them by the W's. Only N' changes with the parameters.
         # (This folding is why the config is frozen: a β changed later would be silently ignored.)
-        buffer("msg_to_pos", beta_vp * self.A_vp @ V + beta_pp * self.A_pp @ P)  # [C, d]
+        s_W = cfg.weight_scale
+        buffer("msg_to_pos", s_W * (beta_vp * self.A_vp @ V + beta_pp * self.A_pp @ P))  # [C, d]
         if self.has_negatives:
-            buffer("msg_to_neg", cfg.beta_pn * self.A_pn @ P + cfg.beta_vn * self.A_vn @ V)  # [C, d]
+            buffer("msg_to_neg", s_W * (cfg.beta_pn * self.A_pn @ P + cfg.beta_vn * self.A_vn @ V))  # [C, d]
         if not self.text_only:
-            buffer("msg_to_vis", cfg.beta_vv * self.A_vv @ V)                    # [C, d]
+            buffer("msg_to_vis", s_W * cfg.beta_vv * self.A_vv @ V)              # [C, d]
 
         # choice: every W and b starts at zero, so training starts exactly at zero-shot CLIP + Tip-Adapter
         # and AdamW's weight decay pulls back towards it. On real CLIP features this beat starting W at the
@@ -217,12 +223,12 @@ class HeGraphAdapter(nn.Module):
 
     def propagate(self):
         """The three aggregation steps. Returns P' [C, d] and the visual bias Δ [C, d] (None if text-only)."""
-        s_b = self.config.bias_scale
-        messages = self.msg_to_pos                                               # [C, d]
+        s_W, s_b = self.config.weight_scale, self.config.bias_scale
+        messages = self.msg_to_pos                                               # [C, d], s_W folded in
         if self.has_negatives:
             neg = normalize(self.N + self.msg_to_neg @ self.W_n + s_b * self.b_n)  # (1) N' [C, d]
             beta_np = self.config.beta_np if self.training else self.config.beta_np_test
-            messages = messages + beta_np * (self.A_np @ neg)                    # uses the updated N'
+            messages = messages + s_W * beta_np * (self.A_np @ neg)              # uses the updated N'
         pos = normalize(self.P + messages @ self.W_p + s_b * self.b_p)           # (2) P' [C, d]
         if self.text_only:
             return pos, None

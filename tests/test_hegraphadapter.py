@@ -86,16 +86,16 @@ def ref_logits(pos, neg, feats, labels, x, params, cfg, training):
     params: {"W_n", "W_p", "W_v", "b_n", "b_p", "b_v"} (those a variant lacks may be NaN: they must be unused).
     """
     C = pos.shape[0]
-    v, s_b = cfg.variant, cfg.bias_scale
+    v, s_W, s_b = cfg.variant, cfg.weight_scale, cfg.bias_scale
     P, Fk, f = unit(pos), unit(feats), unit(x)
     V = ref_class_means(feats, labels, C)
     b_vp, b_pp = (0.0, 0.0) if v == "tn" else (cfg.beta_vp, cfg.beta_pp)
     A_pp = ref_normalise(ref_raw_edges(P, P, False), True)
     A_vp = ref_normalise(ref_raw_edges(P, V, False), False)
-    Wp = params["W_p"]
+    Wp = s_W * params["W_p"]
     messages = b_vp * (A_vp @ V @ Wp) + b_pp * (A_pp @ P @ Wp)
     if neg is not None and v != "tp":
-        N, Wn = unit(neg), params["W_n"]
+        N, Wn = unit(neg), s_W * params["W_n"]
         A_pn = ref_normalise(ref_raw_edges(N, P, True), False)
         A_vn = ref_normalise(ref_raw_edges(N, V, True), False)
         A_np = ref_normalise(ref_raw_edges(P, N, True), False)
@@ -107,7 +107,7 @@ def ref_logits(pos, neg, feats, labels, x, params, cfg, training):
     if v != "full":
         return logits_t, None
     A_vv = ref_normalise(ref_raw_edges(V, V, False), True)
-    delta = cfg.beta_vv * (A_vv @ V @ params["W_v"]) + s_b * params["b_v"]                     # (3)
+    delta = cfg.beta_vv * (A_vv @ V @ (s_W * params["W_v"])) + s_b * params["b_v"]                     # (3)
     K = unit(Fk + delta[labels])
     L = F.one_hot(labels, C).to(x.dtype)
     logits_v = torch.exp(-cfg.gamma * (1.0 - f @ K.T)) @ L
@@ -359,17 +359,18 @@ def test_biases_are_per_class():
     assert not torch.allclose(model.logits(x)[0], with_bias)
 
 
-def test_bias_scale_scales_the_biases():
-    """s_b b is what enters: doubling s_b and halving b gives the same model."""
-    model, (_, _, _, _, x, _) = small_model("full", bias_scale=0.2)
-    twin, _ = small_model("full", bias_scale=0.4)
+@pytest.mark.parametrize("kind,field", [("b", "bias_scale"), ("W", "weight_scale")])
+def test_scale_scales_its_parameters(kind, field):
+    """s_b b and s_W W are what enter: doubling a scale and halving its parameters gives the same model."""
+    model, (_, _, _, _, x, _) = small_model("full", **{field: 0.2})
+    twin, _ = small_model("full", **{field: 0.4})
     params = set_params(model, seed=3)
     with torch.no_grad():
         for name, p in twin.named_parameters():
-            p.copy_(params[name] / 2 if name.startswith("b_") else params[name])
+            p.copy_(params[name] / 2 if name.startswith(kind + "_") else params[name])
     assert torch.allclose(model(x), twin(x), atol=1e-12)
     with torch.no_grad():
-        twin.b_p.mul_(2)
+        getattr(twin, kind + "_p").mul_(2)
     assert not torch.allclose(model(x), twin(x), atol=1e-6)
 
 
@@ -413,7 +414,7 @@ def test_zero_parameters_give_zero_shot_plus_tip_adapter():
                                                if not (v == "tn" and not n)])  # tn needs negatives
 def test_forward_and_loss_match_reference(variant, negatives):
     cfg = HeGraphConfig(variant=variant, beta_pn=0.3, beta_vn=0.25, beta_np=0.6, beta_np_test=0.1,
-                        beta_vp=0.35, beta_pp=0.2, beta_vv=0.4, bias_scale=0.3, alpha=1.3, gamma=4.0, lam=0.3)
+                        beta_vp=0.35, beta_pp=0.2, beta_vv=0.4, weight_scale=0.6, bias_scale=0.3, alpha=1.3, gamma=4.0, lam=0.3)
     pos, neg, feats, labels, x, y = make_data(6, 7, [2, 4, 1, 3, 2, 1], seed=7, B=5)
     neg = neg if negatives else None
     model = HeGraphAdapter(pos, neg, feats, labels, config=cfg, logit_scale=S)
@@ -474,7 +475,7 @@ def test_leave_one_out_removes_exactly_the_own_key():
     lt_ref, lv_full = ref_logits(pos, neg, feats, labels, x, Ws, cfg, True)
     # reference: same graph (V from the whole cache), but each image's own cache row dropped from the keys
     V = ref_class_means(feats, labels, 5)
-    Bias = (cfg.beta_vv * ref_normalise(ref_raw_edges(V, V, False), True) @ V @ Ws["W_v"]
+    Bias = (cfg.beta_vv * ref_normalise(ref_raw_edges(V, V, False), True) @ V @ (cfg.weight_scale * Ws["W_v"])
             + cfg.bias_scale * Ws["b_v"])
     lv_loo = []
     for b, r in enumerate(rows.tolist()):
