@@ -3,7 +3,7 @@
     python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
-datasets.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). The file written here is
+fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). The file written here is
 the contract with train.py; its layout is documented in README.md:
 
     format "hegraphadapter-features-v1", dataset, backbone, logit_scale, classnames [C], prompts,
@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import (CUPL, CUPL_PROMPTS, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_spec,
+from fewshot_data import (CUPL, CUPL_PROMPTS, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_spec,
                       fewshot_rows, load_prompts, load_splits)
 
 FORMAT = "hegraphadapter-features-v1"

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
-from datasets import DATASETS, DataError  # noqa: E402
+from fewshot_data import DATASETS, DataError  # noqa: E402
 from extract_features import (Parser, add_extraction_args, fail, features_path, file_lock, path_arg,  # noqa: E402
                               write_atomic)
 
