@@ -27,8 +27,9 @@ from tqdm import tqdm
 from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
                        LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
                        fit_linear_probe)
-from extract_features import (DATASETS, FORMAT, DataError, Parser, add_extraction_args, extract_from_args, fail,
-                              load_torch_file, path_arg, resolve_device, write_atomic)
+from fewshot_data import DATASETS, DataError
+from extract_features import (FORMAT, Parser, add_extraction_args, extract_from_args, fail, load_torch_file, path_arg,
+                              resolve_device, write_atomic)
 from hegraphadapter import HeGraphAdapter, HeGraphConfig, normalize
 
 SHIFT_DATASETS = ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")

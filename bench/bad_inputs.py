@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import _tiny_clip, write_dataset  # noqa: E402  (after the path is set)
 from test_train import synthetic_features  # noqa: E402
+import fewshot_data as fd  # noqa: E402
 import extract_features as ef  # noqa: E402
 import train  # noqa: E402
 
@@ -167,7 +168,7 @@ def dataset(counts=None, then=None):
     """data/: a fresh dtd dataset of the case's own, then then(images folder, split file)."""
     def prepare(case, fx):
         write_dataset(case / "data", "dtd", counts=counts)
-        spec = ef.DATASETS["dtd"]
+        spec = fd.DATASETS["dtd"]
         if then:
             then(case / "data" / spec.folder / spec.images, case / "data" / spec.folder / spec.split)
     return prepare

@@ -27,7 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
-from extract_features import DATASETS, DataError, write_atomic  # noqa: E402
+from fewshot_data import DATASETS, DataError  # noqa: E402
+from extract_features import write_atomic  # noqa: E402
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
 FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]

@@ -44,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
-from extract_features import (DATASETS, DataError, Parser, add_extraction_args, fail,  # noqa: E402
-                              features_path, file_lock, path_arg, write_atomic)
+from fewshot_data import DATASETS, DataError  # noqa: E402
+from extract_features import (Parser, add_extraction_args, fail, features_path, file_lock, path_arg,  # noqa: E402
+                              write_atomic)
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
 SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",

@@ -21,7 +21,7 @@ with warnings.catch_warnings():  # clip.py imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
     import clip  # noqa: E402
 
-import extract_features as ef  # noqa: E402
+import fewshot_data as fd  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads made a
 # 32-px ResNet forward 100x slower (1 s instead of 10 ms).
@@ -75,7 +75,7 @@ def write_dataset(root: Path, key: str, num_classes: int = 3, counts=None, subse
     counts: {"train"|"val"|"test": [images per class]} overriding the defaults.
     subset: for ImageNet shift sets, the ImageNet class indices that have a folder (default: all).
     """
-    spec = ef.DATASETS[key]
+    spec = fd.DATASETS[key]
     folder = root / spec.folder
     images = folder / spec.images
     counts = _counts(num_classes, counts)

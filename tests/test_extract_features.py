@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
+import fewshot_data as fd
 import extract_features as ef
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,14 +77,14 @@ def test_cli_writes_the_documented_format(cli):
 
 def test_fewshot_subsets_follow_the_seed_alone(cli):
     root, _, _, f = cli
-    splits = ef.load_splits("dtd", root)
+    splits = fd.load_splits("dtd", root)
     for seed, rows in f["fewshot"].items():
         assert rows.shape == (3, 5) and rows.dtype == torch.long
         # each row of class c is an image of class c, with no repeats (every class has >= 5 images)
         assert (f["train"]["labels"][rows] == torch.arange(3)[:, None]).all()
         assert all(len(set(r.tolist())) == 5 for r in rows)
         # the subset is a function of the seed and the sorted split only: recomputable anywhere
-        expected = ef.sample_fewshot([y for _, y in splits.train], 3, 5, seed)
+        expected = fd.sample_fewshot([y for _, y in splits.train], 3, 5, seed)
         assert [[f["paths"]["train"][i] for i in r] for r in rows.tolist()] == \
                [[splits.train[i][0] for i in r] for r in expected.tolist()]
     assert not torch.equal(f["fewshot"][1], f["fewshot"][2])
@@ -91,9 +92,9 @@ def test_fewshot_subsets_follow_the_seed_alone(cli):
 
 def test_subsets_are_nested():
     labels = [0] * 9 + [1] * 17 + [2] * 5  # unequal classes
-    big = ef.sample_fewshot(labels, 3, 5, seed=3)
+    big = fd.sample_fewshot(labels, 3, 5, seed=3)
     for k in (1, 2, 4):
-        assert torch.equal(ef.sample_fewshot(labels, 3, k, seed=3), big[:, :k])
+        assert torch.equal(fd.sample_fewshot(labels, 3, k, seed=3), big[:, :k])
 
 
 def test_val_is_capped_at_min_k_4(cli, make_dataset, tiny_vit_checkpoint, tmp_path):
@@ -110,7 +111,7 @@ def test_val_is_capped_at_min_k_4(cli, make_dataset, tiny_vit_checkpoint, tmp_pa
 def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
     root, _, _, f = cli
     model, preprocess = clip.load(str(tiny_vit_checkpoint), device="cpu")
-    images = ef.load_splits("dtd", root).images
+    images = fd.load_splits("dtd", root).images
     x = torch.stack([preprocess(Image.open(images / p)) for p in f["paths"]["train"][:4]])
     with torch.no_grad():
         expected = F.normalize(model.encode_image(x).float(), dim=-1)
@@ -158,7 +159,7 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
                                max_shots=3, views=3, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
-        with pytest.raises(ef.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
+        with pytest.raises(fd.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
                                                "it once for all the seeds"):
             ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
                                 workers=0, device="cpu", **more)
@@ -190,7 +191,7 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
         try:
             run(root, tmp_path, tiny_vit_checkpoint, **kwargs)
             outcomes.put((name, "wrote"))
-        except ef.DataError as e:
+        except fd.DataError as e:
             outcomes.put((name, str(e)))
     jobs = [context.Process(target=job, args=args) for args in (("first", first), ("second", second))]
     for p in jobs:
@@ -227,10 +228,10 @@ def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_
                             (dict(prompts=prompts), "prompts: "),
                             (dict(clip_checkpoint=other_checkpoint), "clip_checkpoint: "),
                             (dict(allow_repeats=True), "allow_repeats: ")):
-        with pytest.raises(ef.DataError) as e:
+        with pytest.raises(fd.DataError) as e:
             extract(**kwargs)
         assert setting in str(e.value) and f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
-    with pytest.raises(ef.DataError, match="dataset folder not found"):  # --overwrite cannot extract either
+    with pytest.raises(fd.DataError, match="dataset folder not found"):  # --overwrite cannot extract either
         extract(overwrite=True)
     assert path.stat().st_mtime_ns == stamp
     # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
@@ -243,7 +244,7 @@ def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_
     root = make_dataset("eurosat")
     f, path = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat")
     before = path.read_bytes()
-    with pytest.raises(ef.DataError, match="different settings.*views.*--overwrite"):
+    with pytest.raises(fd.DataError, match="different settings.*views.*--overwrite"):
         run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2)
     assert path.read_bytes() == before
     g, _ = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2, overwrite=True)
@@ -311,7 +312,7 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
     root = make_dataset(key, num_classes=5, subset=subset)
     f, _ = run(root, tmp_path, tiny_vit_checkpoint, key)
     assert f["class_map"].tolist() == class_map and f["class_map"].dtype == torch.long
-    names = [n for _, n in ef._imagenet_classes(key, root / ef.DATASETS[key].folder)]
+    names = [n for _, n in fd._imagenet_classes(key, root / fd.DATASETS[key].folder)]
     assert f["classnames"] == [names[i] for i in class_map]
     assert f["text"]["positive"].shape == (len(class_map), 32)
     assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
@@ -326,12 +327,12 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
 
 
 def _remove_split(root):
-    (root / "dtd" / ef.DATASETS["dtd"].split).unlink()
-    return str(root / "dtd" / ef.DATASETS["dtd"].split)
+    (root / "dtd" / fd.DATASETS["dtd"].split).unlink()
+    return str(root / "dtd" / fd.DATASETS["dtd"].split)
 
 
 def _fractional_label(root):
-    path = root / "dtd" / ef.DATASETS["dtd"].split
+    path = root / "dtd" / fd.DATASETS["dtd"].split
     split = json.loads(path.read_text())
     split["train"][3][1] = 1.7  # truncated to 1 by int() before
     path.write_text(json.dumps(split))
@@ -339,7 +340,7 @@ def _fractional_label(root):
 
 
 def _truncated_image(root):
-    path = ef.load_splits("dtd", root).images / "class b_1" / "test_0.jpg"
+    path = fd.load_splits("dtd", root).images / "class b_1" / "test_0.jpg"
     data = path.read_bytes()
     path.write_bytes(data[:data.index(b"\xff\xda") + 20])  # the header is whole: fails only at decoding
     return str(path)
@@ -359,7 +360,7 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
     if "root_override" in kwargs:
         root = root / kwargs["root_override"]
         expected = str(root / "dtd")
-    with pytest.raises(ef.DataError) as e:
+    with pytest.raises(fd.DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, kwargs.get("dataset", "dtd"))
     assert message in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
     if "not found" in message:
@@ -370,12 +371,12 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
 def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, tiny_vit_checkpoint, tmp_path,
                                                                   monkeypatch):
     root = make_dataset("dtd", counts={"train": [5, 5, 5], "val": [4, 4, 4]})  # with 5 shots, all are used
-    images = ef.load_splits("dtd", root).images
+    images = fd.load_splits("dtd", root).images
     (images / "class a_0" / "test_1.jpg").unlink()
     (images / "class c_2" / "train_0.jpg").write_text("not a jpeg")
     (images / "class c_2" / "val_0.jpg").write_bytes(b"")
     monkeypatch.setattr(ef, "load_clip", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
-    with pytest.raises(ef.DataError) as e:
+    with pytest.raises(fd.DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
     message = str(e.value)
     assert message.startswith("3 of 34 images cannot be read, e.g. ") and "\n" not in message  # 15 + 12 + 7
@@ -389,7 +390,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
 def test_a_class_without_training_images_is_named_without_suggesting_repeats(make_dataset, tiny_vit_checkpoint,
                                                                             tmp_path, allow_repeats):
     root = make_dataset("dtd", counts={"train": [5, 0, 6]})
-    with pytest.raises(ef.DataError) as e:
+    with pytest.raises(fd.DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, allow_repeats=allow_repeats)
     assert "class 1 ('class b_1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
 
@@ -405,7 +406,7 @@ def test_a_class_without_training_images_is_named_without_suggesting_repeats(mak
 ])
 def test_bad_flags_are_named_before_anything_is_read(tiny_vit_checkpoint, tmp_path, flag, kwargs):
     # the dataset folder does not even exist: the flag is checked first
-    with pytest.raises(ef.DataError) as e:
+    with pytest.raises(fd.DataError) as e:
         run(tmp_path / "absent", tmp_path / "out", tiny_vit_checkpoint, **kwargs)
     assert str(e.value).startswith(flag) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -416,7 +417,7 @@ def test_bad_flags_are_named_before_anything_is_read(tiny_vit_checkpoint, tmp_pa
                                              ("gpu", "is not a torch device")])
 def test_an_unusable_device_is_named(tiny_vit_checkpoint, tmp_path, monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
-    with pytest.raises(ef.DataError) as e:
+    with pytest.raises(fd.DataError) as e:
         run(tmp_path / "absent", tmp_path, tiny_vit_checkpoint, device=device)
     assert str(e.value).startswith(f"--device {device}") and message in str(e.value)
     assert "--clip-checkpoint" not in str(e.value)
@@ -432,27 +433,27 @@ def _bad_torch_files(folder: Path, checkpoint: Path) -> dict:
 
 def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
     for name, path in _bad_torch_files(tmp_path, tiny_vit_checkpoint).items():
-        with pytest.raises(ef.DataError) as e:
+        with pytest.raises(fd.DataError) as e:
             ef.load_clip("tiny", path, torch.device("cpu"))
         assert str(e.value).startswith(f"--clip-checkpoint {path} is truncated or not a file written by "
                                        f"torch.save"), name
         assert "\n" not in str(e.value)
-        with pytest.raises(ef.DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
+        with pytest.raises(fd.DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
             ef.load_torch_file(path, "checkpoint")
-    with pytest.raises(ef.DataError, match="^features file .*absent.pt does not exist$"):
+    with pytest.raises(fd.DataError, match="^features file .*absent.pt does not exist$"):
         ef.load_torch_file(tmp_path / "absent.pt", "features file")
     torch.save({"a": torch.zeros(2)}, tmp_path / "not_clip.pt")   # a torch file, not a CLIP
-    with pytest.raises(ef.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
+    with pytest.raises(fd.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
         ef.load_clip("tiny", tmp_path / "not_clip.pt", torch.device("cpu"))
     torch.save({"a": Path("x")}, tmp_path / "objects.pt")         # torch.save'd, but not weights only
-    with pytest.raises(ef.DataError, match="objects other than tensors"):
+    with pytest.raises(fd.DataError, match="objects other than tensors"):
         ef.load_torch_file(tmp_path / "objects.pt", "checkpoint")
     assert ef.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
 
 
 def test_an_unreadable_file_at_the_output_path_is_named(make_dataset, tiny_vit_checkpoint, tmp_path):
     (tmp_path / "dtd_tiny.pt").write_bytes(b"")  # e.g. left by a crash of another tool
-    with pytest.raises(ef.DataError, match="features file .*dtd_tiny.pt is truncated .*; pass --overwrite"):
+    with pytest.raises(fd.DataError, match="features file .*dtd_tiny.pt is truncated .*; pass --overwrite"):
         run(make_dataset("dtd"), tmp_path, tiny_vit_checkpoint)
     assert (tmp_path / "dtd_tiny.pt").read_bytes() == b""
 
@@ -482,6 +483,7 @@ def cupl_dtd(tmp_path, monkeypatch):
     source = tmp_path / "CuPL_prompts_dtd.json"
     # spelt CuPL's way (case, spaces for underscores); "class c_2" has no sentences
     source.write_text(json.dumps({"Class A 0": ["a woven texture.", "threads."], "class_b_1": ["spots."]}))
+    # patched in extract_features, where cupl_prompts looks the table up (fewshot_data.py defines it)
     monkeypatch.setattr(ef, "CUPL_PROMPTS", {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return source
@@ -504,34 +506,34 @@ def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, 
     cupl_dtd.unlink()                          # a second use reads the cache: no download
     assert ef.cupl_prompts("dtd") == cached and "downloading" not in capsys.readouterr().out
     cached.write_text("{}")                    # a cache that no longer matches its sha256 is not used
-    with pytest.raises(ef.DataError, match="^--prompts cupl: cannot download file:"):
+    with pytest.raises(fd.DataError, match="^--prompts cupl: cannot download file:"):
         ef.cupl_prompts("dtd")
 
 
 def test_a_cupl_download_with_another_sha256_is_refused_and_not_kept(cupl_dtd, tmp_path, monkeypatch):
     monkeypatch.setitem(ef.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
-    with pytest.raises(ef.DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
+    with pytest.raises(fd.DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
                                            f"pinned 0{{64}} .*nothing was cached or used$"):
         ef.cupl_prompts("dtd")
     assert not (tmp_path / "cache").exists()
-    with pytest.raises(ef.DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
+    with pytest.raises(fd.DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
         ef.cupl_prompts("imagenet-sketch")
 
 
 def test_cupl_table_pins_a_commit_and_a_sha256_per_dataset():
-    for dataset, (url, sha256) in ef.CUPL_PROMPTS.items():
-        assert dataset in ef.DATASETS and re.fullmatch(r"[0-9a-f]{64}", sha256)
+    for dataset, (url, sha256) in fd.CUPL_PROMPTS.items():
+        assert dataset in fd.DATASETS and re.fullmatch(r"[0-9a-f]{64}", sha256)
         assert re.fullmatch(r"https://raw\.githubusercontent\.com/[\w-]+/[\w-]+/[0-9a-f]{40}/.+\.json", url)
-    assert len({url for url, _ in ef.CUPL_PROMPTS.values()}) == len(ef.CUPL_PROMPTS)
+    assert len({url for url, _ in fd.CUPL_PROMPTS.values()}) == len(fd.CUPL_PROMPTS)
 
 
 def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"abyssinian": ["a cat."]}))
-    with pytest.raises(ef.DataError, match="sentences for none of the 2 classes"):
-        ef.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
+    with pytest.raises(fd.DataError, match="sentences for none of the 2 classes"):
+        fd.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
     (tmp_path / "p.json").write_text(json.dumps({"banded": "stripes."}))  # a string, not a list of sentences
-    with pytest.raises(ef.DataError, match="is not a json object"):
-        ef.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
+    with pytest.raises(fd.DataError, match="is not a json object"):
+        fd.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
 
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):

@@ -1,0 +1,263 @@
+"""What a dataset is: the field's standard layouts and split files, the few-shot protocol and the prompts.
+
+The data layouts, split files, templates and few-shot protocol are CoOp's (Zhou et al., "Learning to Prompt
+for Vision-Language Models", DATASETS.md): load_splits reads a dataset under --root, sample_fewshot draws a
+seed's K-shot subset. The prompts are the dataset's template, a json file of sentences, or CuPL's class
+descriptions, pinned by commit and sha256 in CUPL_PROMPTS (extract_features.py downloads them). Nothing here
+loads CLIP or writes a file.
+"""
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LAYOUT_HINT = "see the dataset layout in README.md"
+
+
+class DataError(ValueError):
+    """A problem with the data or the settings that the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str  # folder under --root
+    images: str  # image folder inside it; split-file paths are relative to it
+    split: str | None  # CoOp's split json inside `folder`, None for the other layouts
+    template: str  # CoOp's hand-written prompt template
+    layout: str = "coop"  # coop | imagenet | fgvc | shift (ImageNet variant, test split only)
+
+
+_PHOTO = "a photo of a {}."
+DATASETS = {
+    "imagenet": DatasetSpec("imagenet", "images", None, _PHOTO, "imagenet"),
+    "caltech101": DatasetSpec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", _PHOTO),
+    "oxford_pets": DatasetSpec("oxford_pets", "images", "split_zhou_OxfordPets.json",
+                               "a photo of a {}, a type of pet."),
+    "stanford_cars": DatasetSpec("stanford_cars", "", "split_zhou_StanfordCars.json", _PHOTO),
+    "oxford_flowers": DatasetSpec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                                  "a photo of a {}, a type of flower."),
+    "food101": DatasetSpec("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "fgvc_aircraft": DatasetSpec("fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft.", "fgvc"),
+    "sun397": DatasetSpec("sun397", "SUN397", "split_zhou_SUN397.json", _PHOTO),
+    "dtd": DatasetSpec("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "eurosat": DatasetSpec("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    "ucf101": DatasetSpec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
+    "imagenetv2": DatasetSpec("imagenetv2", "imagenetv2-matched-frequency-format-val", None, _PHOTO, "shift"),
+    "imagenet-sketch": DatasetSpec("imagenet-sketch", "images", None, _PHOTO, "shift"),
+    "imagenet-adversarial": DatasetSpec("imagenet-adversarial", "imagenet-a", None, _PHOTO, "shift"),
+    "imagenet-rendition": DatasetSpec("imagenet-rendition", "imagenet-r", None, _PHOTO, "shift"),
+}
+
+
+@dataclass
+class Splits:
+    classnames: list[str]
+    images: Path  # folder the item paths are relative to
+    train: list[tuple[str, int]]  # (relative path, label), sorted by label then path
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    class_map: list[int] | None = None  # ImageNet class index of each class (shift sets only)
+
+
+# ----------------------------------------------------------------------------- reading the layouts
+
+def _require(path: Path, what: str, dataset: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: expected {path} for dataset '{dataset}' ({LAYOUT_HINT})")
+    return path
+
+
+def _read_lines(path: Path, dataset: str) -> list[str]:
+    return [line.strip() for line in _require(path, "file", dataset).read_text().splitlines() if line.strip()]
+
+
+def _scan(images: Path, sub: str, labels: dict[str, int]) -> list[tuple[str, int]]:
+    """(path relative to `images`, label) of every image in images/sub/<folder>/ for the folders in `labels`."""
+    items = []
+    for folder, label in labels.items():
+        d = images / sub / folder
+        if d.is_dir():
+            items += [(f"{sub}/{folder}/{f.name}".lstrip("/"), label) for f in d.iterdir()
+                      if f.suffix.lower() in IMAGE_SUFFIXES]
+    return items
+
+
+def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
+    path = _require(folder / spec.split, "split file", name)
+    try:
+        split = json.loads(path.read_text())
+        entries = [(s, p, y, c) for s in ("train", "val", "test") for p, y, c in split.get(s, [])]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"cannot parse split file {path}: {e} ({LAYOUT_HINT})") from None
+    # a label is a class index: 1.7, 2.0, "2" or true are refused, never rounded into some class
+    bad = [y for _, _, y, _ in entries if type(y) is not int]
+    if bad:
+        raise DataError(f"split file {path} has {len(bad)} labels that are not integers, e.g. {bad[0]!r}; "
+                        f"labels must be class indices 0..C-1 ({LAYOUT_HINT})")
+    items = {s: [(p, y) for t, p, y, _ in entries if t == s] for s in ("train", "val", "test")}
+    names = {y: c for _, _, y, c in entries}
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"labels in {path} are not 0..C-1 ({LAYOUT_HINT})")
+    return Splits([names[y] for y in range(len(names))], folder / spec.images, **items)
+
+
+def _read_fgvc(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """FGVC-Aircraft: variants.txt (class order) and images_variant_<split>.txt lines "imageid variant"."""
+    classnames = _read_lines(folder / "variants.txt", name)
+    label = {c: y for y, c in enumerate(classnames)}
+    items = {}
+    for s in ("train", "val", "test"):
+        path = folder / f"images_variant_{s}.txt"
+        pairs = [line.split(" ", 1) for line in _read_lines(path, name)]
+        if any(len(p) < 2 or p[1] not in label for p in pairs):
+            raise DataError(f"{path} has a line that is not 'imageid variant' with a variant from variants.txt")
+        items[s] = [(f"{i}.jpg", label[v]) for i, v in pairs]
+    return Splits(classnames, folder / spec.images, **items)
+
+
+def _imagenet_classes(name: str, folder: Path) -> list[tuple[str, str]]:
+    """classnames.txt lines "wnid class name" -> [(wnid, class name)] in ImageNet's label order."""
+    return [tuple(line.split(" ", 1)) for line in _read_lines(folder / "classnames.txt", name)]
+
+
+def _read_imagenet(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """ImageNet: images/train/<wnid>/, images/val/<wnid>/ (val is the test set), classnames.txt."""
+    classes = _imagenet_classes(name, folder)
+    images = folder / spec.images
+    labels = {wnid: y for y, (wnid, _) in enumerate(classes)}
+    _require(images / "train", "image folder", name), _require(images / "val", "image folder", name)
+    return Splits([c for _, c in classes], images, _scan(images, "train", labels), [], _scan(images, "val", labels))
+
+
+def _read_shift(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """An ImageNet variant: one folder per class present, named by wnid (or by ImageNet index for v2)."""
+    classes = _imagenet_classes(name, folder)
+    index = {wnid: y for y, (wnid, _) in enumerate(classes)} | {str(y): y for y in range(len(classes))}
+    images = _require(folder / spec.images, "image folder", name)
+    present = sorted((index[d.name], d.name) for d in images.iterdir() if d.is_dir() and d.name in index)
+    labels = {d: y for y, (_, d) in enumerate(present)}
+    return Splits([classes[i][1] for i, _ in present], images, [], [], _scan(images, "", labels),
+                  class_map=[i for i, _ in present])
+
+
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """DATASETS[dataset], or one line listing the datasets there are."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{dataset}'; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def load_splits(dataset: str, root) -> Splits:
+    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
+    spec = dataset_spec(dataset)
+    folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
+    reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
+    splits = reader(dataset, spec, folder)
+    if not splits.test:
+        raise DataError(f"no test images found for dataset '{dataset}' under {folder} ({LAYOUT_HINT})")
+    # a fixed order (label, then path) makes a seed pick the same images on every machine
+    for s in ("train", "val", "test"):
+        setattr(splits, s, sorted(getattr(splits, s), key=lambda item: (item[1], item[0])))
+    return splits
+
+
+# ----------------------------------------------------------------------------- few-shot protocol
+
+def sample_fewshot(labels: list[int], num_classes: int, shots: int, seed: int, allow_repeats: bool = False,
+                   what: str = "training", classnames: list[str] | None = None) -> torch.Tensor:
+    """[C, shots] indices into `labels`, drawn with a generator seeded by `seed` alone.
+
+    Each class draws a full permutation of its items whatever `shots` is, so the K-shot subset is the first K
+    columns of any larger subset (nested) and does not depend on the other settings.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    members = [[] for _ in range(num_classes)]
+    for i, y in enumerate(labels):
+        members[y].append(i)
+    picks = []
+    for y, idx in enumerate(members):
+        name = f" ({classnames[y]!r})" if classnames else ""
+        if not idx:  # nothing to repeat: --allow-repeats cannot help here
+            raise DataError(f"class {y}{name} has no {what} images; every class needs at least one ({LAYOUT_HINT})")
+        if len(idx) < shots and not allow_repeats:
+            raise DataError(f"class {y}{name} has {len(idx)} {what} images, fewer than the {shots} needed; "
+                            f"lower --max-shots or pass --allow-repeats to reuse its images")
+        order = torch.randperm(len(idx), generator=generator)
+        order = order.repeat(-(-shots // len(idx)))[:shots]  # every image once before any repeats
+        picks.append(torch.tensor(idx)[order])
+    return torch.stack(picks)
+
+
+def fewshot_rows(labels: list[int], classnames: list[str], shots: int, seeds, allow_repeats: bool, what: str):
+    """The split indices needed by any seed (deduplicated, sorted) and, per seed, [C, shots] rows into them."""
+    C = len(classnames)
+    picks = {seed: sample_fewshot(labels, C, shots, seed, allow_repeats, what, classnames) for seed in seeds}
+    needed = torch.cat([p.flatten() for p in picks.values()]).unique()
+    row = torch.full((len(labels),), -1, dtype=torch.long)
+    row[needed] = torch.arange(len(needed))
+    return needed.tolist(), {seed: row[p] for seed, p in picks.items()}
+
+
+# ----------------------------------------------------------------------------- prompts
+
+CUPL = "cupl"  # --prompts cupl: CuPL's class descriptions instead of a file
+# CuPL's GPT-3 class descriptions (Pratt et al., "What does a platypus look like?", ICCV 2023), one json
+# {classname: [sentence, ...]} per dataset, as APE (Zhu et al., ICCV 2023) publishes them for CoOp's datasets;
+# pinned to a commit and checked by sha256. ImageNet's file (CuPL_prompts_imagenet.json, beside the others) is
+# not pinned yet: for ImageNet and its shift sets, download it and pass --prompts FILE.
+_APE = "https://raw.githubusercontent.com/yangyangyang127/APE/8cd042c095c4190f7acecb5f59bb2c5d4de24659/gpt3_prompts"
+CUPL_PROMPTS = {  # dataset -> (url, sha256)
+    "caltech101": (f"{_APE}/CuPL_prompts_caltech101.json",
+                   "b5c3f52be95a1e450c4ebbac1fd0d2644a5d2efc2bac15e1a82cad587fdd09f6"),
+    "oxford_pets": (f"{_APE}/CuPL_prompts_oxfordpets.json",
+                    "f393a01f911ceed70458d1b7fa3b8f2df2148732210b3783488f2efecc672c95"),
+    "stanford_cars": (f"{_APE}/CuPL_prompts_stanfordcars.json",
+                      "8b84424728b57442cbe190b0d996fda7a16fbb8ac42617911c61fea8f1496a53"),
+    "oxford_flowers": (f"{_APE}/CuPL_prompts_flowers102.json",
+                       "904c8850eafeaa1cc60a0f55fab7bdc168af4b2d1e5cb5bd06c5d32cbbc9d676"),
+    "food101": (f"{_APE}/CuPL_prompts_food101.json",
+                "0aed280ca518c37abec6b1c85a6093b8f9993988df1581bda59805b541694735"),
+    "fgvc_aircraft": (f"{_APE}/CuPL_prompts_fgvcaircraft.json",
+                      "3d0733867fa1e30a229639df9528d9da3fe11b9cf56c0cd6eda11688d9a31393"),
+    "sun397": (f"{_APE}/CuPL_prompts_sun397.json",
+               "b6e2c68f1cfaad78a725de1aea337cea8f5481402708225bcecbe8ce8b436967"),
+    "dtd": (f"{_APE}/CuPL_prompts_dtd.json",
+            "b5d2ae76c1e8e5ded0df87d70aa60ce78730060ae65d7b36c30034457b8cfbe8"),
+    "eurosat": (f"{_APE}/CuPL_prompts_eurosat.json",
+                "c1831f13dff8f8f2b6e3121b122b4e40582ccc1274537c3f9023641d35d07234"),
+    "ucf101": (f"{_APE}/CuPL_prompts_ucf101.json",
+               "f685a1d6e8b1316a4f70554d2913c9fb58050af80c96004e6c7b40515488f9e4"),
+}
+
+
+def load_prompts(path, classnames: list[str], template: str) -> list[list[str]]:
+    """CuPL-style json {classname: [sentence, ...]} -> the sentences of each class, in label order.
+
+    Class names match after normalising case, underscores and spaces (CuPL files spell them their own way).
+    A class the file has no sentences for gets template.format(name) instead, with one warning counting them.
+    """
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read prompts file {path}: {e}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                              for v in table.values()):
+        raise DataError(f"prompts file {path} is not a json object {{classname: [sentence, ...]}}")
+
+    def key(name):
+        return " ".join(name.replace("_", " ").lower().split())
+    loose = {key(k): v for k, v in table.items()}
+    prompts = [table.get(c) or loose.get(key(c)) or [] for c in classnames]
+    missing = [c for c, p in zip(classnames, prompts) if not p]
+    if len(missing) == len(classnames):
+        raise DataError(f"prompts file {path} has sentences for none of the {len(classnames)} classes (e.g. "
+                        f"{missing[:3]}); is it another dataset's?")
+    if missing:
+        print(f"warning: prompts file {path} has no sentences for {len(missing)} of {len(classnames)} classes "
+              f"(e.g. {missing[:3]}); they use the template {template!r}", file=sys.stderr)
+    return [p or [template.format(c)] for c, p in zip(classnames, prompts)]
