@@ -415,6 +415,19 @@ def read_checkpoint(path):
     return ckpt
 
 
+def saved_config(configured, ckpt, folder):
+    """The configuration a checkpoint's model was built with, as this code's config class; one clear error
+    for a checkpoint of another version whose config has other fields: a field it lacks would silently take
+    today's default (weight_scale changed from 1 to 0.1), not the value it was trained with."""
+    fields, saved = {f.name for f in dataclasses.fields(configured)}, set(ckpt["model_config"])
+    if saved != fields:
+        differ = " and ".join(f"{what} {', '.join(sorted(names))}" for what, names in
+                              (("lacks", fields - saved), ("has the unknown", saved - fields)) if names)
+        raise DataError(f"the checkpoints in {folder} were written by another version of train.py: their model "
+                        f"configuration {differ}; train again with --save {folder} --overwrite")
+    return dataclasses.replace(configured, **ckpt["model_config"])
+
+
 def checkpoint_files(folder):
     return sorted(Path(folder).glob("seed*.pt"))
 
@@ -515,7 +528,7 @@ def run(args):
     for seed in args.seeds:
         torch.manual_seed(seed)
         task = make_task(data, seed, args.shots, device, negatives)
-        config = dataclasses.replace(configured, **ckpts[seed]["model_config"]) if ckpts else configured
+        config = saved_config(configured, ckpts[seed], args.load) if ckpts else configured
         model = method.model(task, config)
         results["params"] = tunable_parameters(model)
         # what makes two seeds one run: the same method, K, flags and recipe on the same features

@@ -143,6 +143,19 @@ def test_eval_only_takes_method_and_shots_from_the_checkpoints_and_refuses_confl
     assert (r["method"], r["shots"]) == ("hegraph-t", 3)
 
 
+def test_checkpoints_of_another_config_version_are_refused_not_rebuilt_with_todays_defaults(feats, tmp_path, capsys):
+    """A checkpoint saved before a config field existed would otherwise get the field's current default."""
+    ck = tmp_path / "ck"
+    run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", ck)
+    ckpt = torch.load(ck / "seed1.pt", weights_only=True)
+    del ckpt["model_config"]["weight_scale"]
+    ckpt["model_config"]["old_knob"] = 1.0
+    torch.save(ckpt, ck / "seed1.pt")
+    line = fail(capsys, "--features", feats, "--eval-only", "--load", ck, "--seeds", 1)
+    assert "another version of train.py" in line and "lacks weight_scale and has the unknown old_knob" in line
+    assert f"--save {ck} --overwrite" in line
+
+
 def test_truncated_files_get_one_line(feats, tmp_path, capsys):
     run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", tmp_path / "ck")
     for path in (tmp_path / "ck" / "seed1.pt", Path(feats)):
