@@ -3,8 +3,8 @@
     python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
-fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). The file written here is
-the contract with train.py; its layout is documented in README.md:
+fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). The file written
+here is the contract with train.py; its layout is documented in README.md:
 
     format "hegraphadapter-features-v1", dataset, backbone, logit_scale, classnames [C], prompts,
     text {positive [C, d], negative [C, d]},
@@ -40,8 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fewshot_data import (CUPL, CUPL_PROMPTS, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_spec,
-                      fewshot_rows, load_prompts, load_splits)
+from fewshot_data import (CUPL, CUPL_PROMPTS, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits,
+                          dataset_spec, fewshot_rows, load_prompts, load_splits)
 
 FORMAT = "hegraphadapter-features-v1"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -199,7 +199,7 @@ class HeGraphAdapter(nn.Module):
 
         # choice: every W and b starts at zero, so training starts exactly at zero-shot CLIP + Tip-Adapter
         # and AdamW's weight decay pulls back towards it. On real CLIP features this beat starting W at the
-        # identity by 0.2-0.4 points (tuned on training images only).
+        # identity by 0.2-0.4 points (tuned on training images only, with s_W = 1).
         zeros = lambda *shape: nn.Parameter(torch.zeros(*shape, **like))
         if self.has_negatives:
             self.W_n, self.b_n = zeros(d, d), zeros(C, d)  # [d, d], [C, d] layer of the negative nodes (1)
