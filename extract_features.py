@@ -1,33 +1,19 @@
-"""Extract frozen CLIP features for HeGraphAdapter into one file.
+"""Extract frozen CLIP features of a few-shot dataset into one file (its contract: features_file.py).
 
     python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
-fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). The file written
-here is the contract with train.py; its layout is documented in README.md:
-
-    format "hegraphadapter-features-v1", dataset, backbone, logit_scale, classnames [C], prompts,
-    text {positive [C, d], negative [C, d]},
-    train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
-    fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
-    plus class_map [C] (ImageNet shift sets), settings and paths.
-
-All features are L2-normalised float16. Only the images some seed needs are encoded, plus the test split.
+fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). Here: decoding the
+images, encoding images and prompts with CLIP, and this command's flags, which train.py and
+bench/reproduce.py share. All features are L2-normalised float16. Only the images some seed needs are
+encoded, plus the test split.
 """
-import argparse
-import glob
+import dataclasses
 import hashlib
-import http.client
 import json
 import os
-import pickle
-import re
-import socket
-import sys
 import time
-import urllib.request
 import warnings
-import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fewshot_data import (CUPL, CUPL_PROMPTS, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits,
-                          dataset_spec, fewshot_rows, load_prompts, load_splits)
+from cli import Parser, fail, path_arg, resolve_device
+from download import cupl_prompts
+from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock,
+                           load_torch_file, reusable, write_atomic)
+from fewshot_data import (CUPL, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_spec, fewshot_rows,
+                          load_prompts, load_splits)
 
-FORMAT = "hegraphadapter-features-v1"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -174,34 +162,6 @@ def encode_text(model, prompts: list[list[str]], batch_size: int, device: torch.
     return F.normalize(means, dim=-1).half().cpu()
 
 
-def load_torch_file(path, what: str, mmap: bool = False):
-    """torch.load(path) on the CPU with weights_only=True, or one DataError line naming `what` and `path`.
-
-    For any file a user hands over (a features file, a checkpoint): a missing path, an empty or truncated
-    file, or one torch.save did not write (text, an image, a plain pickle) each end in one line, e.g.
-    "checkpoint runs/seed1.pt is truncated or not a file written by torch.save (...)", not a traceback.
-    mmap=True maps the tensors instead of reading them (for files in torch.save's default zip format; others
-    are read), so a large file's small entries are cheap to look at.
-
-        data = load_torch_file(args.features, "features file")
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist" + (" as a file (it is a folder)" if path.is_dir() else ""))
-    is_zip = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; False for a truncated one
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
-    except Exception as e:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
-        first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
-        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
-        if is_zip and isinstance(e, pickle.UnpicklingError):
-            raise DataError(f"{what} {path} holds objects other than tensors and plain Python containers, "
-                            f"which are not loaded (torch.load weights_only=True; {reason})") from None
-        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
-
-
 def import_clip():
     """The clip package, imported on first use: it imports torchvision, which train.py does not need."""
     with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
@@ -238,47 +198,25 @@ def _fills_in_a_name(template: str) -> bool:
         return False
 
 
-def check_flags(seeds, max_shots: int, views: int, batch_size: int, workers, negative_template: str):
+def check_flags(settings: Settings, batch_size: int, workers):
     """One clear line for the first flag out of its range, before anything is read, loaded or encoded."""
     problems = [
-        (not seeds, "--seeds must list at least one seed"),
-        (max_shots < 1, f"--max-shots must be at least 1, not {max_shots}"),
-        (views < 1, f"--views must be at least 1 (view 0 is CLIP's own preprocessing), not {views}"),
+        (not settings.seeds, "--seeds must list at least one seed"),
+        (settings.max_shots < 1, f"--max-shots must be at least 1, not {settings.max_shots}"),
+        (settings.views < 1, f"--views must be at least 1 (view 0 is CLIP's own preprocessing), not {settings.views}"),
         (batch_size < 1, f"--encode-batch-size must be at least 1, not {batch_size}"),
         (workers is not None and workers < 0,
          f"--workers must be 0 (load the images in the main process) or more, not {workers}"),
-        (not _fills_in_a_name(negative_template),
+        (not _fills_in_a_name(settings.negative_template),
          f"--negative-template must contain {{}} where the class name goes, e.g. 'a photo of no {{}}.', "
-         f"not {negative_template!r}"),
+         f"not {settings.negative_template!r}"),
     ]
     for bad, message in problems:
         if bad:
             raise DataError(message)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device as a torch.device (default: cuda if available, else cpu); one clear line if it cannot be used."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device {name} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                        f"use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"numbered from 0")
-    return device
-
-
 # ----------------------------------------------------------------------------- the whole job
-
-def features_path(out_dir, dataset: str, backbone: str) -> Path:
-    """The file the script writes, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32)."""
-    return Path(out_dir) / f"{dataset}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
-
 
 def plan_encoding(splits: Splits, seeds: list[int], max_shots: int, views: int, allow_repeats: bool):
     """What to encode, {split: ((path, label) items, views)}, and the few-shot subsets as rows into them:
@@ -315,238 +253,79 @@ def encode_splits(model, preprocess, folder: Path, jobs: dict, batch_size: int, 
     return out
 
 
-def _existing(path: Path) -> dict:
-    """The dict in the features file at `path`, its tensors mapped rather than read; one line if it is none."""
-    try:
-        data = load_torch_file(path, "features file", mmap=True)
-    except DataError as e:
-        raise DataError(f"{e}; pass --overwrite to replace it or choose another --features-dir") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} exists and is not a features file; pass --overwrite to replace it or choose "
-                        f"another --features-dir")
-    return data
+def prompts_for(settings: Settings, classnames: list[str]):
+    """The positive and negative sentences of each class, and the settings with their hash filled in."""
+    template = DATASETS[settings.dataset].template
+    source = cupl_prompts(settings.dataset) if settings.prompts == CUPL else settings.prompts
+    positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
+    negative = [[settings.negative_template.format(c)] for c in classnames]
+    digest = hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest()
+    return positive, negative, dataclasses.replace(settings, prompts_sha256=digest)
 
 
-def _check_served(path: Path, recorded, settings: dict, absent: Path | None = None):
-    """Return if the file at `path`, made with the `recorded` settings, serves `settings`; else one line why not.
-
-    A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
-    depend on the other seeds, and K shots are the first K columns of any larger max-shots. `absent`: the
-    dataset folder, when it is absent (then the file cannot be extracted again).
-    """
-    if not isinstance(recorded, dict):
-        raise DataError(f"{path} exists and is not a features file written by this script; pass --overwrite "
-                        f"to replace it or choose another --features-dir")
-    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v  # noqa: E731
-    differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in settings.items()
-              if k not in ("seeds", "max_shots") and recorded.get(k) != v]
-    old_seeds, old_shots = recorded.get("seeds", []), recorded.get("max_shots", 0)
-    if not set(settings["seeds"]) <= set(old_seeds) or settings["max_shots"] > old_shots:
-        differ.append(f"seeds {old_seeds} and max-shots {old_shots} in the file, seeds {settings['seeds']} and "
-                      f"max-shots {settings['max_shots']} asked")
-    if not differ:
-        print(f"reusing {path}: it was extracted with the same settings"
-              + (f" (the dataset folder {absent} is absent)" if absent else ""))
-        return
-    if absent:
-        raise DataError(f"{path} was extracted with other settings ({'; '.join(differ)}) and the dataset folder "
-                        f"{absent} is absent, so it cannot be extracted again: ask for the file's settings or put "
-                        f"the dataset under --root")
-    if len(differ) == 1 and differ[0].startswith("seeds"):  # most likely per-seed jobs sharing one file
-        seeds = " ".join(map(str, sorted(set(old_seeds) | set(settings["seeds"]))))
-        raise DataError(f"{path} exists with {differ[0]}: extract it once for all the seeds before starting "
-                        f"per-seed jobs (python extract_features.py --dataset {settings['dataset']} --seeds {seeds} "
-                        f"--max-shots {max(old_shots, settings['max_shots'])} and the same other flags), or pass "
-                        f"--overwrite to replace it")
-    raise DataError(f"{path} exists with different settings ({'; '.join(differ)}); pass --overwrite to replace it "
-                    f"or choose another --features-dir")
+def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int, workers: int,
+                   device: torch.device) -> dict:
+    """Everything a features file holds, encoded with the settings' CLIP. prompts: (positive, negative)."""
+    jobs, subsets = plan_encoding(splits, list(settings.seeds), settings.max_shots, settings.views,
+                                  settings.allow_repeats)
+    check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
+    model, preprocess = load_clip(settings.backbone, settings.clip_checkpoint, device)
+    positive, negative = prompts
+    out = {"format": FORMAT, "dataset": settings.dataset, "backbone": settings.backbone,
+           "classnames": splits.classnames, "logit_scale": model.logit_scale.exp().item(),
+           "prompts": {"positive": positive, "negative": negative},
+           "text": {"positive": encode_text(model, positive, batch_size, device),
+                    "negative": encode_text(model, negative, batch_size, device)},
+           **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, settings.dataset),
+           **subsets, "settings": settings.record()}
+    if splits.class_map is not None:
+        out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+    return out
 
 
-def _reuse(path: Path, settings: dict, overwrite: bool) -> bool:
-    """True if the file at `path` serves `settings`, False if there is none (or overwrite); else one line why not."""
-    if overwrite or not path.exists():
-        return False
-    _check_served(path, _existing(path).get("settings"), settings)
-    return True
-
-
-def file_lock(path) -> FileLock:
-    """An exclusive lock on `path` across processes, held in a hidden `.<name>.lock` file beside it.
-
-    `with file_lock(path): check, then write` makes parallel jobs on one file (one per seed or per GPU on a
-    cluster) take turns, so that none replaces a file another has just checked or written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path.with_name(f".{path.name}.lock"))
-
-
-def _acquire(lock: FileLock, path: Path):
-    """lock.acquire() for a `with`, saying what it waits for when another process holds the lock."""
-    try:
-        return lock.acquire(timeout=0)
-    except Timeout:
-        print(f"waiting for another process to finish writing {path}", flush=True)
-        return lock.acquire()
-
-
-STALE_TEMP_SECONDS = 24 * 3600  # a writer keeps writing its temporary file: one untouched for a day is dead
-
-
-def _alive(pid: int) -> bool:
-    """True if process `pid` of this host runs (or might: when it cannot be asked)."""
-    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path):
-    """Delete the temporary files that killed writes of `path` left (kill -9, power cut: no `finally` ran).
-
-    Only files of write_atomic's naming, .NAME.HOST.PID.tmp, and only a dead writer's: a process of this host
-    that no longer runs, or any file untouched for a day (the PID since reused, another host writing to a
-    shared folder). A live writer's file is never removed.
-    """
-    host, named = socket.gethostname(), re.compile(rf"\.{re.escape(path.name)}\.(?:(.+)\.)?(\d+)\.tmp")
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = named.fullmatch(tmp.name)
-        try:
-            if match and ((match[1] == host and not _alive(int(match[2])))
-                          or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS):
-                tmp.unlink()
-        except FileNotFoundError:  # another process cleaned it up first
-            pass
-
-
-def write_atomic(path, write):
-    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched.
-
-    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept: $XDG_CACHE_HOME/hegraphadapter, else ~/.cache/hegraphadapter (as clip keeps
-    its weights in ~/.cache/clip)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hegraphadapter"
-
-
-def cupl_prompts(dataset: str) -> Path:
-    """The CuPL descriptions of `dataset`, downloaded once from CUPL_PROMPTS into cache_dir(); the file's sha256
-    is checked before every use, so a download that is cut short or altered is never used."""
-    if dataset not in CUPL_PROMPTS:
-        raise DataError(f"--prompts cupl: no CuPL descriptions are pinned for '{dataset}' (there are for "
-                        f"{', '.join(CUPL_PROMPTS)}); pass --prompts FILE.json of {{classname: [sentence, ...]}}")
-    url, sha256 = CUPL_PROMPTS[dataset]
-    path = cache_dir() / url.rsplit("/", 1)[-1]
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+def serve_without_dataset(path: Path, settings: Settings, folder: Path) -> Path:
+    """train.py on a features file whose dataset folder is absent: the file serves only if it was made as
+    asked (with the file's own class names, the prompts asked for are rebuilt and compared)."""
+    old = existing(path)
+    if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
+        print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
         return path
-    print(f"downloading the CuPL prompts of {dataset} from {url}", flush=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:  # no network, HTTP errors, a connection cut short
-        raise DataError(f"--prompts cupl: cannot download {url} ({e}); download it by hand and pass "
-                        f"--prompts FILE") from None
-    found = hashlib.sha256(data).hexdigest()
-    if found != sha256:
-        raise DataError(f"--prompts cupl: {url} has sha256 {found}, not the pinned {sha256} (a broken download, "
-                        f"or the file changed); nothing was cached or used")
-    write_atomic(path, lambda f: f.write(data))
+    _, _, settings = prompts_for(settings, list(old.get("classnames", [])))
+    check_served(path, old["settings"], settings.record(), absent=folder)
     return path
 
 
-def extract_features(dataset: str, root, out_dir="features", backbone: str = "RN50", clip_checkpoint=None,
-                     prompts=None, negative_template: str = "a photo of no {}.", seeds=(1, 2, 3),
-                     max_shots: int = 16, views: int = 10, batch_size: int = 256, workers: int | None = None,
-                     device=None, allow_repeats: bool = False, overwrite: bool = False) -> Path:
-    """Encode `dataset` under `root` with CLIP and write one features file; returns its path.
+def extract_features(settings: Settings, root, out_dir="features", *, batch_size: int = 256,
+                     workers: int | None = None, device=None, overwrite: bool = False) -> Path:
+    """Encode `settings.dataset` under `root` with CLIP and write one features file; returns its path.
 
     An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), also
     when the dataset folder is absent, and refused otherwise unless `overwrite`. Processes writing the same
     file take turns (file_lock): the second reuses or refuses what the first wrote.
     """
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    check_flags(seeds, max_shots, views, batch_size, workers, negative_template)
+    settings = dataclasses.replace(settings, seeds=tuple(dict.fromkeys(int(s) for s in settings.seeds)))
+    check_flags(settings, batch_size, workers)
     device = resolve_device(device)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    path = features_path(out_dir, dataset, backbone)
-    test_only = dataset_spec(dataset).layout == "shift"
-
-    def settings_for(names: list[str]):
-        """The positive and negative prompts of the classes, and the settings a file records and is compared by."""
-        template = DATASETS[dataset].template
-        source = cupl_prompts(dataset) if prompts == CUPL else prompts
-        positive = load_prompts(source, names, template) if source else [[template.format(c)] for c in names]
-        negative = [[negative_template.format(c)] for c in names]
-        return positive, negative, {
-            "format": FORMAT, "dataset": dataset, "backbone": backbone,
-            "clip_checkpoint": str(Path(clip_checkpoint).resolve()) if clip_checkpoint else None,
-            # "templates", "cupl" or the file's name; the sentences themselves are compared by their hash
-            "prompts": CUPL if prompts == CUPL else Path(prompts).name if prompts else "templates",
-            "prompts_sha256": hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest(),
-            "negative_template": negative_template,
-            # a test-only set (ImageNet shift set) has no few-shot subsets and no training views: the main
-            # run's --seeds, --max-shots, --views and --allow-repeats mean nothing for it
-            **({"seeds": [], "max_shots": 0} if test_only else
-               {"seeds": seeds, "max_shots": max_shots, "views": views, "allow_repeats": allow_repeats}),
-        }
-
-    folder = Path(root) / dataset_spec(dataset).folder
+    path = features_path(out_dir, settings.dataset, settings.backbone)
+    if dataset_spec(settings.dataset).layout == "shift":
+        settings = settings.test_only()
+    folder = Path(root) / dataset_spec(settings.dataset).folder
     if not folder.exists() and path.exists() and not overwrite:
-        # nothing to extract from (train.py on features alone): the file serves only if it was made as asked
-        old = _existing(path)
-        if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
-            print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
-            return path
-        _check_served(path, old["settings"], settings_for(list(old.get("classnames", [])))[2], absent=folder)
-        return path
+        return serve_without_dataset(path, settings, folder)
 
-    splits = load_splits(dataset, root)
-    names = splits.classnames
-    positive, negative, settings = settings_for(names)
-    if _reuse(path, settings, overwrite):  # reading needs no lock (a shared features folder may be read-only)
+    splits = load_splits(settings.dataset, root)
+    positive, negative, settings = prompts_for(settings, splits.classnames)
+    if reusable(path, settings.record(), overwrite):  # reading needs no lock (a shared folder may be read-only)
         return path
     # held from the check to the write: a second process waits, then reuses or refuses what this one wrote
-    with _acquire(file_lock(path), path):
-        if _reuse(path, settings, overwrite):  # another process wrote it while this one waited
+    with acquire(file_lock(path), path):
+        if reusable(path, settings.record(), overwrite):  # another process wrote it while this one waited
             return path
-        jobs, subsets = plan_encoding(splits, seeds, max_shots, views, allow_repeats)
-        check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
-        model, preprocess = load_clip(backbone, clip_checkpoint, device)
-        out = {"format": FORMAT, "dataset": dataset, "backbone": backbone, "classnames": names,
-               "logit_scale": model.logit_scale.exp().item(),
-               "prompts": {"positive": positive, "negative": negative},
-               "text": {"positive": encode_text(model, positive, batch_size, device),
-                        "negative": encode_text(model, negative, batch_size, device)},
-               **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, dataset),
-               **subsets, "settings": settings}
-        if splits.class_map is not None:
-            out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+        out = encode_dataset(settings, splits, (positive, negative), batch_size, workers, device)
         write_atomic(path, lambda f: torch.save(out, f))
     print(f"wrote {path}")
     return path
-
-
-def path_arg(text: str) -> Path:
-    """argparse type of every path flag: ~ is expanded, in "--flag ~/x" and "--flag=~/x" alike."""
-    return Path(text).expanduser()
 
 
 def prompts_arg(text: str):
@@ -586,29 +365,27 @@ def add_extraction_args(parser):
     return g
 
 
-def extract_from_args(args, dataset: str) -> Path:
-    """extract_features with the flags of add_extraction_args."""
-    return extract_features(dataset, args.root, args.features_dir, args.backbone, args.clip_checkpoint,
-                            args.prompts, args.negative_template, args.seeds, args.max_shots, args.views,
-                            args.encode_batch_size, args.workers, args.device, args.allow_repeats, args.overwrite)
+def settings_from_args(args, dataset: str) -> Settings:
+    """The Settings that the extraction flags of add_extraction_args ask for, for `dataset`."""
+    return Settings(dataset=dataset, backbone=args.backbone,
+                    clip_checkpoint=str(args.clip_checkpoint.resolve()) if args.clip_checkpoint else None,
+                    prompts=None if args.prompts is None else str(args.prompts),
+                    negative_template=args.negative_template, seeds=tuple(args.seeds), max_shots=args.max_shots,
+                    views=args.views, allow_repeats=args.allow_repeats)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line, not the whole usage. prog: the script's path."""
-
-    def error(self, message):
-        fail(f"{message} (python {self.prog} --help lists the options)")
-
-
-def fail(message):
-    """Exit non-zero with one clear line."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def extract_from_args(args, dataset: str, backbone: str | None = None) -> Path:
+    """extract_features with the flags of add_extraction_args; backbone: this one instead of --backbone."""
+    settings = settings_from_args(args, dataset)
+    if backbone is not None:
+        settings = dataclasses.replace(settings, backbone=backbone)
+    return extract_features(settings, args.root, args.features_dir, batch_size=args.encode_batch_size,
+                            workers=args.workers, device=args.device, overwrite=args.overwrite)
 
 
 def main(argv=None):
     p = Parser(prog="extract_features.py", description="Extract frozen CLIP features of a few-shot dataset into "
-               "one file (layout in README.md).")
+               "one file (its layout: docs/features-file.md).")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset key")
     add_extraction_args(p)
     a = p.parse_args(argv)

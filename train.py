@@ -27,9 +27,10 @@ from tqdm import tqdm
 from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
                        LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
                        fit_linear_probe)
+from cli import Parser, fail, path_arg, resolve_device
+from extract_features import add_extraction_args, extract_from_args
+from features_file import load_features, load_torch_file, write_atomic
 from fewshot_data import DATASETS, DataError
-from extract_features import (FORMAT, Parser, add_extraction_args, extract_from_args, fail, load_torch_file, path_arg,
-                              resolve_device, write_atomic)
 from hegraphadapter import HeGraphAdapter, HeGraphConfig, normalize
 
 SHIFT_DATASETS = ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")
@@ -91,83 +92,6 @@ class Task:
     val: tuple | None                # (features [m, d], labels [m]) of the min(K, 4)-shot val subset
     test: tuple                      # (features [T, d], labels [T])
     logit_scale: float
-
-
-def load_features(path):
-    """Load a features file (README: "The features file") and check every tensor train.py will use."""
-    data = load_torch_file(path, "features file")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise DataError(f"{path} is not a features file of format {FORMAT!r} (found {found!r})")
-    check_features(data, path)
-    return data
-
-
-def check_features(data, path):
-    """One DataError naming the first key of a features file that train.py cannot use, and why."""
-    def get(key):  # "text.positive" -> data["text"]["positive"]
-        node = data
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise DataError(f"{path} lacks {key!r}, which format {FORMAT} requires; re-extract it")
-            node = node[part]
-        return node
-
-    def tensor(key, ndim, integer=False):
-        t = get(key)
-        if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() == integer:
-            kind = "an integer" if integer else "a float"
-            raise DataError(f"{path}: {key!r} must be {kind} tensor with {ndim} dimensions, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
-        return t
-
-    def unit_rows(key, t):  # NaN rows would be scored as class 0 by argmax, zero rows as anything
-        bad = (~torch.isfinite(t.float()).all(-1) | (t.float().norm(dim=-1) == 0)).sum().item()
-        if bad:
-            raise DataError(f"{path}: {bad} of {t[..., 0].numel()} rows of {key!r} are NaN, infinite or all "
-                            f"zero; re-extract the features")
-
-    def labels(key, n, C):
-        y = tensor(key, 1, integer=True)
-        if len(y) != n:
-            raise DataError(f"{path}: {key!r} has {len(y)} labels for {n} feature rows")
-        if len(y) and (y.min() < 0 or y.max() >= C):
-            raise DataError(f"{path}: {key!r} lie in {y.min().item()}..{y.max().item()}, outside the {C} classes")
-        return y
-
-    get("backbone"), get("logit_scale")
-    pos = tensor("text.positive", 2)
-    C, d = pos.shape
-    if len(get("classnames")) != C:
-        raise DataError(f"{path}: {len(data['classnames'])} class names but {C} positive text features")
-    unit_rows("text.positive", pos)
-    if "negative" in data["text"]:
-        neg = tensor("text.negative", 2)
-        if neg.shape != pos.shape:
-            raise DataError(f"{path}: 'text.negative' is {list(neg.shape)}, 'text.positive' {list(pos.shape)}")
-        unit_rows("text.negative", neg)
-    splits = {"test": 2} | {s: n for s, n in (("train", 3), ("val", 2)) if s in data}
-    for split, ndim in splits.items():
-        feats = tensor(f"{split}.features", ndim)
-        if feats.shape[-1] != d:
-            raise DataError(f"{path}: {split} features have size {feats.shape[-1]}, text features {d}: they "
-                            f"must come from the same encoder")
-        unit_rows(f"{split}.features", feats)
-        y = labels(f"{split}.labels", feats.shape[-2], C)
-        subsets = {"train": "fewshot", "val": "val_fewshot"}.get(split)
-        if subsets:
-            for seed, rows in get(subsets).items():
-                key = f"{subsets}[{seed}]"
-                if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != C or \
-                        rows.is_floating_point():
-                    raise DataError(f"{path}: {key} must be an integer tensor [{C}, shots]")
-                if rows.numel() and (rows.min() < 0 or rows.max() >= len(y)):
-                    raise DataError(f"{path}: {key} indexes rows {rows.min().item()}..{rows.max().item()} "
-                                    f"of {split}, which has {len(y)}")
-                if not (y[rows] == torch.arange(C)[:, None]).all():
-                    raise DataError(f"{path}: {key} row c must list images of class c, and does not")
-    if "class_map" in data:
-        labels("class_map", C, 10**9)
 
 
 def make_task(data, seed, shots, device, negatives=True):
@@ -390,9 +314,7 @@ def features_for(args, dataset, backbone=None):
     """The features of a dataset in --features-dir, extracted first or reused when they were made with the
     settings asked for (extract_features checks, also when the dataset folder is absent). backbone: look up
     this backbone's file instead of --backbone."""
-    if backbone is not None and backbone != args.backbone:
-        args = argparse.Namespace(**{**vars(args), "backbone": backbone})
-    return load_features(extract_from_args(args, dataset))
+    return load_features(extract_from_args(args, dataset, backbone))
 
 
 def check_writable(path, folder=False):

@@ -2,8 +2,8 @@
 Bad inputs: the "bad inputs" table of issue 8, measured on the real commands.
 
 Each case runs `python train.py ...` or `python extract_features.py ...` as a real subprocess (OMP_NUM_THREADS=1,
---device cpu --workers 0) on tiny fixtures built in a temporary folder (tests/conftest.py's random CLIP and
-CoOp-layout datasets, tests/test_train.py's synthetic features), and checks what the project promises:
+--device cpu --workers 0) on tiny fixtures built in a temporary folder (bench/fixtures.py's random CLIP, CoOp-layout
+datasets and synthetic features), and checks what the project promises:
 
 - bad input gets exactly ONE `error: ...` line on stderr, as a terminal shows it (tqdm redraws a line after
   "\\r" and clears it when closed, so only the text after the last "\\r" of each line counts), and a non-zero
@@ -53,11 +53,11 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import _tiny_clip, write_dataset  # noqa: E402  (after the path is set)
-from test_train import synthetic_features  # noqa: E402
+sys.path.insert(0, str(ROOT))
+import extract_features as ef  # noqa: E402  (after the path is set)
 import fewshot_data as fd  # noqa: E402
-import extract_features as ef  # noqa: E402
+from features_file import Settings, load_features  # noqa: E402
+from fixtures import synthetic_features, tiny_clip, write_dataset  # noqa: E402
 import train  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in the tests
@@ -83,12 +83,12 @@ class Fixtures:
 
     @functools.cached_property
     def clip(self):
-        """A random ViT CLIP (32 px, d = 32), as tests/conftest.py's tiny_vit_checkpoint."""
-        return _tiny_clip(self.dir / "clip.pt", 1, 64, 16, 32)
+        """A random ViT CLIP (32 px, d = 32), as the tests' tiny_vit_checkpoint."""
+        return tiny_clip(self.dir / "clip.pt", "vit")
 
     @functools.cached_property
     def feats(self):
-        """A synthetic features file (5 classes, max-shots 4, seeds 1 2), as tests/test_train.py's."""
+        """A synthetic features file (5 classes, max-shots 4, seeds 1 2)."""
         return synthetic_features(self.dir / "synthetic.pt", C=5, test_per_class=6, seeds=(1, 2))
 
     @functools.cached_property
@@ -100,8 +100,8 @@ class Fixtures:
     def dtd_features(self):
         """dtd's features, extracted with COMMON's settings (seeds 1, max-shots 2, views 2)."""
         with quiet():
-            return ef.extract_features("dtd", self.data, self.dir / "features", "tiny", clip_checkpoint=self.clip,
-                                       seeds=(1,), max_shots=2, views=2, workers=0, device="cpu")
+            settings = Settings("dtd", "tiny", clip_checkpoint=self.clip, seeds=(1,), max_shots=2, views=2)
+            return ef.extract_features(settings, self.data, self.dir / "features", workers=0, device="cpu")
 
     @functools.cached_property
     def ck(self):
@@ -201,7 +201,7 @@ def sixteen_bit_png(images, split_file):
 
 def same_16_and_8_bit_features(case):
     """check of the 16-bit control: the features file is complete and the 16-bit image equals its 8-bit twin."""
-    data = train.load_features(case / FEATURES)
+    data = load_features(case / FEATURES)
     paths = data["paths"]["test"]
     eight, sixteen = (data["test"]["features"][paths.index(f"class a_0/test_{b}.png")] for b in ("8bit", "16bit"))
     return [] if torch.equal(eight, sixteen) else ["the 16-bit PNG's features differ from its 8-bit twin's"]
@@ -524,7 +524,7 @@ def judge_processes(scenario, labels, procs, outputs, path):
     if len(writers) != 1:
         scenario.problems.append(f"written by {len(writers)} processes ({writers})")
     try:
-        train.load_features(path)
+        load_features(path)
     except Exception as e:  # noqa: BLE001
         scenario.problems.append(f"the features file is not complete: {e}")
     leftovers = [p.name for p in path.parent.glob(".*.tmp")]

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
+from features_file import FORMAT  # noqa: E402
 
 DEFAULT_FILE = ROOT.parent / "shared" / "realfeats" / "imagenet_vitb32_dev.pt"
 RUNS = {  # row name -> train.py arguments
@@ -67,7 +68,7 @@ def features_file(real, shots, seed, path, dev=False, fold=0):
         test_rows.append(rows[shots:])
     train_rows, test_rows = torch.cat(train_rows), torch.cat(test_rows)
     torch.save({
-        "format": train.FORMAT, "dataset": "imagenet", "backbone": real["backbone"], "logit_scale": 100.0,
+        "format": FORMAT, "dataset": "imagenet", "backbone": real["backbone"], "logit_scale": 100.0,
         "classnames": real["classnames"], "prompts": {"positive": ["a photo of a {}."]},
         "text": {"positive": real["text_features"]["a photo of a {}."]},
         "train": {"features": feats[train_rows][None], "labels": labels[train_rows]},   # [V=1, N, d]

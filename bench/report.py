@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
 from fewshot_data import DATASETS, DataError  # noqa: E402
-from extract_features import write_atomic  # noqa: E402
+from features_file import load_features, write_atomic  # noqa: E402
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
 FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]
@@ -428,7 +428,7 @@ def plot_fewshot(runs, backbone, paper, path):
 def text_nodes_before_after(features_file, checkpoint, seed):
     """The positive text nodes P and P' [C, d] and the class names, from train.py --save's checkpoint of a
     HeGraphAdapter run (the one place that rebuilds a model from train.py's METHODS)."""
-    data = train.load_features(features_file)
+    data = load_features(features_file)
     ckpt = train.read_checkpoint(checkpoint)
     run = ckpt["run"]
     method = train.METHODS[run["method"]]

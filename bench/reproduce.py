@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
 from fewshot_data import DATASETS, DataError  # noqa: E402
-from extract_features import (Parser, add_extraction_args, fail, features_path, file_lock, path_arg,  # noqa: E402
-                              write_atomic)
+from cli import Parser, fail, path_arg  # noqa: E402
+from extract_features import add_extraction_args  # noqa: E402
+from features_file import features_path, file_lock, write_atomic  # noqa: E402
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
 SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",

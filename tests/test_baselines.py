@@ -8,12 +8,10 @@ import torch.nn.functional as F
 from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
                        LinearProbeConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
                        fit_linear_probe, query_node_weights)
+from fixtures import unit
 
 S = 100.0
 
-
-def unit(x):
-    return x / x.norm(dim=-1, keepdim=True)
 
 
 def data(C=5, d=8, per_class=3, B=7, seed=0):

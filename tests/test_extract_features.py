@@ -18,16 +18,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip
-import fewshot_data as fd
+import download
 import extract_features as ef
+import features_file as ff
+import fewshot_data as fd
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(seeds=(1, 2), max_shots=4, views=3, workers=0, device="cpu")  # shared by the function runs
 
 
+def extract(dataset, root, out, backbone, *, batch_size=256, workers=None, device=None, overwrite=False, **settings):
+    """extract_features with the settings as keywords, as the command line gives them."""
+    return ef.extract_features(ff.Settings(dataset, backbone, **settings), root, out, batch_size=batch_size,
+                               workers=workers, device=device, overwrite=overwrite)
+
+
 def run(root, out, checkpoint, dataset="dtd", **kwargs):
     """extract_features with the tiny settings, returning the loaded file and its path."""
-    path = ef.extract_features(dataset, root, out, "tiny", clip_checkpoint=checkpoint, **{**FAST, **kwargs})
+    path = extract(dataset, root, out, "tiny", clip_checkpoint=checkpoint, **{**FAST, **kwargs})
     return torch.load(path, weights_only=True), path
 
 
@@ -46,7 +54,7 @@ def cli(tmp_path_factory, make_dataset, tiny_vit_checkpoint):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in conftest.py: tiny models, busy machine
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
-    path = ef.features_path(out, "dtd", "tiny")
+    path = ff.features_path(out, "dtd", "tiny")
     return root, path, proc.stdout, torch.load(path, weights_only=True)
 
 
@@ -155,13 +163,13 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
     root, path, _, _ = cli                                    # seeds 1 2, max-shots 5
     stamp = path.stat().st_mtime_ns
     capsys.readouterr()
-    assert ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, seeds=(2,),
+    assert extract("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, seeds=(2,),
                                max_shots=3, views=3, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
         with pytest.raises(fd.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
                                                "it once for all the seeds"):
-            ef.extract_features("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
+            extract("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
                                 workers=0, device="cpu", **more)
     assert path.stat().st_mtime_ns == stamp
 
@@ -204,7 +212,7 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
     [loser] = [name for name, r in result.items() if r != "wrote"]
     assert refusal in result[loser] and "\n" not in result[loser]
     assert "waiting for another process to finish writing" in capfd.readouterr().out
-    settings = torch.load(ef.features_path(tmp_path, "dtd", "tiny"), weights_only=True)["settings"]
+    settings = torch.load(ff.features_path(tmp_path, "dtd", "tiny"), weights_only=True)["settings"]
     for key, value in dict(first=first, second=second)[winner].items():  # the file is the winner's
         assert settings[key] == (list(value) if key == "seeds" else value)
 
@@ -213,10 +221,10 @@ def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_
                                                                                      tmp_path, capsys):
     _, path, _, _ = cli                    # seeds 1 2, max-shots 5, views 3, DTD's template, tiny_vit_checkpoint
     stamp, absent = path.stat().st_mtime_ns, tmp_path / "no-data"
-    extract = lambda **kw: ef.extract_features("dtd", absent, path.parent, "tiny", **{  # noqa: E731
+    again = lambda **kw: extract("dtd", absent, path.parent, "tiny", **{  # noqa: E731
         "clip_checkpoint": tiny_vit_checkpoint, "views": 3, "workers": 0, "device": "cpu", **kw})
     capsys.readouterr()
-    assert extract(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset
+    assert again(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset
     assert f"(the dataset folder {absent / 'dtd'} is absent)" in capsys.readouterr().out
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({c: [f"a photo of {c}."] for c in ("class a_0", "class b_1", "class c_2")}))
@@ -229,14 +237,14 @@ def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_
                             (dict(clip_checkpoint=other_checkpoint), "clip_checkpoint: "),
                             (dict(allow_repeats=True), "allow_repeats: ")):
         with pytest.raises(fd.DataError) as e:
-            extract(**kwargs)
+            again(**kwargs)
         assert setting in str(e.value) and f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
     with pytest.raises(fd.DataError, match="dataset folder not found"):  # --overwrite cannot extract either
-        extract(overwrite=True)
+        again(overwrite=True)
     assert path.stat().st_mtime_ns == stamp
     # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
-    torch.save({"format": ef.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
-    assert ef.extract_features("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
+    torch.save({"format": ff.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
+    assert extract("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
     assert "records no extraction settings, so it is used as it is" in capsys.readouterr().out
 
 
@@ -263,7 +271,7 @@ def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp
 
 def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
     path = tmp_path / "f.pt"
-    killed = multiprocessing.get_context("fork").Process(target=ef.write_atomic, args=(
+    killed = multiprocessing.get_context("fork").Process(target=ff.write_atomic, args=(
         path, lambda f: (f.write(b"half"), f.flush(), os.kill(os.getpid(), signal.SIGKILL))))
     killed.start()
     killed.join()
@@ -278,7 +286,7 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_
     for p in (*keep, old):
         p.write_bytes(b"x")
     os.utime(old, (time.time() - 2 * 86400,) * 2)
-    ef.write_atomic(path, lambda f: f.write(b"whole"))
+    ff.write_atomic(path, lambda f: f.write(b"whole"))
     assert path.read_bytes() == b"whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [path, *keep])
 
@@ -318,7 +326,7 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
     assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
     assert not {"train", "fewshot", "val", "val_fewshot"} & set(f)
     # a test-only set is reused whatever the main run's few-shot flags, which mean nothing for it
-    path = ef.features_path(tmp_path, key, "tiny")
+    path = ff.features_path(tmp_path, key, "tiny")
     stamp = path.stat().st_mtime_ns
     for other in (dict(seeds=(5,), max_shots=9, views=2), dict(allow_repeats=True)):
         run(root, tmp_path, tiny_vit_checkpoint, key, **other)
@@ -383,7 +391,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
     for name, why in (("class a_0/test_1.jpg", "missing"), ("class c_2/train_0.jpg", "not an image"),
                       ("class c_2/val_0.jpg", "not an image")):
         assert f"{images / name} ({why})" in message
-    assert not ef.features_path(tmp_path, "dtd", "tiny").exists()
+    assert not ff.features_path(tmp_path, "dtd", "tiny").exists()
 
 
 @pytest.mark.parametrize("allow_repeats", [False, True])
@@ -439,16 +447,16 @@ def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
                                        f"torch.save"), name
         assert "\n" not in str(e.value)
         with pytest.raises(fd.DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
-            ef.load_torch_file(path, "checkpoint")
+            ff.load_torch_file(path, "checkpoint")
     with pytest.raises(fd.DataError, match="^features file .*absent.pt does not exist$"):
-        ef.load_torch_file(tmp_path / "absent.pt", "features file")
+        ff.load_torch_file(tmp_path / "absent.pt", "features file")
     torch.save({"a": torch.zeros(2)}, tmp_path / "not_clip.pt")   # a torch file, not a CLIP
     with pytest.raises(fd.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
         ef.load_clip("tiny", tmp_path / "not_clip.pt", torch.device("cpu"))
     torch.save({"a": Path("x")}, tmp_path / "objects.pt")         # torch.save'd, but not weights only
     with pytest.raises(fd.DataError, match="objects other than tensors"):
-        ef.load_torch_file(tmp_path / "objects.pt", "checkpoint")
-    assert ef.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
+        ff.load_torch_file(tmp_path / "objects.pt", "checkpoint")
+    assert ff.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
 
 
 def test_an_unreadable_file_at_the_output_path_is_named(make_dataset, tiny_vit_checkpoint, tmp_path):
@@ -484,7 +492,7 @@ def cupl_dtd(tmp_path, monkeypatch):
     # spelt CuPL's way (case, spaces for underscores); "class c_2" has no sentences
     source.write_text(json.dumps({"Class A 0": ["a woven texture.", "threads."], "class_b_1": ["spots."]}))
     # patched in extract_features, where cupl_prompts looks the table up (fewshot_data.py defines it)
-    monkeypatch.setattr(ef, "CUPL_PROMPTS", {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
+    monkeypatch.setattr(download, "CUPL_PROMPTS", {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return source
 
@@ -504,20 +512,20 @@ def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, 
     assert f["settings"]["prompts"] == "cupl" and cli[3]["settings"]["prompts"] == "templates"
     assert f["settings"]["prompts_sha256"] != cli[3]["settings"]["prompts_sha256"]
     cupl_dtd.unlink()                          # a second use reads the cache: no download
-    assert ef.cupl_prompts("dtd") == cached and "downloading" not in capsys.readouterr().out
+    assert download.cupl_prompts("dtd") == cached and "downloading" not in capsys.readouterr().out
     cached.write_text("{}")                    # a cache that no longer matches its sha256 is not used
     with pytest.raises(fd.DataError, match="^--prompts cupl: cannot download file:"):
-        ef.cupl_prompts("dtd")
+        download.cupl_prompts("dtd")
 
 
 def test_a_cupl_download_with_another_sha256_is_refused_and_not_kept(cupl_dtd, tmp_path, monkeypatch):
-    monkeypatch.setitem(ef.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
+    monkeypatch.setitem(download.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
     with pytest.raises(fd.DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
                                            f"pinned 0{{64}} .*nothing was cached or used$"):
-        ef.cupl_prompts("dtd")
+        download.cupl_prompts("dtd")
     assert not (tmp_path / "cache").exists()
     with pytest.raises(fd.DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
-        ef.cupl_prompts("imagenet-sketch")
+        download.cupl_prompts("imagenet-sketch")
 
 
 def test_cupl_table_pins_a_commit_and_a_sha256_per_dataset():

@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fixtures import unit  # noqa: E402
 from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
 
 VARIANTS = ("full", "t", "tn", "tp")
@@ -43,10 +44,6 @@ def make_data(C, d, counts, seed=0, dtype=torch.float64, B=6):
     x = 0.4 * common + rnd(B, d)
     y = torch.randint(0, C, (B,), generator=g)
     return pos, neg, feats, labels, x, y
-
-
-def unit(x):
-    return x / x.norm(dim=-1, keepdim=True)
 
 
 def ref_class_means(feats, labels, C):

@@ -228,7 +228,7 @@ def test_shift_runs_hegraph_t_and_the_baselines_on_imagenet(tiny_vit_checkpoint,
 
 
 def test_features_mode_sweeps_k_over_one_file_and_draws_the_tsne(tmp_path):
-    from test_train import synthetic_features
+    from fixtures import synthetic_features
     feats = synthetic_features(tmp_path / "synthetic.pt", C=12, max_shots=4, seeds=(1, 2))
     argv = ["--features", str(feats), "--shots", "1", "4", "--methods", "zeroshot", "hegraph", "--seeds", "1", "2",
             "--results", str(tmp_path / "results"), "--device", "cpu", "--", "--epochs", "3"]

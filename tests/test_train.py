@@ -7,72 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train
-from extract_features import FORMAT
+from features_file import FORMAT
+from fixtures import synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_features(path, C=10, d=32, max_shots=4, views=3, test_per_class=30, text_noise=1.2,
-                       backbone="synthetic", seeds=(1, 2, 3), negatives=True, seed=0):
-    """A features file in the documented format for a task whose classes are Gaussian blobs on the sphere.
-
-    The positive text features are the class centres pushed away by text_noise, so zero-shot is weak
-    and the few-shot images carry the information.
-    """
-    g = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(C, d, generator=g), dim=-1)                    # [C, d]
-    images = lambda labels: F.normalize(centres[labels] + 0.25 * torch.randn(len(labels), d, generator=g), dim=-1)
-    pool = 2 * max_shots                                                              # train images per class
-    train_labels = torch.arange(C).repeat_interleave(pool)                            # [N]
-    train_views = torch.stack([images(train_labels) for _ in range(views)])          # [V, N, d]
-    test_labels = torch.arange(C).repeat_interleave(test_per_class)
-    val_labels = torch.arange(C).repeat_interleave(4)
-    text = F.normalize(centres + text_noise * F.normalize(torch.randn(C, d, generator=g), dim=-1), dim=-1)
-    fewshot = {s: torch.stack([c * pool + torch.randperm(pool, generator=g)[:max_shots] for c in range(C)])
-               for s in seeds}
-    data = {
-        "format": FORMAT, "dataset": "synthetic", "backbone": backbone, "logit_scale": 100.0,
-        "classnames": [f"class {c}" for c in range(C)], "prompts": {"positive": [], "negative": []},
-        "text": {"positive": text.half()},
-        "train": {"features": train_views.half(), "labels": train_labels},
-        "val": {"features": images(val_labels).half(), "labels": val_labels},
-        "test": {"features": images(test_labels).half(), "labels": test_labels},
-        "fewshot": fewshot,
-        "val_fewshot": {s: torch.arange(C * 4).view(C, 4) for s in seeds},
-    }
-    if negatives:
-        data["text"]["negative"] = F.normalize(-text + 0.5 * torch.randn(C, d, generator=g), dim=-1).half()
-    torch.save(data, path)
-    return path
-
-
-@pytest.fixture
-def feats(tmp_path):
-    return synthetic_features(tmp_path / "synthetic.pt")
-
-
-def run(*argv):
-    """train.run on the command-line arguments; quick recipe unless the arguments say otherwise."""
-    return train.run(train.parse_args([*map(str, argv)]))
-
-
-def fail(capsys, *argv):
-    """train.main on bad arguments: exits non-zero with one 'error:' line; returns that line."""
-    capsys.readouterr()                                       # forget what earlier runs printed
-    with pytest.raises(SystemExit) as e:
-        train.main([*map(str, argv)])
-    assert e.value.code != 0
-    # what a terminal shows: a progress bar redraws its line after "\r" and is cleared when closed
-    err = [shown for line in capsys.readouterr().err.split("\n") if (shown := line.split("\r")[-1].strip())]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.mark.parametrize("method", list(train.METHODS))
-def test_every_method_runs_end_to_end(feats, method, tmp_path):
+def test_every_method_runs_end_to_end(feats, method, tmp_path, run):
     out = tmp_path / "r.json"
     r = run("--features", feats, "--method", method, "--shots", 2, "--epochs", 3, "--out", out)
     assert set(r["seeds"]) == {1, 2, 3}
@@ -81,7 +25,7 @@ def test_every_method_runs_end_to_end(feats, method, tmp_path):
     assert saved["method"] == method and saved["params"] == r["params"] >= 0
 
 
-def test_results_record_what_was_used(feats, tmp_path):
+def test_results_record_what_was_used(feats, tmp_path, run):
     out = tmp_path / "results.json"
     run("--features", feats, "--shots", 4, "--epochs", 2, "--out", out, "--beta-vp", 0.25)
     r = json.loads(out.read_text())
@@ -125,7 +69,7 @@ def test_each_method_records_its_own_recipe(method, recipe):
     assert train.effective_recipe(train.METHODS["hegraph"], "fgvc_aircraft", 1, args).lr == 1e-2
 
 
-def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path):
+def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path, run):
     feats = synthetic_features(tmp_path / "f.pt", C=12, text_noise=1.5, seeds=(1,))
     zs = run("--features", feats, "--method", "zeroshot", "--shots", 4, "--seeds", 1)["test_accuracy"]
     hg = run("--features", feats, "--method", "hegraph", "--shots", 4, "--seeds", 1, "--epochs", 50,
@@ -136,7 +80,7 @@ def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path):
     assert hg >= zs + 8 and text_only >= zs + 8, (zs, hg, text_only)
 
 
-def test_same_seed_same_accuracy(feats):
+def test_same_seed_same_accuracy(feats, run):
     a = run("--features", feats, "--shots", 2, "--epochs", 3, "--seeds", 1, 2)
     b = run("--features", feats, "--shots", 2, "--epochs", 3, "--seeds", 1, 2)
     assert a["seeds"] == b["seeds"]
@@ -150,7 +94,7 @@ def test_seeds_are_different_few_shot_tasks(feats):
     assert torch.equal(one.test[0], two.test[0])                                # one shared test split
 
 
-def test_training_changes_the_model_and_eval_only_reproduces_it(feats, tmp_path):
+def test_training_changes_the_model_and_eval_only_reproduces_it(feats, tmp_path, run):
     trained = run("--features", feats, "--shots", 4, "--epochs", 5, "--seeds", 1, "--save", tmp_path / "ck")
     ckpt = torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)
     assert ckpt["state_dict"]["W_p"].abs().sum() > 0 and ckpt["state_dict"]["b_p"].abs().sum() > 0
@@ -158,7 +102,7 @@ def test_training_changes_the_model_and_eval_only_reproduces_it(feats, tmp_path)
     assert again["seeds"] == trained["seeds"] and again["method"] == "hegraph" and again["shots"] == 4
 
 
-def test_bias_only_ablation_keeps_every_projection_at_zero(feats, tmp_path):
+def test_bias_only_ablation_keeps_every_projection_at_zero(feats, tmp_path, run):
     r = run("--features", feats, "--method", "hegraph-bias", "--shots", 4, "--epochs", 5, "--seeds", 1,
             "--save", tmp_path / "ck")
     state = torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["state_dict"]
@@ -168,7 +112,7 @@ def test_bias_only_ablation_keeps_every_projection_at_zero(feats, tmp_path):
     assert r["params"] == 3 * 10 * 32                                          # the biases only
 
 
-def test_epochs_0_evaluates_the_starting_point_which_is_tip_adapter(feats):
+def test_epochs_0_evaluates_the_starting_point_which_is_tip_adapter(feats, run):
     """--epochs 0 is no training, not "unset": hegraph with every W and b at zero is zero-shot + Tip-Adapter."""
     hg = run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 0)
     tip = run("--features", feats, "--method", "tip", "--shots", 2)
@@ -192,9 +136,9 @@ def test_hegraph_at_zero_has_the_tip_adapter_logits_through_train_py(feats):
     assert not torch.allclose(hegraph(x), tip(x), atol=1e-2)                   # the check can fail
 
 
-def test_no_negatives(tmp_path, capsys):
+def test_no_negatives(tmp_path, run, fail):
     feats = synthetic_features(tmp_path / "f.pt", negatives=False)
-    line = fail(capsys, "--features", feats, "--method", "hegraph", "--epochs", 1, "--shots", 2)
+    line = fail("--features", feats, "--method", "hegraph", "--epochs", 1, "--shots", 2)
     assert "--no-negatives" in line
     tp = run("--features", feats, "--method", "hegraph-tp", "--epochs", 2, "--shots", 2)
     t = run("--features", feats, "--method", "hegraph-t", "--no-negatives", "--epochs", 2, "--shots", 2)
@@ -202,7 +146,7 @@ def test_no_negatives(tmp_path, capsys):
     run("--features", feats, "--method", "tip-f", "--epochs", 1, "--shots", 2)   # baselines need none
 
 
-def test_shift_sets_use_each_models_prediction_on_mapped_classes(feats, tmp_path):
+def test_shift_sets_use_each_models_prediction_on_mapped_classes(feats, tmp_path, run):
     """A shift set whose 3 classes are ImageNet classes 7, 2, 5: its logits are those columns."""
     run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 2, "--seeds", 1,
         "--save", tmp_path / "ck")

@@ -11,12 +11,7 @@ import torch
 
 import train
 from baselines import TipAdapter, TipConfig
-from test_train import fail, run, synthetic_features
-
-
-@pytest.fixture
-def feats(tmp_path):
-    return synthetic_features(tmp_path / "synthetic.pt")
+from fixtures import synthetic_features
 
 
 def edit(path, change, out=None):
@@ -33,10 +28,10 @@ def edit(path, change, out=None):
 
 @pytest.mark.parametrize("split", ["test", "val"])
 @pytest.mark.parametrize("value", [float("nan"), 0.0])
-def test_nan_or_zero_rows_are_refused_with_their_split_and_count(feats, capsys, split, value):
+def test_nan_or_zero_rows_are_refused_with_their_split_and_count(feats, split, value, fail):
     def spoil(data):
         data[split]["features"][[1, 4, 6]] = value
-    line = fail(capsys, "--features", edit(feats, spoil), "--method", "zeroshot", "--shots", 2)
+    line = fail("--features", edit(feats, spoil), "--method", "zeroshot", "--shots", 2)
     assert f"'{split}.features'" in line and "3 of" in line
 
 
@@ -50,8 +45,8 @@ def test_nan_or_zero_rows_are_refused_with_their_split_and_count(feats, capsys, 
     (lambda d: d["text"].__setitem__("negative", d["text"]["negative"][:, :5]), "'text.negative' is"),
     (lambda d: d["train"].__setitem__("features", d["train"]["features"][0]), "'train.features' must be"),
 ])
-def test_every_tensor_is_checked_on_load(feats, capsys, change, words):
-    assert words in fail(capsys, "--features", edit(feats, change), "--method", "zeroshot", "--shots", 2)
+def test_every_tensor_is_checked_on_load(feats, change, words, fail):
+    assert words in fail("--features", edit(feats, change), "--method", "zeroshot", "--shots", 2)
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -62,38 +57,38 @@ def test_every_tensor_is_checked_on_load(feats, capsys, change, words):
     (["--shots", "0"], "--shots must be at least 1"),
     (["--shots", "-2"], "--shots must be at least 1"),
 ])
-def test_bad_recipe_values_are_refused(feats, capsys, flags, words):
-    assert words in fail(capsys, "--features", feats, *flags)
+def test_bad_recipe_values_are_refused(feats, flags, words, fail):
+    assert words in fail("--features", feats, *flags)
 
 
-def test_a_diverging_loss_stops_the_run_with_no_accuracy(feats, tmp_path, capsys):
+def test_a_diverging_loss_stops_the_run_with_no_accuracy(feats, tmp_path, fail):
     out = tmp_path / "r.json"
     for method in ("hegraph", "tip-f"):
-        line = fail(capsys, "--features", feats, "--method", method, "--shots", 4, "--lr", "1e6", "--epochs", 30,
+        line = fail("--features", feats, "--method", method, "--shots", 4, "--lr", "1e6", "--epochs", 30,
                     "--seeds", 2, "--out", out)
         assert "diverged at seed 2, epoch" in line and "step" in line and "--lr" in line
         assert not out.exists()
 
 
-def test_hegraph_tn_without_negatives_is_refused_naming_the_flag(feats, capsys):
-    assert "cannot run with --no-negatives" in fail(capsys, "--features", feats, "--method", "hegraph-tn",
+def test_hegraph_tn_without_negatives_is_refused_naming_the_flag(feats, fail):
+    assert "cannot run with --no-negatives" in fail("--features", feats, "--method", "hegraph-tn",
                                                     "--no-negatives")
 
 
-def test_features_of_another_dataset_are_refused(feats, capsys):
-    assert "holds 'synthetic', not --dataset 'dtd'" in fail(capsys, "--features", feats, "--dataset", "dtd")
+def test_features_of_another_dataset_are_refused(feats, fail):
+    assert "holds 'synthetic', not --dataset 'dtd'" in fail("--features", feats, "--dataset", "dtd")
 
 
-def test_search_val_refuses_methods_without_a_cache(feats, capsys, tmp_path):
+def test_search_val_refuses_methods_without_a_cache(feats, tmp_path, run, fail):
     for method in ("zeroshot", "hegraph-t", "taskres"):
-        assert f"{method} has none" in fail(capsys, "--features", feats, "--method", method, "--search-val")
+        assert f"{method} has none" in fail("--features", feats, "--method", method, "--search-val")
     # a text-only variant therefore never leaves a searched γ in its saved config
     run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1, "--save",
         tmp_path / "ck")
     assert torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["model_config"]["gamma"] == 5.0
 
 
-def test_search_val_tunes_on_the_validation_subset_only(tmp_path):
+def test_search_val_tunes_on_the_validation_subset_only(tmp_path, run):
     """The recorded α, γ are the brute-force best on the val subset, which differs from the test's best."""
     feats = synthetic_features(tmp_path / "f.pt", C=8, text_noise=1.0, seeds=(1,))
     data = torch.load(feats, weights_only=True)
@@ -116,7 +111,7 @@ def test_search_val_tunes_on_the_validation_subset_only(tmp_path):
     assert (chosen["alpha"], chosen["gamma"]) == pytest.approx(on_val)
 
 
-def test_searched_checkpoints_join_one_folder_and_evaluate_as_searched(feats, tmp_path):
+def test_searched_checkpoints_join_one_folder_and_evaluate_as_searched(feats, tmp_path, run):
     """--search-val changes α, γ per seed: seeds of one command are still one run, and --eval-only scores
     the searched model, not the flags' α and γ."""
     ck = tmp_path / "ck"
@@ -131,19 +126,19 @@ def test_searched_checkpoints_join_one_folder_and_evaluate_as_searched(feats, tm
     assert again["seeds"] == first["seeds"] and again["model_config"][1] == searched
 
 
-def test_eval_only_takes_method_and_shots_from_the_checkpoints_and_refuses_conflicts(feats, tmp_path, capsys):
+def test_eval_only_takes_method_and_shots_from_the_checkpoints_and_refuses_conflicts(feats, tmp_path, run, fail):
     run("--features", feats, "--method", "hegraph-t", "--shots", 3, "--epochs", 1, "--seeds", 1, 2,
         "--save", tmp_path / "ck")
-    line = fail(capsys, "--features", feats, "--eval-only", "--load", tmp_path / "ck", "--method", "tip",
+    line = fail("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--method", "tip",
                 "--seeds", 1, 2)
     assert "--method tip conflicts" in line and "hegraph-t" in line
-    assert "--shots 2 conflicts" in fail(capsys, "--features", feats, "--eval-only", "--load", tmp_path / "ck",
+    assert "--shots 2 conflicts" in fail("--features", feats, "--eval-only", "--load", tmp_path / "ck",
                                          "--shots", 2, "--seeds", 1)
     r = run("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1, 2)
     assert (r["method"], r["shots"]) == ("hegraph-t", 3)
 
 
-def test_checkpoints_of_another_config_version_are_refused_not_rebuilt_with_todays_defaults(feats, tmp_path, capsys):
+def test_checkpoints_of_another_config_version_are_refused_not_rebuilt_with_todays_defaults(feats, tmp_path, run, fail):
     """A checkpoint saved before a config field existed would otherwise get the field's current default."""
     ck = tmp_path / "ck"
     run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", ck)
@@ -151,30 +146,30 @@ def test_checkpoints_of_another_config_version_are_refused_not_rebuilt_with_toda
     del ckpt["model_config"]["weight_scale"]
     ckpt["model_config"]["old_knob"] = 1.0
     torch.save(ckpt, ck / "seed1.pt")
-    line = fail(capsys, "--features", feats, "--eval-only", "--load", ck, "--seeds", 1)
+    line = fail("--features", feats, "--eval-only", "--load", ck, "--seeds", 1)
     assert "another version of train.py" in line and "lacks weight_scale and has the unknown old_knob" in line
     assert f"--save {ck} --overwrite" in line
 
 
-def test_truncated_files_get_one_line(feats, tmp_path, capsys):
+def test_truncated_files_get_one_line(feats, tmp_path, run, fail):
     run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", tmp_path / "ck")
     for path in (tmp_path / "ck" / "seed1.pt", Path(feats)):
         path.write_bytes(path.read_bytes()[:200])
     assert "seed1.pt is truncated or not a file written by torch.save" in \
-        fail(capsys, "--features", synthetic_features(tmp_path / "g.pt"), "--eval-only", "--load", tmp_path / "ck",
+        fail("--features", synthetic_features(tmp_path / "g.pt"), "--eval-only", "--load", tmp_path / "ck",
              "--seeds", 1)
-    assert "truncated or not a file written by torch.save" in fail(capsys, "--features", feats)
+    assert "truncated or not a file written by torch.save" in fail("--features", feats)
     (tmp_path / "empty.pt").write_bytes(b"")
-    assert "truncated" in fail(capsys, "--features", tmp_path / "empty.pt")
+    assert "truncated" in fail("--features", tmp_path / "empty.pt")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_says_so(feats, capsys):
-    assert "CUDA is not available" in fail(capsys, "--features", feats, "--device", "cuda")
+def test_cuda_without_cuda_says_so(feats, fail):
+    assert "CUDA is not available" in fail("--features", feats, "--device", "cuda")
 
 
-def test_shots_above_max_shots_stop_before_any_extraction(tmp_path, capsys):
-    line = fail(capsys, "--dataset", "dtd", "--root", tmp_path / "data", "--features-dir", tmp_path / "f",
+def test_shots_above_max_shots_stop_before_any_extraction(tmp_path, fail):
+    line = fail("--dataset", "dtd", "--root", tmp_path / "data", "--features-dir", tmp_path / "f",
                 "--shots", 32)
     assert "--max-shots 32" in line and not (tmp_path / "f").exists()
 
@@ -188,22 +183,22 @@ def test_tilde_is_expanded_in_path_flags(feats, tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # nothing lost
 
-def test_unwritable_outputs_are_refused_before_training(feats, tmp_path, capsys, monkeypatch):
+def test_unwritable_outputs_are_refused_before_training(feats, tmp_path, monkeypatch, fail):
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     (tmp_path / "file").write_text("")
-    assert "cannot write" in fail(capsys, "--features", feats, "--out", tmp_path / "file" / "r.json")
-    assert "cannot write" in fail(capsys, "--features", feats, "--save", tmp_path / "file" / "ck")
+    assert "cannot write" in fail("--features", feats, "--out", tmp_path / "file" / "r.json")
+    assert "cannot write" in fail("--features", feats, "--save", tmp_path / "file" / "ck")
 
 
-def test_checkpoint_folders_are_never_mixed(feats, tmp_path, capsys):
+def test_checkpoint_folders_are_never_mixed(feats, tmp_path, run, fail):
     ck = tmp_path / "ck"
     run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1, "--seeds", 1, 3, "--save", ck)
     run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1, "--seeds", 2, "--save", ck)
     assert sorted(p.name for p in ck.iterdir()) == ["seed1.pt", "seed2.pt", "seed3.pt"]   # same run: joins
-    line = fail(capsys, "--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1,
+    line = fail("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1,
                 "--save", ck)
     assert "another run" in line and "--overwrite" in line
-    assert "another run" in fail(capsys, "--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1,
+    assert "another run" in fail("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1,
                                  "--seeds", 1, "--beta-vv", 0.5, "--save", ck)    # same method, other config
     run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", ck,
         "--overwrite")
@@ -212,13 +207,13 @@ def test_checkpoint_folders_are_never_mixed(feats, tmp_path, capsys):
     run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 1, "--seeds", 2, "--save",
         tmp_path / "other")
     (tmp_path / "other" / "seed2.pt").rename(ck / "seed2.pt")
-    assert "different runs" in fail(capsys, "--features", feats, "--eval-only", "--load", ck, "--seeds", 1, 2)
+    assert "different runs" in fail("--features", feats, "--eval-only", "--load", ck, "--seeds", 1, 2)
 
 
-def test_a_failed_run_leaves_existing_results_untouched(feats, tmp_path, capsys):
+def test_a_failed_run_leaves_existing_results_untouched(feats, tmp_path, fail):
     out = tmp_path / "results.json"
     out.write_text("previous results")
-    fail(capsys, "--features", feats, "--shots", 99, "--out", out)
+    fail("--features", feats, "--shots", 99, "--out", out)
     assert out.read_text() == "previous results"
 
 
@@ -259,14 +254,14 @@ def test_tip_f_trains_without_leave_one_out(feats, monkeypatch):
     assert seen and all(kw == {} for kw in seen)
 
 
-def test_tip_uses_alpha(feats):
+def test_tip_uses_alpha(feats, run):
     """--alpha changes Tip-Adapter's prediction, and --alpha 0 is zero-shot."""
     zs = run("--features", feats, "--method", "zeroshot", "--shots", 2)["seeds"]
     assert run("--features", feats, "--method", "tip", "--shots", 2, "--alpha", 0)["seeds"] == zs
     assert run("--features", feats, "--method", "tip", "--shots", 2, "--alpha", 3)["seeds"] != zs
 
 
-def test_results_json_holds_only_what_was_evaluated(feats, tmp_path):
+def test_results_json_holds_only_what_was_evaluated(feats, tmp_path, run):
     out = tmp_path / "r.json"
     run("--features", feats, "--method", "tip", "--shots", 2, "--epochs", 7, "--out", out)
     r = json.loads(out.read_text())

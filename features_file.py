@@ -1,0 +1,316 @@
+"""The features file: the contract between extract_features.py, which writes it, and train.py, which reads it.
+
+One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.md has the full layout):
+
+    format "hegraphadapter-features-v1", dataset, backbone, logit_scale, classnames [C], prompts,
+    text {positive [C, d], negative [C, d]},
+    train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
+    fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
+    plus class_map [C] (ImageNet shift sets), paths, and settings: the Settings it was extracted with.
+
+Here: the Settings (what a file records and what its reuse compares), reading a file with weights_only and
+checking every tensor train.py uses, atomic writes, the lock that makes parallel writers take turns, and the
+removal of temporary files that killed writers left behind.
+"""
+import dataclasses
+import glob
+import os
+import pickle
+import re
+import socket
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from fewshot_data import DataError
+
+FORMAT = "hegraphadapter-features-v1"
+
+
+# ----------------------------------------------------------------------------- what a file was made with
+
+@dataclass(frozen=True)
+class Settings:
+    """What a features file is extracted with: what extract_features takes, what the file records (record())
+    and what decides whether an existing file can be reused (check_served). The encoding's speed settings
+    (batch size, workers, device) change no feature and are not part of it."""
+    dataset: str                           # dataset key, e.g. "dtd"
+    backbone: str = "RN50"                 # CLIP model name
+    clip_checkpoint: str | None = None     # a local checkpoint (absolute path) loaded instead of `backbone`
+    prompts: str | None = None             # None: the dataset's template; "cupl"; or a json file's path
+    negative_template: str = "a photo of no {}."  # template of the negative prompts
+    seeds: tuple[int, ...] = (1, 2, 3)     # few-shot seeds, each drawing its own subsets
+    max_shots: int = 16                    # training images per class per seed; K shots are the first K
+    views: int = 10                        # views per training image: CLIP's preprocessing + augmented crops
+    allow_repeats: bool = False            # a class with fewer images than max_shots repeats them
+    prompts_sha256: str | None = None      # hash of the positive and negative sentences (filled in once read)
+
+    def test_only(self):
+        """The settings of a test-only set (an ImageNet shift set): no subsets and no training views, so the
+        main run's seeds, max_shots, views and allow_repeats mean nothing for it."""
+        return dataclasses.replace(self, seeds=(), max_shots=0, views=1, allow_repeats=False)
+
+    def record(self) -> dict:
+        """The settings as the file stores and compares them: the prompts file by its name (its sentences are
+        compared by their hash), plain lists and strings."""
+        prompts = self.prompts if self.prompts in (None, "cupl") else Path(self.prompts).name
+        checkpoint = self.clip_checkpoint and str(Path(self.clip_checkpoint).resolve())
+        return {"format": FORMAT, **dataclasses.asdict(self), "prompts": prompts or "templates",
+                "clip_checkpoint": checkpoint, "seeds": list(self.seeds)}
+
+
+def features_path(out_dir, dataset: str, backbone: str) -> Path:
+    """The file a dataset's features are written to, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32)."""
+    return Path(out_dir) / f"{dataset}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_torch_file(path, what: str, mmap: bool = False):
+    """torch.load(path) on the CPU with weights_only=True, or one DataError line naming `what` and `path`.
+
+    For any file a user hands over (a features file, a checkpoint): a missing path, an empty or truncated
+    file, or one torch.save did not write (text, an image, a plain pickle) each end in one line, e.g.
+    "checkpoint runs/seed1.pt is truncated or not a file written by torch.save (...)", not a traceback.
+    mmap=True maps the tensors instead of reading them (for files in torch.save's default zip format; others
+    are read), so a large file's small entries are cheap to look at.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist" + (" as a file (it is a folder)" if path.is_dir() else ""))
+    is_zip = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; False for a truncated one
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except Exception as e:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
+        first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        if is_zip and isinstance(e, pickle.UnpicklingError):
+            raise DataError(f"{what} {path} holds objects other than tensors and plain Python containers, "
+                            f"which are not loaded (torch.load weights_only=True; {reason})") from None
+        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
+
+
+def load_features(path) -> dict:
+    """Read a features file and check every tensor train.py will use; one DataError line otherwise."""
+    data = load_torch_file(path, "features file")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path} is not a features file of format {FORMAT!r} (found {found!r})")
+    check_features(data, path)
+    return data
+
+
+def _get(data, key, path):
+    """data["text"]["positive"] for key "text.positive", or one line naming the missing key."""
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise DataError(f"{path} lacks {key!r}, which format {FORMAT} requires; re-extract it")
+        node = node[part]
+    return node
+
+
+def _tensor(data, key, ndim, path, integer=False):
+    """The tensor at `key`, checked to be a float (or integer) tensor with `ndim` dimensions."""
+    t = _get(data, key, path)
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() == integer:
+        kind = "an integer" if integer else "a float"
+        raise DataError(f"{path}: {key!r} must be {kind} tensor with {ndim} dimensions, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+    return t
+
+
+def _check_unit_rows(t, key, path):
+    """NaN rows would be scored as class 0 by argmax, and all-zero rows as any class: both are refused."""
+    bad = (~torch.isfinite(t.float()).all(-1) | (t.float().norm(dim=-1) == 0)).sum().item()
+    if bad:
+        raise DataError(f"{path}: {bad} of {t[..., 0].numel()} rows of {key!r} are NaN, infinite or all zero; "
+                        f"re-extract the features")
+
+
+def _labels(data, key, n, C, path):
+    """The integer labels at `key`: n of them, each a class index below C."""
+    y = _tensor(data, key, 1, path, integer=True)
+    if len(y) != n:
+        raise DataError(f"{path}: {key!r} has {len(y)} labels for {n} feature rows")
+    if len(y) and (y.min() < 0 or y.max() >= C):
+        raise DataError(f"{path}: {key!r} lie in {y.min().item()}..{y.max().item()}, outside the {C} classes")
+    return y
+
+
+def _check_subsets(data, key, labels, C, path):
+    """Each seed's [C, shots] few-shot rows at `key` index the split and row c lists images of class c."""
+    for seed, rows in _get(data, key, path).items():
+        name = f"{key}[{seed}]"
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != C or rows.is_floating_point():
+            raise DataError(f"{path}: {name} must be an integer tensor [{C}, shots]")
+        if rows.numel() and (rows.min() < 0 or rows.max() >= len(labels)):
+            raise DataError(f"{path}: {name} indexes rows {rows.min().item()}..{rows.max().item()} of a split "
+                            f"that has {len(labels)}")
+        if not (labels[rows] == torch.arange(C)[:, None]).all():
+            raise DataError(f"{path}: {name} row c must list images of class c, and does not")
+
+
+def check_features(data, path):
+    """One DataError naming the first key of a features file that train.py cannot use, and why."""
+    _get(data, "backbone", path), _get(data, "logit_scale", path)
+    pos = _tensor(data, "text.positive", 2, path)
+    C, d = pos.shape
+    if len(_get(data, "classnames", path)) != C:
+        raise DataError(f"{path}: {len(data['classnames'])} class names but {C} positive text features")
+    _check_unit_rows(pos, "text.positive", path)
+    if "negative" in data["text"]:
+        neg = _tensor(data, "text.negative", 2, path)
+        if neg.shape != pos.shape:
+            raise DataError(f"{path}: 'text.negative' is {list(neg.shape)}, 'text.positive' {list(pos.shape)}")
+        _check_unit_rows(neg, "text.negative", path)
+    splits = {"test": 2} | {s: n for s, n in (("train", 3), ("val", 2)) if s in data}
+    for split, ndim in splits.items():
+        feats = _tensor(data, f"{split}.features", ndim, path)
+        if feats.shape[-1] != d:
+            raise DataError(f"{path}: {split} features have size {feats.shape[-1]}, text features {d}: they "
+                            f"must come from the same encoder")
+        _check_unit_rows(feats, f"{split}.features", path)
+        labels = _labels(data, f"{split}.labels", feats.shape[-2], C, path)
+        if split in ("train", "val"):
+            _check_subsets(data, {"train": "fewshot", "val": "val_fewshot"}[split], labels, C, path)
+    if "class_map" in data:
+        _labels(data, "class_map", C, 10**9, path)
+
+
+# ----------------------------------------------------------------------------- reuse of an existing file
+
+def existing(path: Path) -> dict:
+    """The dict in the features file at `path`, its tensors mapped rather than read; one line if it is none."""
+    try:
+        data = load_torch_file(path, "features file", mmap=True)
+    except DataError as e:
+        raise DataError(f"{e}; pass --overwrite to replace it or choose another --features-dir") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} exists and is not a features file; pass --overwrite to replace it or choose "
+                        f"another --features-dir")
+    return data
+
+
+def check_served(path: Path, recorded, wanted: dict, absent: Path | None = None):
+    """Return if the file at `path`, made with the `recorded` settings, serves the `wanted` ones (both as
+    Settings.record() gives them); else one line why not.
+
+    A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
+    depend on the other seeds, and K shots are the first K columns of any larger max-shots. `absent`: the
+    dataset folder, when it is absent (then the file cannot be extracted again).
+    """
+    if not isinstance(recorded, dict):
+        raise DataError(f"{path} exists and is not a features file written by extract_features.py; pass "
+                        f"--overwrite to replace it or choose another --features-dir")
+    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v  # noqa: E731
+    differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in wanted.items()
+              if k not in ("seeds", "max_shots") and recorded.get(k) != v]
+    old_seeds, old_shots = recorded.get("seeds", []), recorded.get("max_shots", 0)
+    if not set(wanted["seeds"]) <= set(old_seeds) or wanted["max_shots"] > old_shots:
+        differ.append(f"seeds {old_seeds} and max-shots {old_shots} in the file, seeds {wanted['seeds']} and "
+                      f"max-shots {wanted['max_shots']} asked")
+    if not differ:
+        print(f"reusing {path}: it was extracted with the same settings"
+              + (f" (the dataset folder {absent} is absent)" if absent else ""))
+        return
+    if absent:
+        raise DataError(f"{path} was extracted with other settings ({'; '.join(differ)}) and the dataset folder "
+                        f"{absent} is absent, so it cannot be extracted again: ask for the file's settings or put "
+                        f"the dataset under --root")
+    if len(differ) == 1 and differ[0].startswith("seeds"):  # most likely per-seed jobs sharing one file
+        seeds = " ".join(map(str, sorted(set(old_seeds) | set(wanted["seeds"]))))
+        raise DataError(f"{path} exists with {differ[0]}: extract it once for all the seeds before starting "
+                        f"per-seed jobs (python extract_features.py --dataset {wanted['dataset']} --seeds {seeds} "
+                        f"--max-shots {max(old_shots, wanted['max_shots'])} and the same other flags), or pass "
+                        f"--overwrite to replace it")
+    raise DataError(f"{path} exists with different settings ({'; '.join(differ)}); pass --overwrite to replace it "
+                    f"or choose another --features-dir")
+
+
+def reusable(path: Path, wanted: dict, overwrite: bool) -> bool:
+    """True if the file at `path` serves `wanted`, False if there is none (or overwrite); else one line why not."""
+    if overwrite or not path.exists():
+        return False
+    check_served(path, existing(path).get("settings"), wanted)
+    return True
+
+
+# ----------------------------------------------------------------------------- writing safely
+
+def file_lock(path) -> FileLock:
+    """An exclusive lock on `path` across processes, held in a hidden `.<name>.lock` file beside it.
+
+    `with file_lock(path): check, then write` makes parallel jobs on one file (one per seed or per GPU on a
+    cluster) take turns, so that none replaces a file another has just checked or written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(f".{path.name}.lock"))
+
+
+def acquire(lock: FileLock, path: Path):
+    """lock.acquire() for a `with`, saying what it waits for when another process holds the lock."""
+    try:
+        return lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process to finish writing {path}", flush=True)
+        return lock.acquire()
+
+
+STALE_TEMP_SECONDS = 24 * 3600  # a writer keeps writing its temporary file: one untouched for a day is dead
+
+
+def _alive(pid: int) -> bool:
+    """True if process `pid` of this host runs (or might: when it cannot be asked)."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path):
+    """Delete the temporary files that killed writes of `path` left (kill -9, power cut: no `finally` ran).
+
+    Only files of write_atomic's naming, .NAME.HOST.PID.tmp, and only a dead writer's: a process of this host
+    that no longer runs, or any file untouched for a day (the PID since reused, another host writing to a
+    shared folder). A live writer's file is never removed.
+    """
+    host, named = socket.gethostname(), re.compile(rf"\.{re.escape(path.name)}\.(?:(.+)\.)?(\d+)\.tmp")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = named.fullmatch(tmp.name)
+        try:
+            if match and ((match[1] == host and not _alive(int(match[2])))
+                          or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS):
+                tmp.unlink()
+        except FileNotFoundError:  # another process cleaned it up first
+            pass
+
+
+def write_atomic(path, write):
+    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched.
+
+    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
