@@ -26,8 +26,18 @@ import torch.nn.functional as F
 from hegraphadapter import cache_logits, class_means, normalize, normalize_adjacency, similarity_edges
 
 
-class Classifier(nn.Module):
-    """A model trained with plain cross-entropy on its logits."""
+class Adapter(nn.Module):
+    """What every baseline shares: its frozen config, CLIP's logit scale s, the normalised class text features
+    P [C, d] (whose device and dtype are the model's), and a plain cross-entropy loss on its logits.
+
+    A subclass's constructor names the task tensors it takes (pos_text, then cache_feats and cache_labels if it
+    has a cache), then config and logit_scale by keyword, as HeGraphAdapter does: every method is built alike.
+    """
+
+    def __init__(self, pos_text, *, config, logit_scale=100.0):
+        super().__init__()
+        self.config, self.logit_scale = config, float(logit_scale)
+        self.register_buffer("P", normalize(pos_text), persistent=False)   # [C, d], rebuilt from the features
 
     def loss(self, image_feats, labels):
         return F.cross_entropy(self(image_feats), labels.to(self.P.device))
@@ -45,13 +55,11 @@ class NoConfig:
     """For a model without hyper-parameters."""
 
 
-class ZeroShot(Classifier):
+class ZeroShot(Adapter):
     """Zero-shot CLIP with the positive prompts ("Base" in the HeGraphAdapter paper). Nothing to learn."""
 
     def __init__(self, pos_text, *, config=NoConfig(), logit_scale=100.0):
-        super().__init__()
-        self.config, self.logit_scale = config, float(logit_scale)
-        self.register_buffer("P", normalize(pos_text), persistent=False)   # [C, d], rebuilt from the features
+        super().__init__(pos_text, config=config, logit_scale=logit_scale)
 
     def forward(self, image_feats):
         return text_logits(self.logit_scale, image_feats, self.P)
@@ -66,7 +74,7 @@ class TipConfig:
     learn_keys: bool = False  # Tip-Adapter-F: the cache keys are the parameters
 
 
-class TipAdapter(Classifier):
+class TipAdapter(Adapter):
     """Tip-Adapter: s f P^T + α exp(-γ (1 - f K^T)) L, with keys K [M, d] and values L = onehot(labels).
 
     Tip-Adapter-F (learn_keys) fine-tunes K from their initial value, trained with CE on the sum.
@@ -78,9 +86,7 @@ class TipAdapter(Classifier):
     """
 
     def __init__(self, pos_text, cache_feats, cache_labels, *, config=TipConfig(), logit_scale=100.0):
-        super().__init__()
-        self.config, self.logit_scale = config, float(logit_scale)
-        self.register_buffer("P", normalize(pos_text), persistent=False)                   # [C, d]
+        super().__init__(pos_text, config=config, logit_scale=logit_scale)
         self.register_buffer("cache_labels", cache_labels.to(pos_text.device).long(), persistent=False)
         keys = normalize(cache_feats.to(pos_text))                                          # [M, d]
         if config.learn_keys:
@@ -106,7 +112,7 @@ class TaskResConfig:
     scale: float = 0.5  # α in t0 + α x: 0.5 in the authors' scripts, 1.0 for Flowers102
 
 
-class TaskRes(Classifier):
+class TaskRes(Adapter):
     """Task Residual: the classifier norm(P + α R), with a learned per-class residual R [C, d] from zero.
 
     Where ours differs from the authors' code: P is the normalised text feature of the features file
@@ -117,9 +123,7 @@ class TaskRes(Classifier):
     """
 
     def __init__(self, pos_text, *, config=TaskResConfig(), logit_scale=100.0):
-        super().__init__()
-        self.config, self.logit_scale = config, float(logit_scale)
-        self.register_buffer("P", normalize(pos_text), persistent=False)       # [C, d]
+        super().__init__(pos_text, config=config, logit_scale=logit_scale)
         self.residual = nn.Parameter(torch.zeros_like(self.P))                # [C, d] R, zero at the start
 
     def forward(self, image_feats):
@@ -134,7 +138,7 @@ class CLIPAdapterConfig:
     reduction: int = 4   # bottleneck d -> d / reduction -> d
 
 
-class CLIPAdapter(Classifier):
+class CLIPAdapter(Adapter):
     """CLIP-Adapter (visual adapter): f' = α A(f) + (1 - α) f, A = ReLU(Linear(ReLU(Linear(f)))), no biases;
     logits = s norm(f') P^T, CE loss. Only the adapter learns.
 
@@ -145,9 +149,7 @@ class CLIPAdapter(Classifier):
     """
 
     def __init__(self, pos_text, *, config=CLIPAdapterConfig(), logit_scale=100.0):
-        super().__init__()
-        self.config, self.logit_scale = config, float(logit_scale)
-        self.register_buffer("P", normalize(pos_text), persistent=False)       # [C, d]
+        super().__init__(pos_text, config=config, logit_scale=logit_scale)
         d = self.P.shape[1]
         like = dict(device=self.P.device, dtype=self.P.dtype)
         self.adapter = nn.Sequential(nn.Linear(d, d // config.reduction, bias=False, **like), nn.ReLU(),
@@ -186,7 +188,7 @@ def query_node_weights(query, nodes, chunk=64):
     return torch.cat(rows)
 
 
-class GraphAdapter(Classifier):
+class GraphAdapter(Adapter):
     """GraphAdapter: each class's text feature queries a textual and a visual knowledge sub-graph.
 
     For class k, node 0 = P_k is joined to the C text nodes P (textual graph) or to the C visual nodes V
@@ -209,12 +211,10 @@ class GraphAdapter(Classifier):
     """
 
     def __init__(self, pos_text, cache_feats, cache_labels, *, config=GraphAdapterConfig(), logit_scale=100.0):
-        super().__init__()
-        self.config, self.logit_scale = config, float(logit_scale)
-        P = normalize(pos_text)                                                # [C, d]
+        super().__init__(pos_text, config=config, logit_scale=logit_scale)
+        P = self.P                                                             # [C, d]
         C, d = P.shape
         V = class_means(normalize(cache_feats.to(P)), cache_labels.to(P.device).long(), C)  # [C, d]
-        self.register_buffer("P", P, persistent=False)
         # Â_0 X of each graph: [C, 1 + C] row weights times the nodes [1 + C, d], one row per class
         self.register_buffer("agg_text", self._aggregate(P, P), persistent=False)      # [C, d]
         self.register_buffer("agg_visual", self._aggregate(P, V), persistent=False)    # [C, d]
@@ -249,17 +249,15 @@ class LinearProbeConfig:
     max_iter: int = 1000        # L-BFGS iterations, as CLIP's probe
 
 
-class LinearProbe(Classifier):
+class LinearProbe(Adapter):
     """CLIP's linear probe: multinomial logistic regression W f + b on the (normalised) image features.
 
     Fitted by fit_linear_probe (full-batch L-BFGS of sklearn's objective), not by gradient steps.
     """
 
     def __init__(self, pos_text, *, config=LinearProbeConfig(), logit_scale=100.0):
-        super().__init__()
-        self.config = config
+        super().__init__(pos_text, config=config, logit_scale=logit_scale)    # P only gives device and dtype
         C, d = pos_text.shape
-        self.register_buffer("P", normalize(pos_text), persistent=False)      # only for device and dtype
         self.weight = nn.Parameter(torch.zeros(C, d, device=pos_text.device, dtype=pos_text.dtype))  # [C, d]
         self.bias = nn.Parameter(torch.zeros(C, device=pos_text.device, dtype=pos_text.dtype))       # [C]
 

@@ -36,11 +36,10 @@ def main():
     p.add_argument("--shots", type=int, default=16, help="K (default 16)")
     a = p.parse_args()
     task = random_task(a.dim, a.classes, a.shots)
-    args = train.parse_args(["--features", "unused.pt"])
     print(f"tunable parameters, d = {a.dim}, C = {a.classes}, K = {a.shots}\n")
     print("| method | tunable parameters |\n|---|---:|")
     for name, method in train.METHODS.items():
-        model = method.model(task, method.config(args, "imagenet"))
+        model = train.build(method, task, method.config("imagenet"))
         print(f"| `{name}` | {train.tunable_parameters(model):,} |")
 
 

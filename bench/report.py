@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
 from fewshot_data import DATASETS, DataError  # noqa: E402
+from checkpoints import read_checkpoint  # noqa: E402
 from features_file import load_features, write_atomic  # noqa: E402
+from hegraphadapter import HeGraphConfig  # noqa: E402
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
 FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]
@@ -429,11 +431,11 @@ def text_nodes_before_after(features_file, checkpoint, seed):
     """The positive text nodes P and P' [C, d] and the class names, from train.py --save's checkpoint of a
     HeGraphAdapter run (the one place that rebuilds a model from train.py's METHODS)."""
     data = load_features(features_file)
-    ckpt = train.read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     run = ckpt["run"]
     method = train.METHODS[run["method"]]
-    task = train.make_task(data, seed, run["shots"], "cpu", negatives=method.negatives and not run["no_negatives"])
-    model = method.model(task, train.HeGraphConfig(**ckpt["model_config"]))
+    task = train.make_task(data, seed, run["shots"], "cpu", negatives=bool(method.negatives) and not run["no_negatives"])
+    model = train.build(method, task, HeGraphConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     with torch.no_grad():

@@ -156,6 +156,24 @@ def shared_key(args, extra):
             "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
 
 
+def settings_of(method, extra):
+    """The flags after -- that apply to `method`: a method setting of another method's config (--beta-vp for
+    tip) is left out of its run, which would refuse it; every other flag goes to every run."""
+    flags, foreign = train.config_flags(), set()
+    for name, (_, owners) in flags.items():
+        if method not in owners:
+            foreign |= {f"--{name.replace('_', '-')}", f"--no-{name.replace('_', '-')}"}
+    kept, skip = [], False
+    for i, token in enumerate(extra):
+        if skip:
+            skip = False
+        elif token.split("=")[0] in foreign:
+            skip = "=" not in token and i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        else:
+            kept.append(token)
+    return kept
+
+
 def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
     """A Run: train.py's arguments, the configuration and the file name derived from it."""
     key = {**shared, "dataset": dataset, "method": method, "shots": shots, "eval_datasets": list(eval_datasets)}
@@ -166,7 +184,8 @@ def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
         source, features = ["--features", str(args.features)], args.features
     else:
         source, features = ["--dataset", dataset], features_path(args.features_dir, dataset, args.backbone)
-    argv = [*source, "--method", method, "--shots", str(shots), *extraction_argv(args), *shared["train_args"]]
+    argv = [*source, "--method", method, "--shots", str(shots), *extraction_argv(args),
+            *settings_of(method, shared["train_args"])]
     if eval_datasets:
         argv += ["--eval-datasets", *eval_datasets]
     return Run(dataset, method, shots, argv, key, path, features.resolve())
@@ -200,7 +219,7 @@ def plan(args, extra):
                  for m in methods]
     for run in runs:  # a bad flag after --, or a method that cannot run with the flags, stops the sweep here
         parsed = train.parse_args(run.argv)
-        train.METHODS[parsed.method].config(parsed, run.dataset)
+        train.config_from_flags(parsed.method, run.dataset, parsed)
     if not args.features:
         needed = dict.fromkeys(r.dataset for r in runs) | dict.fromkeys(report.SHIFT_DATASETS if args.shift else [])
         for dataset in needed:  # missing data stops the sweep now, not hours into it

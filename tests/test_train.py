@@ -11,6 +11,7 @@ import torch
 import train
 from features_file import FORMAT
 from fixtures import synthetic_features
+from hegraphadapter import HeGraphConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_results_record_what_was_used(feats, tmp_path, run):
 @pytest.mark.parametrize("method, recipe", [
     ("tip-f", dict(epochs=20, lr=1e-3, eps=1e-4, warmup=False, leave_one_out=False)),
     ("taskres", dict(epochs=100, lr=2e-3, optimizer="adam", weight_decay=5e-4)),
-    ("clip-adapter", dict(epochs=200, lr=2e-3, optimizer="sgd", batch_size=32)),
+    ("clip-adapter", dict(epochs=100, lr=2e-3, optimizer="sgd", batch_size=32)),
     ("graphadapter", dict(epochs=100, lr=2e-3, optimizer="adam")),
     ("tip", None), ("zeroshot", None), ("linear-probe", None),
 ])
@@ -78,6 +79,16 @@ def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path, run):
                     "--lr", 0.03)["test_accuracy"]
     assert zs < 75, "the synthetic text must be a poor classifier for this test to mean anything"
     assert hg >= zs + 8 and text_only >= zs + 8, (zs, hg, text_only)
+
+
+@pytest.mark.parametrize("method, epochs_per_shots", [
+    ("clip-adapter", {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}),   # CoOp's epochs per K
+    ("taskres", {1: 100, 2: 100, 4: 100, 8: 200, 16: 200}),
+])
+def test_epochs_follow_the_shot_count_as_published(method, epochs_per_shots):
+    args = train.parse_args(["--features", "x"])
+    found = {k: train.effective_recipe(train.METHODS[method], "dtd", k, args).epochs for k in epochs_per_shots}
+    assert found == epochs_per_shots
 
 
 def test_same_seed_same_accuracy(feats, run):
@@ -113,9 +124,10 @@ def test_bias_only_ablation_keeps_every_projection_at_zero(feats, tmp_path, run)
 
 
 def test_epochs_0_evaluates_the_starting_point_which_is_tip_adapter(feats, run):
-    """--epochs 0 is no training, not "unset": hegraph with every W and b at zero is zero-shot + Tip-Adapter."""
+    """--epochs 0 is no training, not "unset": hegraph with every W and b at zero is zero-shot + Tip-Adapter
+    (with hegraph's α and γ: Tip-Adapter's own start is its dataset's α and γ = 1)."""
     hg = run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 0)
-    tip = run("--features", feats, "--method", "tip", "--shots", 2)
+    tip = run("--features", feats, "--method", "tip", "--shots", 2, "--alpha", 1, "--gamma", 5)
     assert hg["seeds"] == tip["seeds"] and hg["recipe"]["epochs"] == 0
     trained = run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 3, "--lr", 0.03)
     assert trained["seeds"] != hg["seeds"]
@@ -126,8 +138,8 @@ def test_hegraph_at_zero_has_the_tip_adapter_logits_through_train_py(feats):
     data = train.load_features(feats)
     args = train.parse_args(["--features", str(feats), "--alpha", "1.7", "--gamma", "3.0"])
     task = train.make_task(data, 1, 3, "cpu")
-    hegraph = train.METHODS["hegraph"].model(task, train.METHODS["hegraph"].config(args, "synthetic"))
-    tip = train.METHODS["tip"].model(task, train.METHODS["tip"].config(args, "synthetic"))
+    hegraph = train.build(train.METHODS["hegraph"], task, train.config_from_flags("hegraph", "synthetic", args))
+    tip = train.build(train.METHODS["tip"], task, train.config_from_flags("tip", "synthetic", args))
     assert tip.config.alpha == 1.7 and hegraph.config.gamma == 3.0
     x = task.test[0][:50]
     assert torch.allclose(hegraph.eval()(x), tip(x), atol=1e-4)
@@ -163,7 +175,7 @@ def test_shift_sets_use_each_models_prediction_on_mapped_classes(feats, tmp_path
     r = run("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1,
             "--features-dir", tmp_path, "--root", tmp_path / "no-data", "--eval-datasets", "imagenet-sketch")
     task = train.make_task(train.load_features(feats), 1, 2, "cpu")
-    model = train.METHODS["hegraph-t"].model(task, train.HeGraphConfig(variant="t"))
+    model = train.build(train.METHODS["hegraph-t"], task, HeGraphConfig(variant="t"))
     model.load_state_dict(torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["state_dict"])
     restricted = model.eval()(test.float())[:, class_map].argmax(1)
     expected = 100.0 * (class_map[restricted] == labels).float().mean().item()

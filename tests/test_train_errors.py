@@ -3,6 +3,7 @@
 Also the tests that catch a train.py that looks right but is not: the α of Tip-Adapter, the split the
 search reads, leave-one-out reaching the loss, and the views an epoch draws.
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 import train
 from baselines import TipAdapter, TipConfig
+from hegraphadapter import HeGraphConfig
 from fixtures import synthetic_features
 
 
@@ -79,13 +81,13 @@ def test_features_of_another_dataset_are_refused(feats, fail):
     assert "holds 'synthetic', not --dataset 'dtd'" in fail("--features", feats, "--dataset", "dtd")
 
 
-def test_search_val_refuses_methods_without_a_cache(feats, tmp_path, run, fail):
-    for method in ("zeroshot", "hegraph-t", "taskres"):
+def test_search_val_refuses_methods_without_knobs_and_knobs_given_as_flags(feats, fail):
+    for method in ("zeroshot", "linear-probe"):
         assert f"{method} has none" in fail("--features", feats, "--method", method, "--search-val")
-    # a text-only variant therefore never leaves a searched γ in its saved config
-    run("--features", feats, "--method", "hegraph-t", "--shots", 2, "--epochs", 1, "--seeds", 1, "--save",
-        tmp_path / "ck")
-    assert torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["model_config"]["gamma"] == 5.0
+    assert "--alpha is a knob --search-val tunes for tip" in fail("--features", feats, "--method", "tip",
+                                                                 "--search-val", "--alpha", 2)
+    assert "--lr is a knob --search-val tunes for taskres" in fail("--features", feats, "--method", "taskres",
+                                                                  "--search-val", "--lr", 1e-3)
 
 
 def test_search_val_tunes_on_the_validation_subset_only(tmp_path, run):
@@ -97,18 +99,20 @@ def test_search_val_tunes_on_the_validation_subset_only(tmp_path, run):
     r = run("--features", feats, "--method", "tip", "--shots", 2, "--search-val", "--seeds", 1)
     chosen = r["model_config"][1]
     task = train.make_task(train.load_features(feats), 1, 2, "cpu")
+    # Tip-Adapter's grid without a config of its own: γ from 1 to 10 (4 values), α from 1 to 10 (3 values)
+    grid = [(alpha, gamma) for gamma in (1.0, 4.0, 7.0, 10.0) for alpha in (1.0, 5.5, 10.0)]
 
     def best(feats, labels):
         scores = []
-        for gamma in (0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10):
+        for i, (alpha, gamma) in enumerate(grid):
             model = TipAdapter(task.pos_text, task.cache_feats, task.train_labels, config=TipConfig(gamma=gamma))
             logits_t, logits_v = model.logits(feats)
-            for alpha in torch.linspace(0.1, 5, 50).tolist():
-                scores.append((((logits_t + alpha * logits_v).argmax(1) == labels).float().mean().item(), alpha, gamma))
-        return max(scores)[1:]
+            scores.append((((logits_t + alpha * logits_v).argmax(1) == labels).float().mean().item(), -i))
+        return grid[-max(scores)[1]]
     on_val, on_test = best(*task.val), best(*task.test)
     assert on_val != on_test, "the fixture must make val and test disagree for this test to mean anything"
     assert (chosen["alpha"], chosen["gamma"]) == pytest.approx(on_val)
+    assert r["search"][1]["chosen"] == {"gamma": on_val[1], "alpha": on_val[0]} and len(r["grid"]) == 12
 
 
 def test_searched_checkpoints_join_one_folder_and_evaluate_as_searched(feats, tmp_path, run):
@@ -224,12 +228,12 @@ def test_leave_one_out_reaches_the_loss_and_views_are_drawn_at_random(feats, mon
     """hegraph trains with exclude = each image's own cache row; every epoch draws among all stored views."""
     data = train.load_features(feats)
     task = train.make_task(data, 1, 4, "cpu")
-    model = train.METHODS["hegraph"].model(task, train.HeGraphConfig())
+    model = train.build(train.METHODS["hegraph"], task, HeGraphConfig())
     calls = []
     original = model.loss
     monkeypatch.setattr(model, "loss", lambda x, y, **kw: calls.append((x, y, kw)) or original(x, y, **kw))
     recipe = train.effective_recipe(train.METHODS["hegraph"], "synthetic", 4, train.parse_args(["--features", "x"]))
-    train.train(model, task, train.dataclasses.replace(recipe, epochs=4, batch_size=16), seed=1)
+    train.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=4, batch_size=16), seed=1)
     views = task.train_views                                                  # [V, n, d]
     drawn = torch.zeros(views.shape[0], dtype=torch.long)
     for x, y, kw in calls:
@@ -245,12 +249,12 @@ def test_leave_one_out_reaches_the_loss_and_views_are_drawn_at_random(feats, mon
 def test_tip_f_trains_without_leave_one_out(feats, monkeypatch):
     data = train.load_features(feats)
     task = train.make_task(data, 1, 2, "cpu")
-    model = train.METHODS["tip-f"].model(task, TipConfig(learn_keys=True))
+    model = train.build(train.METHODS["tip-f"], task, TipConfig(learn_keys=True))
     seen = []
     original = model.loss
     monkeypatch.setattr(model, "loss", lambda x, y, **kw: seen.append(kw) or original(x, y, **kw))
     recipe = train.effective_recipe(train.METHODS["tip-f"], "synthetic", 2, train.parse_args(["--features", "x"]))
-    train.train(model, task, train.dataclasses.replace(recipe, epochs=1), seed=1)
+    train.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=1), seed=1)
     assert seen and all(kw == {} for kw in seen)
 
 

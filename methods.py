@@ -1,0 +1,190 @@
+"""Every method of the comparison, one row each of METHODS: the model it builds, its published configuration
+and training recipe per dataset, and the knobs a tuning search may turn.
+
+The same tuning budget for every method: each row's knobs span a grid of at most TUNING_BUDGET points (the
+values its authors tune or expose), which train.py's --search-val scores on the min(K, 4)-shot validation
+subset and bench/real_features.py on its dev folds. Adding a method means adding its row here.
+"""
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
+                       LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
+                       fit_linear_probe)
+from hegraphadapter import HeGraphAdapter, HeGraphConfig
+
+TUNING_BUDGET = 12   # grid points per method, the same for all
+WARMUP_LR = 1e-5     # the warm-up epoch starts from this learning rate
+
+
+# -----------------------------------------------------------------------------
+# training recipes, as published
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int                  # training epochs (0: evaluate the model as built)
+    lr: float                    # peak learning rate
+    batch_size: int = 256        # training images per step
+    optimizer: str = "adamw"     # "adamw"; "adam" (L2 added to the gradient, as Dassl's); "sgd" (momentum 0.9)
+    weight_decay: float = 0.01   # AdamW's decoupled decay, or the L2 of adam / sgd
+    eps: float = 1e-8            # Adam's epsilon
+    warmup: bool = True          # one epoch rising linearly from WARMUP_LR, then cosine to 0 (per step)
+    leave_one_out: bool = False  # a training image's own cache key is left out of its cache logits
+
+
+def paper_recipe(dataset, shots):
+    """HeGraphAdapter (paper 4.1): AdamW, 100 epochs for EuroSAT, DTD, FGVCAircraft, else 30; lr 0.01 for
+    FGVCAircraft, else 0.001. Leave-one-out: the training images are the cache's own."""
+    epochs = 100 if dataset in ("eurosat", "dtd", "fgvc_aircraft") else 30
+    return Recipe(epochs, 1e-2 if dataset == "fgvc_aircraft" else 1e-3, leave_one_out=True)
+
+
+def tip_f_recipe(dataset, shots):
+    """Tip-Adapter-F's configs/<dataset>.yaml: AdamW lr 0.001, eps 1e-4, 20 epochs (EuroSAT 100), batch 256,
+    cosine per step, no warm-up; trained on the views against their own keys."""
+    return Recipe(100 if dataset == "eurosat" else 20, 1e-3, eps=1e-4, warmup=False)
+
+
+def taskres_recipe(dataset, shots):
+    """TaskRes's configs adam_lr2e-3_B256_ep{100,200}.yaml: Adam (L2 5e-4), lr 0.002 (ImageNet 0.0002),
+    100 epochs up to 4 shots, 200 from 8, batch 256, one warm-up epoch, cosine."""
+    return Recipe(100 if shots <= 4 else 200, 2e-4 if dataset == "imagenet" else 2e-3, optimizer="adam",
+                  weight_decay=5e-4)
+
+
+def coop_recipe(dataset, shots):
+    """CoOp's SGD recipe (lr 0.002, momentum 0.9, L2 5e-4, batch 32, one warm-up epoch, cosine), which
+    CLIP-Adapter's README points to, with CoOp's epochs per shot count: 50 for K = 1, 100 for K = 2 and 4,
+    200 from K = 8."""
+    return Recipe(50 if shots <= 1 else 100 if shots <= 4 else 200, 2e-3, batch_size=32, optimizer="sgd",
+                  weight_decay=5e-4)
+
+
+# -----------------------------------------------------------------------------
+# published configurations and the knobs each method's authors tune
+
+# Tip-Adapter's configs/<dataset>.yaml (github.com/gaopengcuhk/Tip-Adapter at d0e2d6f8c5feb8b6ce937b757810761f7155d4d5):
+# init_alpha, and search_scale = [largest β (our γ), largest α] of the search it runs after training; every
+# dataset starts at init_beta = 1. Datasets it has no config for (your own) take the middle of the range.
+TIP_CONFIGS = {  # dataset -> (init α, largest γ searched, largest α searched)
+    "imagenet": (1.17, 7, 3), "caltech101": (3, 12, 5), "oxford_pets": (1.17, 7, 3), "stanford_cars": (3, 20, 10),
+    "oxford_flowers": (10, 50, 50), "food101": (1.17, 10, 10), "fgvc_aircraft": (5, 30, 30), "sun397": (1.17, 12, 10),
+    "dtd": (2, 13, 13), "eurosat": (2, 12, 10), "ucf101": (3, 7, 3),
+}
+TIP_DEFAULT = (1.0, 10, 10)
+TIP_INIT_GAMMA = 1.0  # init_beta in every config
+
+
+def tip_config(learn_keys):
+    """dataset -> Tip-Adapter's published starting point: its dataset's init α, γ = 1."""
+    return lambda dataset: TipConfig(alpha=TIP_CONFIGS.get(dataset, TIP_DEFAULT)[0], gamma=TIP_INIT_GAMMA,
+                                     learn_keys=learn_keys)
+
+
+def _spread(low, high, n):
+    """n values from low to high, evenly spaced (Tip-Adapter searches linear grids), rounded to 3 decimals."""
+    return tuple(round(low + (high - low) * i / (n - 1), 3) for i in range(n))
+
+
+def tip_knobs(dataset, recipe):
+    """Tip-Adapter: 4 γ x 3 α over its config's search range, from its starting point to the largest value."""
+    alpha, gamma_max, alpha_max = TIP_CONFIGS.get(dataset, TIP_DEFAULT)
+    return {"gamma": _spread(TIP_INIT_GAMMA, gamma_max, 4), "alpha": _spread(alpha, alpha_max, 3)}
+
+
+def tip_f_knobs(dataset, recipe):
+    """Tip-Adapter-F: its learning rate x 0.5, 1, 2, and 2 γ x 2 α over its config's search range."""
+    alpha, gamma_max, alpha_max = TIP_CONFIGS.get(dataset, TIP_DEFAULT)
+    return {"lr": _times(recipe.lr, 0.5, 1, 2), "gamma": _spread(TIP_INIT_GAMMA, (TIP_INIT_GAMMA + gamma_max) / 2, 2),
+            "alpha": _spread(alpha, alpha_max, 2)}
+
+
+def _times(value, *factors):
+    return tuple(value * f for f in factors)
+
+
+def lr_and(name, values):
+    """A baseline's own knob (its 3 values) x its learning rate x 0.5, 1, 2, 4."""
+    return lambda dataset, recipe: {name: values, "lr": _times(recipe.lr, 0.5, 1, 2, 4)}
+
+
+def hegraph_config(variant):
+    return lambda dataset: HeGraphConfig(variant=variant)
+
+
+def hegraph_knobs(with_cache):
+    """HeGraphAdapter: s_b x 0.5, 1, 2 of its default, then α x 1, 2 and γ 3, 5 (the cache), or s_W x 0.3, 1, 3,
+    10 of its default (text-only variants, which have no cache)."""
+    d = HeGraphConfig()
+    if with_cache:
+        return lambda dataset, recipe: {"bias_scale": _times(d.bias_scale, 0.5, 1, 2), "alpha": (1.0, 2.0),
+                                        "gamma": (3.0, 5.0)}
+    return lambda dataset, recipe: {"bias_scale": _times(d.bias_scale, 0.5, 1, 2),
+                                    "weight_scale": _times(d.weight_scale, 0.3, 1, 3, 10)}
+
+
+def fit_probe(model, task, seed):
+    """The linear probe: L-BFGS on view 0 (CLIP's own preprocessing) of the images, C searched on val."""
+    return {"inverse_l2": fit_linear_probe(model, task.train_views[0], task.cache_labels, task.val)}
+
+
+# -----------------------------------------------------------------------------
+# the methods: one row each
+
+@dataclass(frozen=True)
+class Method:
+    """One row of METHODS: how a method builds its model, configures it, trains and is tuned."""
+    model: type                      # nn.Module; its constructor names the task tensors it takes (pos_text, ...)
+    config: Callable                 # dataset -> the model's published (default) frozen config
+    about: str                       # one line for --help
+    recipe: Callable | None = None   # (dataset, shots) -> Recipe; None: nothing to train by gradient steps
+    fit: Callable | None = None      # (model, task, seed) -> info dict, instead of gradient steps
+    knobs: Callable | None = None    # (dataset, recipe) -> {knob: values}, a grid of <= TUNING_BUDGET points
+    post_hoc: tuple = ()             # knobs set after training without retraining (a cache's α, γ)
+    negatives: str = ""              # "optional": reads the negative nodes unless --no-negatives; "required"
+    frozen: tuple = ()               # names of parameters kept at their initial value (the bias-only ablation)
+
+
+def hegraph(variant, about, frozen=()):
+    """A row of HeGraphAdapter, the paper's recipe; frozen=("W_",) keeps every projection at zero."""
+    return Method(HeGraphAdapter, hegraph_config(variant), about, paper_recipe,
+                  knobs=hegraph_knobs(with_cache=variant == "full"), post_hoc=("alpha",) if variant == "full" else (),
+                  negatives="required" if variant == "tn" else "" if variant == "tp" else "optional", frozen=frozen)
+
+
+METHODS = {
+    "zeroshot": Method(ZeroShot, lambda dataset: NoConfig(), "CLIP zero-shot with the positive prompts (the paper's Base)"),
+    "linear-probe": Method(LinearProbe, lambda dataset: LinearProbeConfig(),
+                           "CLIP's linear probe: L2 logistic regression, C searched on val", fit=fit_probe),
+    "tip": Method(TipAdapter, tip_config(False), "Tip-Adapter, training-free", knobs=tip_knobs,
+                  post_hoc=("alpha", "gamma")),
+    "tip-f": Method(TipAdapter, tip_config(True), "Tip-Adapter-F: the cache keys are learned", tip_f_recipe,
+                    knobs=tip_f_knobs, post_hoc=("alpha", "gamma")),
+    "taskres": Method(TaskRes, lambda dataset: TaskResConfig(scale=1.0 if dataset == "oxford_flowers" else 0.5),
+                      "TaskRes: a learned per-class residual on the text classifier", taskres_recipe,
+                      knobs=lr_and("scale", (0.25, 0.5, 1.0))),
+    "clip-adapter": Method(CLIPAdapter, lambda dataset: CLIPAdapterConfig(),
+                           "CLIP-Adapter: a residual bottleneck MLP on the image feature", coop_recipe,
+                           knobs=lr_and("ratio", (0.2, 0.4, 0.6))),
+    "graphadapter": Method(GraphAdapter, lambda dataset: GraphAdapterConfig(),
+                           "GraphAdapter: textual and visual knowledge graphs refine the text classifier",
+                           taskres_recipe, knobs=lr_and("beta", (0.5, 0.7, 0.9))),
+    "hegraph": hegraph("full", "HeGraphAdapter, the full model"),
+    "hegraph-t": hegraph("t", "HeGraphAdapter(T): the text classifier only"),
+    "hegraph-tn": hegraph("tn", "HeGraphAdapter(T-N): only the negative nodes feed P'"),
+    "hegraph-tp": hegraph("tp", "HeGraphAdapter(T-P): no negative nodes"),
+    "hegraph-bias": hegraph("full", "ablation: the full model with every W kept at zero, only the biases learn",
+                            frozen=("W_",)),
+}
+ROW_FIELDS = ("variant", "learn_keys")  # config fields a row fixes, never a flag
+
+
+def grid(method, dataset, recipe):
+    """The knob settings a search tries, as a list of {knob: value}; [] for a method without knobs."""
+    if method.knobs is None:
+        return []
+    knobs = method.knobs(dataset, recipe)
+    points = [dict(zip(knobs, values)) for values in itertools.product(*knobs.values())]
+    assert len(points) <= TUNING_BUDGET, f"{len(points)} grid points: over the budget of {TUNING_BUDGET}"
+    return points
