@@ -205,6 +205,7 @@ def fit_at(method, task, config, recipe, point, seed):
     Returns (model, info)."""
     point = {k: v for k, v in point.items() if k not in method.post_hoc}
     recipe = recipe and dataclasses.replace(recipe, lr=point.pop("lr", recipe.lr))
+    torch.manual_seed(seed)  # a random initialisation (CLIP-Adapter's) depends on the seed alone, not on the grid
     model = build(method, task, dataclasses.replace(config, **point))
     return model, fit(method, model, task, recipe, seed)
 
@@ -340,8 +341,8 @@ def model_for_seed(plan, task, seed, ckpt=None, folder=None):
         return model.eval(), {}, None
     if plan.grid:
         return search(method, task, plan.config, plan.recipe, list(plan.grid), seed)
-    model = build(method, task, plan.config)
-    return model.eval(), fit(method, model, task, plan.recipe, seed), None
+    model, info = fit_at(method, task, plan.config, plan.recipe, {}, seed)
+    return model.eval(), info, None
 
 
 def evaluate(model, task, shifts, device):

@@ -1,37 +1,51 @@
 """
-Accuracy on real CLIP features, through train.py's own code.
+Accuracy on real CLIP features: every method through train.py's own code, once with its published defaults
+and once tuned on the dev folds with the same budget (methods.py: at most 12 settings per method).
 
-Reads ../shared/realfeats/imagenet_vitb32_dev.pt (real OpenAI CLIP ViT-B/32 features of 3,484 ImageNet
-training images of 500 classes, one row per image = the mean of 10 augmented views; see its README).
-It is never copied into the project: this script reads it from there and skips when it is absent.
+Reads ../shared/realfeats/imagenet_vitb32_dev.pt (real OpenAI CLIP ViT-B/32 features of ImageNet training
+images, one row per image = the mean of 10 augmented views; see its README). It is never copied into the
+project: this script reads it from there and skips when it is absent.
 
-Protocol (the file's README): for K in 1, 2, 4 and seeds 1, 2, 3, K images per class for training and
-the rest as the test set; mean test accuracy over seeds. The positive prompt is "a photo of a {}.". The
-file has no negative prompts, so HeGraphAdapter runs as `hegraph --no-negatives` and `hegraph-tp`.
+Tasks, each built from the same file: the whole file (imagenet-500: its 500 classes), a fine-grained group
+(the 50 classes around the class whose visual neighbourhood is densest: the dog breeds on ImageNet), and
+random subsets of 50 and 100 classes (drawn with a fixed generator). The file has no negative prompts, so
+HeGraphAdapter runs as `hegraph --no-negatives` and `hegraph-tp`.
 
-    python bench/real_features.py [--file PATH] [--shots 1 2 4] [--seeds 1 2 3]
-    python bench/real_features.py --dev --shots 1 2 3 -- --bias-scale 0.1   # compare a default on the tuning protocol
+Protocols, for seeds 1, 2, 3:
+- test: for K = 1, 2, 4, K images per class train and every other image of the class is the test set.
+- dev (the tuning protocol): only each seed's 4-shot training images are used: K' = 1, 2, 3 of them train and
+  the other 4 - K' validate, rotated over 4 folds so that each pool image trains and validates. The test
+  images of the 4-shot runs are never looked at.
+Tuned block: for each method and task, every point of its grid is scored on the dev folds (mean over seeds,
+folds and K'), and the best (the first of equal scores) is run on the test protocol.
+
+    python bench/real_features.py                                     # every task, both blocks
+    python bench/real_features.py --tasks imagenet-500 --block defaults --rows tip-f hegraph
+    python bench/real_features.py --dev --rows hegraph -- --bias-scale 0.2   # one setting on the dev folds
+
+Finished units are kept in --cache (a jsonl file), so an interrupted run resumes where it stopped.
 """
 
 import os
-os.environ.setdefault("TQDM_DISABLE", "1")  # set before torch imports tqdm: one table, no progress bars
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # set before tqdm is imported: one table, no progress bars
 
 import argparse
-import contextlib
-import io
+import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
 from features_file import FORMAT  # noqa: E402
+from methods import METHODS, grid  # noqa: E402
 
 DEFAULT_FILE = ROOT.parent / "shared" / "realfeats" / "imagenet_vitb32_dev.pt"
-RUNS = {  # row name -> train.py arguments
+ROWS = {  # row name -> train.py arguments
     "zeroshot": ["--method", "zeroshot"],
     "linear-probe": ["--method", "linear-probe"],
     "tip": ["--method", "tip"],
@@ -39,21 +53,60 @@ RUNS = {  # row name -> train.py arguments
     "taskres": ["--method", "taskres"],
     "clip-adapter": ["--method", "clip-adapter"],
     "graphadapter": ["--method", "graphadapter"],
-    "hegraph-bias --no-negatives": ["--method", "hegraph-bias", "--no-negatives"],
-    "hegraph --no-negatives": ["--method", "hegraph", "--no-negatives"],
+    "hegraph-bias": ["--method", "hegraph-bias", "--no-negatives"],
+    "hegraph": ["--method", "hegraph", "--no-negatives"],
     "hegraph-tp": ["--method", "hegraph-tp", "--no-negatives"],
 }
+TASKS = ("imagenet-500", "fine-grained-50", "random-50", "random-100")
+DEV_FOLDS = 4       # the tuning protocol rotates the 4-shot pool: each of its images validates in some fold
+DEV_SHOTS = (1, 2, 3)
+TEST_SHOTS = (1, 2, 4)
+SEEDS = (1, 2, 3)
 
 
-DEV_FOLDS = 4  # the tuning protocol rotates the 4-shot pool: each of its images validates in some fold
+# -----------------------------------------------------------------------------
+# tasks: the whole file, or some of its classes
+
+def class_means(real):
+    """[C, d] normalised mean image feature of each class."""
+    feats, labels = real["image_features"].float(), real["labels"]
+    return F.normalize(torch.zeros(len(real["classnames"]), feats.shape[1]).index_add_(0, labels, feats), dim=-1)
 
 
-def features_file(real, shots, seed, path, dev=False, fold=0):
-    """Write a features file (train.py's format) for one K and seed: K per class train, the rest test.
+def task_classes(real, name):
+    """The class indices of a task. fine-grained-N: the class whose N - 1 nearest classes (cosine of class
+    means) are nearest on average, and those; random-N: N classes from a generator seeded with 0."""
+    C = len(real["classnames"])
+    if name.startswith("imagenet-") or name == "all":
+        return list(range(C))
+    size = int(name.rsplit("-", 1)[1])
+    if size > C:
+        raise SystemExit(f"error: task {name} needs {size} classes and the file has {C}")
+    if name.startswith("random-"):
+        return sorted(torch.randperm(C, generator=torch.Generator().manual_seed(0))[:size].tolist())
+    sims = class_means(real) @ class_means(real).T                          # [C, C]
+    sims.fill_diagonal_(-2.0)
+    centre = sims.topk(size - 1, dim=1).values.mean(1).argmax().item()
+    return sorted([centre, *sims[centre].topk(size - 1).indices.tolist()])
+
+
+def subtask(real, classes):
+    """The file restricted to `classes`, relabelled 0..len(classes) - 1 in that order."""
+    relabel = torch.full((len(real["classnames"]),), -1, dtype=torch.long)
+    relabel[classes] = torch.arange(len(classes))
+    keep = relabel[real["labels"]] >= 0
+    return {"image_features": real["image_features"][keep], "labels": relabel[real["labels"][keep]],
+            "text_features": {t: f[classes] for t, f in real["text_features"].items()},
+            "classnames": [real["classnames"][c] for c in classes], "backbone": real["backbone"]}
+
+
+def task_data(real, shots, seed, dev=False, fold=0):
+    """A features dict (train.py's format) for one K and seed: K per class train, the rest test.
 
     dev: the tuning protocol; only the seed's 4-shot training images are used, K of them per class to
-    train and the other 4 - K to validate, so the 4-shot runs' test images are never looked at. fold
-    rotates the pool, so that over DEV_FOLDS folds every image of it trains and validates.
+    train and the other 4 - K to validate (they are both the "val" and the "test" split of the dict), so the
+    4-shot runs' test images are never looked at. fold rotates the pool, so that over DEV_FOLDS folds every
+    image of it trains and validates.
     """
     feats, labels = real["image_features"], real["labels"]
     C = len(real["classnames"])
@@ -66,58 +119,221 @@ def features_file(real, shots, seed, path, dev=False, fold=0):
             rows = rows[:4].roll(-fold)
         train_rows.append(rows[:shots])
         test_rows.append(rows[shots:])
-    train_rows, test_rows = torch.cat(train_rows), torch.cat(test_rows)
-    torch.save({
+    held_out = torch.cat(test_rows)
+    data = {
         "format": FORMAT, "dataset": "imagenet", "backbone": real["backbone"], "logit_scale": 100.0,
         "classnames": real["classnames"], "prompts": {"positive": ["a photo of a {}."]},
         "text": {"positive": real["text_features"]["a photo of a {}."]},
-        "train": {"features": feats[train_rows][None], "labels": labels[train_rows]},   # [V=1, N, d]
-        "test": {"features": feats[test_rows], "labels": labels[test_rows]},
+        "train": {"features": feats[torch.cat(train_rows)][None], "labels": labels[torch.cat(train_rows)]},
+        "test": {"features": feats[held_out], "labels": labels[held_out]},
         "fewshot": {seed: torch.arange(C * shots).view(C, shots)},
-    }, path)
+    }
+    if dev:  # every class has 4 - K validation images
+        data["val"] = data["test"]
+        data["val_fewshot"] = {seed: torch.arange(C * (4 - shots)).view(C, 4 - shots)}
+    return data
 
 
-def main():
+def features_file(real, shots, seed, path, dev=False, fold=0):
+    """task_data written as a features file (for train.py --features)."""
+    torch.save(task_data(real, shots, seed, dev, fold), path)
+
+
+# -----------------------------------------------------------------------------
+# runs, each through train.py's own functions; finished ones kept in the cache
+
+class Cache:
+    """Finished units, one json line each: {"key": [...], "value": ...}; a rerun skips them."""
+
+    def __init__(self, path):
+        self.path, self.done = path, {}
+        if path and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.done[json.dumps(entry["key"])] = entry["value"]
+
+    def get(self, key, compute):
+        k = json.dumps(key)
+        if k not in self.done:
+            self.done[k] = compute()
+            if self.path:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"key": key, "value": self.done[k]}) + "\n")
+        return self.done[k]
+
+
+def plan_for(row, data, shots, extra=()):
+    """train.py's plan of the row on this data: its method, published config (with any extra flags), recipe."""
+    args = train.parse_args(["--features", "unused.pt", "--shots", str(shots), *ROWS[row], *extra])
+    return train.make_plan(args, data)
+
+
+def test_accuracy(row, data, shots, seed, point, extra=()):
+    """The row trained at a grid point ({} = its defaults) on one seed's task, scored on the test split."""
+    plan = plan_for(row, data, shots, extra)
+    method = METHODS[plan.method]
+    task = train.make_task(data, seed, shots, "cpu", negatives=False)
+    torch.manual_seed(seed)
+    model, info = train.fit_at(method, task, plan.config, plan.recipe, point, seed)
+    model = train.with_post_hoc(method, task, model, point)
+    return {"acc": train.accuracy(model, *task.test), "epoch_seconds": info.get("epoch_seconds", 0.0),
+            "params": train.tunable_parameters(model)}
+
+
+def dev_scores(row, data, shots, seed):
+    """Every grid point of the row scored on one dev fold's validation images: [accuracy per point]."""
+    plan = plan_for(row, data, shots)
+    method = METHODS[plan.method]
+    task = train.make_task(data, seed, shots, "cpu", negatives=False)
+    torch.manual_seed(seed)
+    points = grid(method, plan.dataset, plan.recipe)
+    _, _, scores = train.score_grid(method, task, plan.config, plan.recipe, points, seed, *task.val)
+    return [acc for _, acc in scores]
+
+
+def tune(cache, real, task_name, row):
+    """The row's grid point with the best mean dev accuracy (the first of equal ones), and every point's mean."""
+    data0 = task_data(real, 1, SEEDS[0], dev=True)
+    plan = plan_for(row, data0, 1)
+    points = grid(METHODS[plan.method], plan.dataset, plan.recipe)
+    if not points:
+        return {}, []
+    totals = torch.zeros(len(points), dtype=torch.float64)
+    units = [(k, s, f) for k in DEV_SHOTS for s in SEEDS for f in range(DEV_FOLDS)]
+    for shots, seed, fold in units:
+        key = ["dev", task_name, row, shots, seed, fold, points]
+        totals += torch.tensor(cache.get(key, lambda: dev_scores(row, task_data(real, shots, seed, True, fold),
+                                                                   shots, seed)), dtype=torch.float64)
+    means = (totals / len(units)).tolist()
+    best = max(range(len(points)), key=lambda i: (means[i], -i))
+    return points[best], list(zip(points, means))
+
+
+def block(cache, real, task_name, rows, tuned):
+    """{row: {"point": grid point, "acc": {K: [per seed]}, "epoch_seconds", "params", "dev": [(point, mean)]}}."""
+    out = {}
+    for row in rows:
+        point, dev = tune(cache, real, task_name, row) if tuned else ({}, [])
+        accs, seconds = {}, []
+        for shots in TEST_SHOTS:
+            for seed in SEEDS:
+                key = ["test", task_name, row, shots, seed, point]
+                r = cache.get(key, lambda: test_accuracy(row, task_data(real, shots, seed), shots, seed, point))
+                accs.setdefault(shots, []).append(r["acc"])
+                seconds.append(r["epoch_seconds"])
+                params = r["params"]
+        out[row] = {"point": point, "acc": accs, "epoch_seconds": sum(seconds) / len(seconds), "params": params,
+                    "dev": dev}
+        print(f"  {task_name} {'tuned' if tuned else 'defaults'} {row}: " +
+              " ".join(f"K={k} {mean_std(a)}" for k, a in accs.items()), flush=True)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tables
+
+def mean_std(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.2f} ± {t.std() if len(t) > 1 else 0:.2f}"
+
+
+def shown(point):
+    return ", ".join(f"{k} {v:g}" for k, v in point.items()) or "–"
+
+
+def markdown_block(results, title, tuned):
+    """One task's block: mean ± std over seeds per K, seconds per epoch, parameters (and the tuned point)."""
+    head = "| method | " + " | ".join(f"K = {k}" for k in TEST_SHOTS) + " | s / epoch | params |"
+    head += " chosen on the dev folds |" if tuned else ""
+    lines = [f"**{title}**", "", head, "|---" * (len(TEST_SHOTS) + 3 + tuned) + "|"]
+    for row, r in results.items():
+        cells = [mean_std(r["acc"][k]) for k in TEST_SHOTS]
+        secs = f"{r['epoch_seconds']:.3f}" if r["epoch_seconds"] else "–"
+        lines.append(f"| `{row}` | " + " | ".join(cells) + f" | {secs} | {r['params']:,} |" +
+                     (f" {shown(r['point'])} |" if tuned else ""))
+    return "\n".join(lines)
+
+
+def markdown_differences(results, ours, title):
+    """ours minus each other row, per seed (the same task), as mean ± std of the paired differences."""
+    lines = [f"**{title}: `{ours}` minus each method, per seed**", "",
+             "| against | " + " | ".join(f"K = {k}" for k in TEST_SHOTS) + " | mean over K |",
+             "|---" * (len(TEST_SHOTS) + 2) + "|"]
+    for row, r in results.items():
+        if row == ours:
+            continue
+        diffs = {k: [a - b for a, b in zip(results[ours]["acc"][k], r["acc"][k])] for k in TEST_SHOTS}
+        overall = [sum(d[i] for d in diffs.values()) / len(diffs) for i in range(len(SEEDS))]
+        lines.append(f"| `{row}` | " + " | ".join(f"{mean_std(diffs[k])}" for k in TEST_SHOTS) +
+                     f" | {mean_std(overall)} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the --dev mode: one setting of some rows on the dev folds (as the defaults were chosen)
+
+def dev_table(real, rows, extra):
+    """Mean over folds of each seed's dev accuracy, then mean ± std over seeds, per K' (and their mean)."""
+    print(f"{'method':<16}" + "".join(f"{f'K={k}':>16}" for k in DEV_SHOTS) + f"{'mean':>10}")
+    for row in rows:
+        per_k = {}
+        for shots in DEV_SHOTS:
+            for seed in SEEDS:
+                folds = [test_accuracy(row, task_data(real, shots, seed, True, f), shots, seed, {}, extra)["acc"]
+                         for f in range(DEV_FOLDS)]
+                per_k.setdefault(shots, []).append(sum(folds) / len(folds))
+        overall = sum(sum(v) / len(v) for v in per_k.values()) / len(per_k)
+        print(f"{row:<16}" + "".join(f"{mean_std(per_k[k]):>16}" for k in DEV_SHOTS) + f"{overall:>10.2f}",
+              flush=True)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--file", type=Path, default=DEFAULT_FILE, help="the real features (default %(default)s)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="ROW")
-    p.add_argument("--dev", action="store_true", help="the tuning protocol (features_file), K in 1 2 3 only")
-    p.add_argument("extra", nargs="*", help="more train.py arguments after --, e.g. -- --beta-vp 0.2")
-    args = p.parse_args()
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
+                   help=f"imagenet-500 (every class), fine-grained-N, random-N (default: {' '.join(TASKS)})")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
+                   help=f"methods (default all: {' '.join(ROWS)})")
+    p.add_argument("--block", choices=("defaults", "tuned", "both"), default="both",
+                   help="published defaults, tuned on the dev folds, or both (default)")
+    p.add_argument("--cache", type=Path, default=Path("results/real_features.jsonl"),
+                   help="finished units, reused by a rerun (default %(default)s)")
+    p.add_argument("--out", type=Path, help="also write the tables (markdown) and the results (json) here")
+    p.add_argument("--dev", action="store_true", help="only the dev-fold table of --rows with the flags after --")
+    p.add_argument("extra", nargs="*", help="with --dev: train.py flags after --, e.g. -- --beta-vp 0.2")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not args.file.is_file():
         print(f"skipped: {args.file} is absent (it lives in shared/realfeats, never in the project)")
         return
+    torch.set_num_threads(1)  # small matrices: one thread per process; run two processes on two cores
     real = torch.load(args.file, weights_only=True)
-    table = {}  # (row, K) -> [accuracy per seed]
-    seconds, params = {}, {}  # row -> [seconds per epoch of each run], row -> tunable parameters
-    folds = range(DEV_FOLDS if args.dev else 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        for shots in args.shots:
-            for seed in args.seeds:
-                accs = {}  # row -> [accuracy per fold]
-                for fold in folds:
-                    path = Path(tmp) / f"real_{shots}shot_seed{seed}_fold{fold}.pt"
-                    features_file(real, shots, seed, path, dev=args.dev, fold=fold)
-                    for row in args.methods:
-                        argv = ["--features", str(path), "--shots", str(shots), "--seeds", str(seed), *RUNS[row],
-                                *args.extra]
-                        with contextlib.redirect_stdout(io.StringIO()):  # one table at the end, not one per run
-                            result = train.run(train.parse_args(argv))
-                        accs.setdefault(row, []).append(result["test_accuracy"])
-                        seconds.setdefault(row, []).extend(result["epoch_seconds"].values())
-                        params[row] = result["params"]
-                for row, a in accs.items():
-                    table.setdefault((row, shots), []).append(sum(a) / len(a))
-    protocol = f"DEV protocol (tuning, {DEV_FOLDS} folds, see features_file): " if args.dev else ""
-    print(f"\n{protocol}Real CLIP {real['backbone']} ImageNet features ({len(real['classnames'])} classes): "
-          f"test accuracy %, mean ± std over seeds {args.seeds}")
-    print(f"{'method':<30}" + "".join(f"{f'K={k}':>16}" for k in args.shots) + f"{'s/epoch':>10}{'params':>12}")
-    for row in args.methods:
-        cells = [torch.tensor(table[row, k]) for k in args.shots]
-        print(f"{row:<30}" + "".join(f"{c.mean():>9.2f} ± {c.std() if len(c) > 1 else 0:.2f}" for c in cells)
-              + f"{sum(seconds[row]) / len(seconds[row]):>10.3f}{params[row]:>12,}")
+    if args.dev:
+        return dev_table(real, args.rows, args.extra)
+    args.cache.parent.mkdir(parents=True, exist_ok=True)
+    cache, sections, everything = Cache(args.cache), [], {}
+    for task_name in args.tasks:
+        classes = task_classes(real, task_name)
+        sub = subtask(real, classes)
+        title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images)"
+        blocks = {"defaults": [False], "tuned": [True], "both": [False, True]}[args.block]
+        for tuned in blocks:
+            results = block(cache, sub, task_name, args.rows, tuned)
+            name = "tuned on the dev folds" if tuned else "published defaults"
+            everything[f"{task_name} {name}"] = results
+            sections.append(markdown_block(results, f"{title}, {name}", tuned))
+            if "hegraph" in results:
+                sections.append(markdown_differences(results, "hegraph", f"{task_name}, {name}"))
+    text = "\n\n".join(sections)
+    print("\n" + text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "real_features.md").write_text(text + "\n")
+        (args.out / "real_features.json").write_text(json.dumps(everything, indent=1))
 
 
 if __name__ == "__main__":

@@ -69,3 +69,35 @@ def test_dev_folds_rotate_the_pool_so_each_image_trains_once_at_one_shot(tmp_pat
 def _write(real, shots, path, **kwargs):
     real_features.features_file(real, shots, seed=2, path=path, **kwargs)
     return path
+
+
+def test_subtasks_pick_their_classes_and_relabel_them(tmp_path):
+    real = fake_real(C=12, per_class=5)
+    # classes 3..7 share one direction: the densest visual neighbourhood of size 5
+    shared = F.normalize(torch.randn(16), dim=0)
+    close = torch.isin(real["labels"], torch.arange(3, 8))
+    real["image_features"][close] = F.normalize(shared + 0.05 * torch.randn(int(close.sum()), 16), dim=-1).half()
+    assert real_features.task_classes(real, "fine-grained-5") == [3, 4, 5, 6, 7]
+    picked = real_features.task_classes(real, "random-6")
+    assert len(set(picked)) == 6 and picked == real_features.task_classes(real, "random-6")   # fixed draw
+    sub = real_features.subtask(real, [2, 9])
+    assert sub["classnames"] == ["c2", "c9"] and sorted(set(sub["labels"].tolist())) == [0, 1]
+    assert torch.equal(sub["image_features"][sub["labels"] == 1], real["image_features"][real["labels"] == 9])
+    assert torch.equal(sub["text_features"]["a photo of a {}."][1], real["text_features"]["a photo of a {}."][9])
+
+
+def test_tuned_block_scores_every_grid_point_on_dev_folds_only(tmp_path, monkeypatch):
+    """The tuned point is the argmax of the dev means, and the test split is scored only at that point."""
+    real = fake_real(C=4, per_class=8, d=8)
+    seen = []
+    original = real_features.test_accuracy
+    monkeypatch.setattr(real_features, "test_accuracy",
+                        lambda row, data, shots, seed, point, extra=(): seen.append(point) or
+                        original(row, data, shots, seed, point, extra))
+    cache = real_features.Cache(tmp_path / "c.jsonl")
+    out = real_features.block(cache, real, "t", ["tip"], tuned=True)["tip"]
+    point, dev = real_features.tune(cache, real, "t", "tip")
+    assert out["point"] == point == max(dev, key=lambda d: d[1])[0] and len(dev) == 12
+    assert all(p == point for p in seen) and len(seen) == 9               # 3 K x 3 seeds, at the chosen point
+    again = real_features.block(real_features.Cache(tmp_path / "c.jsonl"), real, "t", ["tip"], tuned=True)
+    assert again["tip"]["acc"] == out["acc"] and len(seen) == 9           # the rerun reads the cache
