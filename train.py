@@ -369,7 +369,7 @@ def record_seed(results, seed, model, info, searched, scores, seconds):
     for name, acc in scores.items():
         results["shift"][name][seed] = acc
     results["train_seconds"][seed] = seconds
-    results["epoch_seconds"][seed] = info.pop("epoch_seconds", seconds)
+    results["epoch_seconds"][seed] = info.pop("epoch_seconds", None)     # None: no epochs (tip, the probe)
     results["model_config"][seed] = dataclasses.asdict(model.config)
     results["fit"][seed] = info
     if searched is not None:
@@ -419,7 +419,8 @@ def print_table(results):
     print(f"{'seed':>6} {'test acc %':>11} {'s/epoch':>8}" + "".join(f" {n:>21}" for n in results["shift"]))
     for seed, acc in results["seeds"].items():
         shift = "".join(f" {results['shift'][n][seed]:>21.2f}" for n in results["shift"])
-        print(f"{seed:>6} {acc:>11.2f} {results['epoch_seconds'][seed]:>8.3f}{shift}")
+        epoch = results["epoch_seconds"][seed]
+        print(f"{seed:>6} {acc:>11.2f} {'–' if epoch is None else f'{epoch:.3f}':>8}{shift}")
     print(f"{'mean':>6} {results['test_accuracy']:>11.2f}  ± {results['std']:.2f} (std over seeds)")
 
 

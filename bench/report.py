@@ -1,7 +1,7 @@
 """
 bench/report.py: the outputs of bench/reproduce.py, rebuilt from its run files alone (no training).
 
-    python bench/reproduce.py --report --results results/
+    python bench/report.py --results results/        # or: python bench/reproduce.py --report
 
 reads results/runs/*.json (one per run, written by the sweep) and writes
     results/README.md     Table A few-shot (one block per K), Table B ablation, Table C domain
@@ -42,7 +42,8 @@ TITLES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "Ox
           "ucf101": "UCF101", "imagenetv2": "-V2", "imagenet-sketch": "-Sketch",
           "imagenet-adversarial": "-A", "imagenet-rendition": "-R", "average": "Average"}
 # the paper's ablation rows (Table 2) and the method of each
-ABLATION = {"zeroshot": "Base", "hegraph-tn": "T-N", "hegraph-tp": "T-P", "hegraph-t": "T", "hegraph": "full"}
+ABLATION = {"zeroshot": "Base", "hegraph-tn": "T-N", "hegraph-tp": "T-P", "hegraph-t": "T", "hegraph": "full",
+            "hegraph-bias": "full, every W at zero"}  # the last: our ablation of the graph, not the paper's
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def accuracy_block(cells, columns, methods, label, paper, comparable, average_of
     all; a method gets an average only when it has every one of them), per seed, then mean ± std.
     """
     average_of = columns if average_of is None else average_of
-    header = columns + ["average"]
+    header = columns + (["average"] if len(average_of) > 1 else [])  # the average of one column is itself
     theirs = {name: paper_values(row, columns, average_of) for name, row in paper.items()}
     theirs = {name: values for name, values in theirs.items() if values}
 
@@ -195,7 +196,7 @@ def accuracy_block(cells, columns, methods, label, paper, comparable, average_of
     rows, shown = [], set()
     for method in methods:
         ours = dict(cells[method])
-        if all(c in ours for c in average_of):
+        if "average" in header and all(c in ours for c in average_of):
             ours["average"] = average_per_seed([ours[c] for c in average_of])
         rows.append([label(method)] + [fmt(list(ours.get(c, {}).values())) for c in header])
         for name in theirs:
@@ -289,7 +290,7 @@ def cost_section(runs):
     order = method_order(m for _, m in groups)
     rows = []
     for (backbone, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
-        per_epoch = [s for r in rs for s in r.get("epoch_seconds", {}).values() if s > 0]
+        per_epoch = [s for r in rs for s in r.get("epoch_seconds", {}).values() if s]  # None: no epochs
         trained = [s for r in rs for s in (r.get("train_seconds") or {}).values()]
         params = sorted({r["params"] for r in rs if r.get("params") is not None})
         rows.append([f"`{method}`", backbone, str(len(rs)),
@@ -351,64 +352,98 @@ def clip_below_zeroshot(ax, stats):
                 va="bottom", fontsize=7, color="dimgray")
 
 
+MARKERS = "osD^vP*X<>hp"
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def method_styles(methods):
+    """One look per method: its own colour, marker and line style; hegraph in red, drawn thicker and on top.
+    Red is hegraph's alone: the others take tab10 without its red, then tab20's light shades."""
+    import matplotlib.pyplot as plt
+    tab10, tab20 = plt.get_cmap("tab10").colors, plt.get_cmap("tab20").colors
+    colours = [c for i, c in enumerate(tab10) if i != 3] + [c for i, c in enumerate(tab20) if i % 2 and i != 7]
+    others = [m for m in methods if m != "hegraph"]
+    styles = {m: dict(color=colours[i % len(colours)], marker=MARKERS[i % len(MARKERS)], ms=4, lw=1.3,
+                      ls=LINESTYLES[i % len(LINESTYLES)], zorder=3) for i, m in enumerate(others)}
+    styles["hegraph"] = dict(color="crimson", marker="*", ms=9, lw=2.4, ls="-", zorder=5)
+    return styles
+
+
+def fewshot_seeds(runs, datasets, methods, shots):
+    """{(method, panel, K): {seed: accuracy}}, the average panel (per seed, over every dataset, only where all
+    are present) included."""
+    seeds = {(r["method"], r["dataset"], r["shots"]): per_seed(r) for r in runs}
+    for m in methods:
+        for k in shots:
+            got = [seeds[m, d, k] for d in datasets if (m, d, k) in seeds]
+            if len(got) == len(datasets) > 1:
+                seeds[m, "average", k] = average_per_seed(got)
+    return seeds
+
+
+def identical_curves(curves):
+    """Groups of methods whose mean curves coincide exactly (to the printed 0.01), to name in the panel."""
+    groups = defaultdict(list)
+    for m, points in curves.items():
+        groups[tuple((k, round(mean, 2)) for k, mean, _ in points)].append(m)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def draw_panel(ax, curves, styles, shots):
+    """One panel: each method's mean ± std (error bars) at K, shifted sideways by a few percent of an octave
+    per method so that lines and bars that coincide stay visible side by side."""
+    n = len(curves)
+    for i, (m, points) in enumerate(curves.items()):
+        shift = 2 ** (0.05 * (i - (n - 1) / 2))  # log-x axis: a constant factor is a constant offset
+        xs = [k * shift for k, _, _ in points]
+        ax.errorbar(xs, [mean for _, mean, _ in points], yerr=[std for _, _, std in points], label=m,
+                    capsize=2, elinewidth=0.8, **styles[m])
+    same = identical_curves(curves)
+    if same:
+        ax.text(0.02, 0.97, "\n".join("same curve: " + " = ".join(g) for g in same), transform=ax.transAxes,
+                ha="left", va="top", fontsize=6.5, color="dimgray")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
+def paper_points(paper, backbone, panel, shots, datasets):
+    """{K: the paper's HeGraphAdapter} for a panel, where it printed one for our backbone (its average is of
+    the 11 datasets: shown only when ours is too)."""
+    points = {r["shots"]: r["accuracy"] for r in paper if r["method"] == "hegraph" and r["backbone"] == backbone
+              and r["dataset"] == panel and r["shots"] in shots}
+    return {} if panel == "average" and set(datasets) != set(FEWSHOT_DATASETS) else points
+
+
 def plot_fewshot(runs, backbone, paper, path):
-    """The paper's Fig. 2: accuracy vs K (log-spaced), one panel per dataset plus the average, one line
-    per method with a ± std band over seeds; HeGraphAdapter drawn most prominent. Writes .png and .svg."""
+    """The paper's Fig. 2: accuracy vs K (log-spaced), one panel per dataset plus their average (when there
+    are several), one line per method with mean ± std over seeds; HeGraphAdapter drawn most prominent.
+    Writes .png and .svg."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mine = [r for r in runs if r["backbone"] == backbone and not r.get("shift")]
-    datasets = dataset_order(r["dataset"] for r in mine)
-    methods = method_order(r["method"] for r in mine)
+    datasets, methods = dataset_order(r["dataset"] for r in mine), method_order(r["method"] for r in mine)
     shots = sorted({r["shots"] for r in mine})
-    seeds = {(r["method"], r["dataset"], r["shots"]): per_seed(r) for r in mine}
-    for m in methods:  # the average panel: per seed, over every dataset (only where all are present)
-        for k in shots:
-            got = [seeds[m, d, k] for d in datasets if (m, d, k) in seeds]
-            if len(got) == len(datasets):
-                seeds[m, "average", k] = average_per_seed(got)
-    panels = datasets + (["average"] if len(datasets) > 1 else [])  # the average of one dataset is itself
+    seeds, styles = fewshot_seeds(mine, datasets, methods, shots), method_styles(methods)
+    panels = datasets + (["average"] if len(datasets) > 1 else [])
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    width = max(3.4 * ncols, 6.5)  # room for the title and the legend, even with one panel
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.9 * nrows + 0.9), squeeze=False, layout="constrained")
-    # red is HeGraphAdapter's alone: the others get tab10 without its red, then tab20's light shades of those
-    tab10, tab20 = plt.get_cmap("tab10").colors, plt.get_cmap("tab20").colors
-    colours = [c for i, c in enumerate(tab10) if i != 3] + [c for i, c in enumerate(tab20) if i % 2 and i != 7]
-    colour = dict(zip([m for m in methods if m != "hegraph"], colours * 2))
-    published = defaultdict(dict)  # panel -> {K: the paper's HeGraphAdapter}, for our backbone only
-    for r in paper:
-        if r["method"] == "hegraph" and r["backbone"] == backbone:
-            published[r["dataset"]][r["shots"]] = r["accuracy"]
+    width = max(3.6 * ncols, 7.0)  # room for the title and the legend, even with one panel
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.1 * nrows + 1.0), squeeze=False, layout="constrained")
     for ax, panel in zip(axes.flat, panels):
-        clip_below_zeroshot(ax, {m: [mean_std(seeds[m, panel, k].values()) for k in shots
-                                     if seeds.get((m, panel, k))] for m in methods})
-        for m in methods:
-            xs = [k for k in shots if seeds.get((m, panel, k))]
-            if not xs:
-                continue
-            stats = [mean_std(seeds[m, panel, k].values()) for k in xs]
-            mean = [s[0] for s in stats]
-            std = [s[1] for s in stats]
-            main = m == "hegraph"
-            style = dict(color="crimson", lw=2.6, marker="*", ms=9, zorder=5) if main else dict(
-                color=colour[m], lw=1.3, marker="o", ms=3.5, zorder=3,
-                ls="--" if m.startswith("hegraph") else "-")
-            ax.plot(xs, mean, label=m, **style)
-            ax.fill_between(xs, [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
-                            color=style["color"], alpha=0.18 if main else 0.10, lw=0)
-        points = {k: a for k, a in published.get(panel, {}).items() if k in shots}
-        if panel == "average" and set(datasets) != set(FEWSHOT_DATASETS):
-            points = {}  # the paper averages the 11 datasets; ours, those present
-        if points:  # the paper's HeGraphAdapter, where it printed a number for this K
+        curves = {m: [(k, *mean_std(seeds[m, panel, k].values())) for k in shots if seeds.get((m, panel, k))]
+                  for m in methods}
+        curves = {m: points for m, points in curves.items() if points}
+        clip_below_zeroshot(ax, {m: [(mean, std) for _, mean, std in points] for m, points in curves.items()})
+        draw_panel(ax, curves, styles, shots)
+        points = paper_points(paper, backbone, panel, shots, datasets)
+        if points:
             ax.plot(sorted(points), [points[k] for k in sorted(points)], ls="none", marker="*", ms=11,
                     mfc="none", mec="black", zorder=6, label=f"paper: HeGraphAdapter ({backbone})")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(shots, [str(k) for k in shots])
-        ax.minorticks_off()
         ax.set_title(TITLES.get(panel, panel), fontweight="bold" if panel == "average" else None)
-        ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
@@ -420,7 +455,7 @@ def plot_fewshot(runs, backbone, paper, path):
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
     fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
-               ncol=min(len(handles), 5, int(width // 1.7)))
+               ncol=min(len(handles), 5, int(width // 1.8)))
     fig.suptitle(f"Few-shot test accuracy ({backbone}), mean ± std over seeds")
     fig.savefig(path, dpi=130)
     fig.savefig(Path(path).with_suffix(".svg"))
@@ -487,8 +522,8 @@ def tsne_from_runs(runs, results, dataset):
         return f"t-SNE not redrawn: {missing} is absent (tsne.png, if any, is from an earlier report)."
     before, after, classnames = text_nodes_before_after(features, checkpoint, int(seed))
     plot_tsne(before, after, classnames, run["dataset"], Path(results, "tsne.png"))
-    return (f"![t-SNE](tsne.png)\n\nt-SNE (Fig. 3): `{run['name']}` ({run['dataset']}, K = {run['shots']}, "
-            f"seed {seed}).")
+    return (f"![t-SNE](tsne.png)\n\nt-SNE (Fig. 3): `hegraph` on {TITLES.get(run['dataset'], run['dataset'])}, "
+            f"K = {run['shots']}, seed {seed} ({run['backbone']}).")
 
 
 # -----------------------------------------------------------------------------
@@ -505,9 +540,10 @@ def write_report(results, tsne_dataset="food101"):
              f"Written by `python bench/reproduce.py --report --results {results}` from {len(all_runs)} run "
              f"files in `runs/` on {datetime.date.today()}. Test accuracy %, mean ± std over seeds (n − 1); "
              "the number of a run is its accuracy after the last epoch (nothing is selected on test images). "
-             "Average = over the datasets of the table, per seed, then mean ± std; for the paper's rows, its printed "
-             "average when the table has all its datasets, else the mean of its numbers over the same datasets. "
-             "`runs.csv` has one row per run and seed.", ""]
+             + ("Average = over the datasets of the table, per seed, then mean ± std; for the paper's rows, its "
+                "printed average when the table has all its datasets, else the mean of its numbers over the same "
+                "datasets. " if len({r["dataset"] for r in runs}) > 1 else "")
+             + "`runs.csv` has one row per run and seed.", ""]
     if dropped:
         lines += [f"Note: {dropped} run files repeat a cell with another configuration; the tables show the "
                   "newest of each (runs.csv lists all).", ""]
@@ -522,9 +558,28 @@ def write_report(results, tsne_dataset="food101"):
             name = "fewshot.png" if len(backbones) == 1 else f"fewshot_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.png"
             plot_fewshot(runs, backbone, paper, results / name)
             lines += [f"![few-shot accuracy, {backbone}]({name})", "",
-                      f"Fig. 2 ({backbone}): test accuracy vs shots, mean ± std (band) over seeds; "
-                      "`hegraph` in red.", ""]
+                      f"Fig. 2 ({backbone}): test accuracy vs shots, mean ± std (error bars) over seeds; "
+                      "`hegraph` in red; methods are shifted sideways a little so that equal points stay "
+                      "visible, and curves that coincide exactly are named in their panel.", ""]
     lines += [tsne_from_runs(runs, results, tsne_dataset), ""]
     write_runs_csv(all_runs, results / "runs.csv")
     write_atomic(results / "README.md", lambda f: f.write("\n".join(lines).encode()))
     return results / "README.md"
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="the results folder of bench/reproduce.py, holding runs/*.json (default results/)")
+    p.add_argument("--tsne-dataset", default="food101",
+                   help="the dataset whose hegraph checkpoint the t-SNE figure is drawn from (default food101)")
+    args = p.parse_args(argv)
+    try:
+        print(f"wrote {write_report(args.results, args.tsne_dataset)}")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

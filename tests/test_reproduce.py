@@ -237,8 +237,8 @@ def test_features_mode_sweeps_k_over_one_file_and_draws_the_tsne(tmp_path):
     assert len(ran(output)) == 4 and {(r["dataset"], r["shots"]) for r in runs} == {("synthetic", 1), ("synthetic", 4)}
     assert all(r["reproduce"]["key"]["features_sha256"] for r in runs)
     readme = (tmp_path / "results" / "README.md").read_text()
-    assert "| method | synthetic | Average |" in readme
-    assert "t-SNE (Fig. 3): `synthetic_synthetic_hegraph_4shot_" in readme  # from the 4-shot hegraph checkpoint
+    assert "| method | synthetic |\n" in readme and "Average" not in readme    # one dataset: no average of it
+    assert "t-SNE (Fig. 3): `hegraph` on synthetic, K = 4, seed 1" in readme   # from the 4-shot hegraph checkpoint
     with Image.open(tmp_path / "results" / "tsne.png") as png:
         assert png.width >= 600 and png.height >= 300
     # another train.py flag is another configuration: new run files, none skipped
