@@ -196,37 +196,34 @@ def free_bytes(device):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--classes", type=int, nargs="+", default=[47, 1000, 5000])
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--classes", type=int, nargs="+", default=[47, 1000, 5000],
+                   help="class counts C to time (default 47 1000 5000: DTD, ImageNet, a large task)")
+    p.add_argument("--dim", type=int, default=1024, help="feature size d (default 1024, RN50's)")
+    p.add_argument("--shots", type=int, default=16, help="K shots per class; the cache holds N = C K (default 16)")
+    p.add_argument("--batch", type=int, default=256, help="training batch (default 256, the paper's)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each method first (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps of each method; the median is reported")
     p.add_argument("--max-step-s", type=float, default=30.0,
-                   help="skip the whole-set batch (B = N) when one step takes longer than this")
+                   help="skip the whole-set batch (B = N) when one step takes longer than this (default 30)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--quick", action="store_true", help="smoke run: C = 47, 1 warm-up, 3 repeats")
     p.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)  # internal: method C d K B, one measurement
-    args = p.parse_args()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    if args._memory:
-        method, *sizes = args._memory
-        print(json.dumps({"bytes": peak_memory_here(method, *map(int, sizes), device)}))
-        return
+    args = p.parse_args(argv)
     if args.quick:
         args.classes, args.warmup, args.repeats = [47], 1, 3
+    return args
 
-    d, K = args.dim, args.shots
+
+def print_header(device, d, K, warmup, repeats):
+    """What is timed, where; a warning when other processes load the CPUs."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
-          f"d = {d}, K = {K}, warm-up {args.warmup}, median of {args.repeats} interleaved steps")
+          f"d = {d}, K = {K}, warm-up {warmup}, median of {repeats} interleaved steps")
     if device.type == "cpu":  # other processes on the cores distort CPU timings (each parallel op waits)
         print("load average before: %.2f %.2f %.2f on %d CPUs" % (*os.getloadavg(), os.cpu_count()))
         if os.getloadavg()[0] > 0.5 and torch.get_num_threads() > 1:
@@ -237,39 +234,63 @@ def main():
               f"{'full MiB':>9} {'Tip-F MiB':>9}   (ms: median per training step; MiB: {mem_what})")
     print(header)
     print("-" * len(header))
+
+
+def too_big(feats, B, step_small, args, device):
+    """Why the whole-set batch is not even tried, or "": B / 256 times the 256-batch step over-estimates
+    (fixed costs do not grow with B), so only a step more than 4x over the limit, or [B, N] tensors that do
+    not fit, are skipped."""
+    N = feats[2].shape[0]
+    est_s = max(step_small.values()) * B / args.batch
+    est_bytes = 6 * B * N * feats[2].element_size()     # a handful of live [B, N] tensors
+    if est_s > 4 * args.max_step_s or est_bytes > 0.6 * free_bytes(device):
+        return (f"skipped: est. <= {est_s:.0f} s per step (limit {args.max_step_s:.0f} s), ~{est_bytes / 2**30:.1f} "
+                f"GiB of [B, N] tensors ({free_bytes(device) / 2**30:.1f} GiB available)")
+    return ""
+
+
+def time_class_count(C, args, device):
+    """The rows of one C: batch 256, then the whole few-shot set where it fits in time and memory."""
+    d, K = args.dim, args.shots
+    N = C * K
+    feats = make_features(C, d, K, device)
+    step_small = None
+    for B in dict.fromkeys([min(args.batch, N), N]):
+        row = f"{C:>5} {N:>6} {B:>6}"
+        limit = float("inf")
+        if B > args.batch:
+            if why := too_big(feats, B, step_small, args, device):
+                print(f"{row}   {why}")
+                continue
+            limit = args.max_step_s
+        sec, n = time_pair(feats, B, device, args.warmup, args.repeats, limit)
+        if sec is None:
+            print(f"{row}   skipped: one step took {n['full']:.0f} s (full), {n['tipf']:.0f} s (Tip-F); "
+                  f"limit {args.max_step_s:.0f} s")
+            continue
+        if B <= args.batch:
+            step_small = sec
+        mem = {m: float("nan") for m in METHODS}
+        if not args.no_memory:
+            mem = {m: peak_memory(m, C, d, K, B, device) / 2**20 for m in METHODS}
+        print(f"{row} {sec['full'] * 1e3:>9.1f} {sec['tipf'] * 1e3:>9.1f} "
+              f"{sec['full'] / sec['tipf']:>6.2f} {mem['full']:>9.0f} {mem['tipf']:>9.0f}"
+              + (f"   (median of {n})" if n != args.repeats else ""), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._memory:
+        method, *sizes = args._memory
+        print(json.dumps({"bytes": peak_memory_here(method, *map(int, sizes), device)}))
+        return
+    print_header(device, args.dim, args.shots, args.warmup, args.repeats)
     t_start = time.perf_counter()
     for C in args.classes:
-        N = C * K
-        feats = make_features(C, d, K, device)
-        step_small = None
-        for B in dict.fromkeys([min(args.batch, N), N]):  # 256, then the whole few-shot set
-            row = f"{C:>5} {N:>6} {B:>6}"
-            limit = float("inf")
-            if B > args.batch:
-                # B/256 times the 256-batch step over-estimates (fixed costs do not grow with B); a step
-                # more than 4x over the limit, or [B, N] tensors that do not fit, are not even tried
-                est_s = max(step_small.values()) * B / args.batch
-                est_bytes = 6 * B * N * feats[2].element_size()     # a handful of live [B, N] tensors
-                if est_s > 4 * args.max_step_s or est_bytes > 0.6 * free_bytes(device):
-                    print(f"{row}   skipped: est. <= {est_s:.0f} s per step (limit {args.max_step_s:.0f} s), "
-                          f"~{est_bytes / 2**30:.1f} GiB of [B, N] tensors "
-                          f"({free_bytes(device) / 2**30:.1f} GiB available)")
-                    continue
-                limit = args.max_step_s
-            sec, n = time_pair(feats, B, device, args.warmup, args.repeats, limit)
-            if sec is None:
-                print(f"{row}   skipped: one step took {n['full']:.0f} s (full), {n['tipf']:.0f} s (Tip-F); "
-                      f"limit {args.max_step_s:.0f} s")
-                continue
-            if B <= args.batch:
-                step_small = sec
-            mem = {m: float("nan") for m in METHODS}
-            if not args.no_memory:
-                mem = {m: peak_memory(m, C, d, K, B, device) / 2**20 for m in METHODS}
-            print(f"{row} {sec['full'] * 1e3:>9.1f} {sec['tipf'] * 1e3:>9.1f} "
-                  f"{sec['full'] / sec['tipf']:>6.2f} {mem['full']:>9.0f} {mem['tipf']:>9.0f}"
-                  + (f"   (median of {n})" if n != args.repeats else ""), flush=True)
-        del feats
+        time_class_count(C, args, device)
     load = " load average after: %.2f" % os.getloadavg()[0] if device.type == "cpu" else ""
     print(f"total {time.perf_counter() - t_start:.0f} s.{load}")
 
