@@ -27,10 +27,10 @@ from tqdm import tqdm
 from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
                        LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
                        fit_linear_probe)
-from cli import Parser, fail, path_arg, resolve_device
+from cli import Parser, dataset_arg, fail, path_arg, resolve_device
 from extract_features import add_extraction_args, extract_from_args
 from features_file import load_features, load_torch_file, write_atomic
-from fewshot_data import DATASETS, DataError
+from fewshot_data import DataError, dataset_name
 from hegraphadapter import HeGraphAdapter, HeGraphConfig, normalize
 
 SHIFT_DATASETS = ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")
@@ -423,7 +423,7 @@ def run(args):
 
     data = load_features(args.features) if args.features else features_for(args, args.dataset)
     dataset = data["dataset"]
-    if args.features and args.dataset and args.dataset != dataset:
+    if args.features and args.dataset and dataset_name(args.dataset) != dataset:
         raise DataError(f"--features {args.features} holds {dataset!r}, not --dataset {args.dataset!r}; drop "
                         f"--dataset or pass that dataset's features")
     ckpts = load_checkpoints(args, data) if args.eval_only else None
@@ -515,8 +515,8 @@ def parse_args(argv=None):
     methods = "\n".join(f"  {name:<14} {m.about}" for name, m in METHODS.items())
     p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=f"methods:\n{methods}")
-    p.add_argument("--dataset", choices=[d for d in DATASETS if d not in SHIFT_DATASETS],
-                   help="dataset key (README: Datasets), e.g. dtd; optional with --features")
+    p.add_argument("--dataset", type=dataset_arg, help="a dataset key, e.g. dtd, or a folder holding one subfolder "
+                   "of images per class (docs/datasets.md); optional with --features")
     p.add_argument("--shots", type=int, help="K, training images per class (default 16)")
     p.add_argument("--method", choices=list(METHODS), help="default hegraph (the full model); list below")
     p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")
@@ -543,6 +543,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dataset is None and args.features is None:
         p.error("give --dataset (features are extracted if needed) or --features FILE")
+    if args.dataset in SHIFT_DATASETS:
+        p.error(f"--dataset {args.dataset} is a test-only set: train on imagenet and pass --eval-datasets {args.dataset}")
     if args.eval_only != bool(args.load):
         p.error("--eval-only and --load DIR go together")
     for flag, value, low in (("--shots", args.shots, 1), ("--epochs", args.epochs, 0),
