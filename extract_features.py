@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cli import Parser, dataset_arg, fail, path_arg, resolve_device
-from download import cupl_prompts
+from download import cupl_prompts, download_dataset
 from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock,
                            load_torch_file, reusable, write_atomic)
 from fewshot_data import (CUPL, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_folder, dataset_name,
@@ -303,9 +303,9 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path) -> Path:
 
 
 def extract_features(settings: Settings, root, out_dir="features", *, batch_size: int = 256,
-                     workers: int | None = None, device=None, overwrite: bool = False) -> Path:
+                     workers: int | None = None, device=None, overwrite: bool = False, download: bool = False) -> Path:
     """Encode `settings.dataset` (under `root`, or a folder of its own) with CLIP and write one features file;
-    returns its path.
+    returns its path. download: fetch a benchmark dataset into `root` first if it is not there.
 
     An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), also
     when the dataset folder is absent, and refused otherwise unless `overwrite`. Processes writing the same
@@ -320,8 +320,17 @@ def extract_features(settings: Settings, root, out_dir="features", *, batch_size
     if not is_folder(settings.dataset) and dataset_spec(settings.dataset).layout == "shift":
         settings = settings.test_only()
     folder = dataset_folder(settings.dataset, root)
+    if download and is_folder(settings.dataset):
+        raise DataError(f"--download fetches the benchmark datasets, and {folder} is a folder of your own; drop "
+                        f"--download")
     if not folder.exists() and path.exists() and not overwrite:
-        return serve_without_dataset(path, settings, folder)
+        try:
+            return serve_without_dataset(path, settings, folder)
+        except DataError:
+            if not download:  # else the dataset is fetched, and the file compared again below
+                raise
+    if download:
+        download_dataset(settings.dataset, root)
 
     splits = load_splits(settings.dataset, root)
     if is_folder(settings.dataset):  # a folder's split is made from its files: compared on reuse
@@ -350,6 +359,9 @@ def add_extraction_args(parser):
     g = parser.add_argument_group("feature extraction (when the features file does not exist yet)")
     g.add_argument("--root", type=path_arg, default=Path("data"),
                    help="folder holding the dataset folders in CoOp's layout (default data/)")
+    g.add_argument("--download", action="store_true", help="first download the dataset into --root if it is not "
+                   "there: its images from their official location and CoOp's split file, each checked "
+                   "(docs/datasets.md); for ImageNet, Stanford Cars and the shift sets, print the steps to take")
     g.add_argument("--backbone", default="RN50", help="CLIP model name, also used in the file name (default RN50)")
     g.add_argument("--features-dir", type=path_arg, default=Path("features"),
                    help="where features files are written and looked up (default features/)")
@@ -393,7 +405,8 @@ def extract_from_args(args, dataset: str, backbone: str | None = None) -> Path:
     if backbone is not None:
         settings = dataclasses.replace(settings, backbone=backbone)
     return extract_features(settings, args.root, args.features_dir, batch_size=args.encode_batch_size,
-                            workers=args.workers, device=args.device, overwrite=args.overwrite)
+                            workers=args.workers, device=args.device, overwrite=args.overwrite,
+                            download=args.download)
 
 
 def main(argv=None):

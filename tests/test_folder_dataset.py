@@ -176,6 +176,8 @@ def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, my_images, tmp
     assert fail("--dataset", "imagenetv2") == ("error: --dataset imagenetv2 is a test-only set: train on imagenet and "
                                                "pass --eval-datasets imagenetv2 (python train.py --help lists the "
                                                "options)")
+    assert fail("--dataset", my_images, "--shots", 1, "--download").startswith(
+        f"error: --download fetches the benchmark datasets, and {my_images} is a folder of your own")
     assert fail("--dataset", my_images, "--shots", 1, "--template", "a photo of a cat.").startswith(
         "error: --template must contain {} where the class name goes")
     few = write_image_folder(tmp_path / "few", {"a": 3, "b": 20})      # 1 training image: below --max-shots 16
