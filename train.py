@@ -417,7 +417,7 @@ def run(args):
         check_writable(args.out)
     if args.save:
         check_writable(args.save, folder=True)
-    if not args.features and not args.eval_only and args.shots > args.max_shots:
+    if not args.features and not args.eval_only and (args.shots or 16) > args.max_shots:  # --shots: default 16
         raise DataError(f"--shots {args.shots} is above --max-shots {args.max_shots}, the largest K extracted; "
                         f"pass --max-shots {args.shots}")
 

@@ -176,7 +176,7 @@ def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, my_images, tmp
     assert fail("--dataset", "imagenetv2") == ("error: --dataset imagenetv2 is a test-only set: train on imagenet and "
                                                "pass --eval-datasets imagenetv2 (python train.py --help lists the "
                                                "options)")
-    assert fail("--dataset", my_images, "--shots", 1, "--download").startswith(
+    assert fail("--dataset", my_images, "--download").startswith(                 # no --shots: its default
         f"error: --download fetches the benchmark datasets, and {my_images} is a folder of your own")
     assert fail("--dataset", my_images, "--shots", 1, "--template", "a photo of a cat.").startswith(
         "error: --template must contain {} where the class name goes")
