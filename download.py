@@ -290,11 +290,11 @@ def _unpack(plan: DatasetDownload, files: list[Path], staging: Path) -> Path:
     steps += [(build / inner, build / into, f"{inner} in the download", True) for inner, into in plan.unpack]
     for path, into, source, inner in steps:
         into.mkdir(parents=True, exist_ok=True)
-        print(f"unpacking {path.name}", flush=True)
         try:
             if path.suffix == ".json":
                 shutil.copyfile(path, into / path.name)
             else:
+                print(f"unpacking {path.name}", flush=True)
                 extract_archive(str(path), str(into), remove_finished=inner)  # an inner archive: done with
         except Exception as e:  # noqa: BLE001 - tarfile, zipfile, gzip, lzma, EOFError, OSError
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS):
