@@ -219,8 +219,10 @@ def _class_name(folder_name: str) -> str:
 def _images_under(folder: Path) -> list[str]:
     """The images below `folder` at any depth, as paths relative to it (with /); hidden files and non-image
     files are left out. Symbolic links are followed, and a folder reached twice (a link up the tree) once."""
+    def unreadable(e: OSError):
+        raise DataError(f"cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it")
     found, seen = [], set()
-    for here, subfolders, files in os.walk(folder, followlinks=True):
+    for here, subfolders, files in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(here)
         subfolders[:] = [] if real in seen else [d for d in subfolders if _visible(d)]
         if real not in seen:
@@ -244,7 +246,10 @@ def _split_class(paths: list[str]) -> tuple[list[str], list[str], list[str]]:
 
 def _class_folders(folder: Path) -> list[Path]:
     """The class subfolders of `folder`, sorted by name; one line if there are none or two give one class name."""
-    entries = sorted((e for e in folder.iterdir() if _visible(e.name)), key=lambda e: _nfc(e.name))
+    try:
+        entries = sorted((e for e in folder.iterdir() if _visible(e.name)), key=lambda e: _nfc(e.name))
+    except OSError as e:
+        raise DataError(f"cannot read the folder {folder} ({e.strerror}); fix its permissions") from None
     classes = [e for e in entries if e.is_dir()]
     loose = sum(e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES for e in entries)
     if not classes:

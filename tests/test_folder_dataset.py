@@ -187,3 +187,16 @@ def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, my_images, tmp
     (my_images / "red_panda" / "0.jpg").write_text("not an image")
     assert "cannot be read" in fail("--dataset", my_images, "--shots", 1, "--max-shots", 1, "--clip-checkpoint",
                                     tiny_vit_checkpoint, *TINY, "--overwrite")
+
+
+def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):
+    touch(tmp_path / "mine", *[f"a/{f}" for f in class_files(3)], *[f"b/sub/{f}" for f in class_files(3)])
+    scandir = os.scandir
+
+    def denied(path="."):  # as a folder without read permission (chmod 0 does not stop root, who runs CI)
+        if Path(path).name == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(fd.DataError, match=r"^cannot read the folder .*/mine/b/sub \(Permission denied\); fix"):
+        fd.load_splits(str(tmp_path / "mine"), None)
