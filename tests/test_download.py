@@ -1,10 +1,15 @@
 """--download: the real download code (torchvision's transfer and unpacking, our checks and layout) against a
-local HTTP server on 127.0.0.1 that serves small archives built here. Google Drive's path (gdown) is not
-exercised: torchvision sends drive.google.com URLs to gdown, which cannot be pointed at a local server."""
+local HTTP server on 127.0.0.1 that serves small archives built here. Google Drive's own protocol (gdown's
+part) is not exercised: torchvision hands drive.google.com URLs to gdown, which cannot be pointed at a local
+server; a stand-in gdown checks the hand-over, and what is done with the file it writes."""
 import hashlib
 import http.server
+import importlib.machinery
 import io
 import json
+import sys
+import types
+import urllib.request
 import socket
 import tarfile
 import threading
@@ -273,6 +278,35 @@ def test_a_missing_gdown_is_named_before_any_transfer(server, dtd_files, monkeyp
                                            r"package: pip install gdown"):
         download.download_dataset("dtd", tmp_path)
     assert server.hits == {}
+
+
+def test_a_google_drive_file_goes_to_gdown_and_is_checked_like_the_others(server, dtd_files, monkeypatch, tmp_path):
+    """torchvision's download_url sends a Drive URL to gdown.download(id=..., output=...); a stand-in gdown serves
+    it from the local server (torchvision first asks the URL for redirects: that request is skipped here)."""
+    import torchvision.datasets.utils as tv
+    gdown = types.ModuleType("gdown")
+    gdown.__spec__ = importlib.machinery.ModuleSpec("gdown", None)
+    asked = []
+
+    def fetch(id, output, quiet, user_agent):  # noqa: A002 - gdown's keyword
+        asked.append(id)
+        with urllib.request.urlopen(f"{server.url}/drive/{id}") as response, open(output, "wb") as f:
+            f.write(response.read())
+    gdown.download = fetch
+    monkeypatch.setitem(sys.modules, "gdown", gdown)
+    monkeypatch.setattr(tv, "_get_redirect_url", lambda url, max_hops: url)
+    split, archive = serve_dtd(monkeypatch, server, dtd_files)
+    server.files["/drive/the-split-id"] = dtd_files["/split.json"]
+    drive = download.Remote(download._drive("the-split-id"), split.md5, "dtd", split.filename)
+    monkeypatch.setitem(download.DOWNLOADS, "dtd", download.DatasetDownload((drive, archive)))
+    server.faults["/drive/the-split-id"] = 500
+    with pytest.raises(fd.DataError) as e:
+        download.download_dataset("dtd", tmp_path)
+    assert one_line(e).startswith(f"--download: cannot download {drive.url} (HTTP Error 500: Internal Server Error)")
+    nothing_passes_for_the_dataset(tmp_path)
+    del server.faults["/drive/the-split-id"]
+    download.download_dataset("dtd", tmp_path)
+    assert asked == ["the-split-id"] * 2 and fd.load_splits("dtd", tmp_path).test
 
 
 def test_the_pinned_table_lays_out_coops_layout():
