@@ -197,8 +197,8 @@ def download_dataset(dataset: str, root) -> Path:
     """
     target = Path(root) / dataset_spec(dataset).folder
     with acquire(file_lock(target), target):
-        if target.exists():
-            return _check_present(dataset, root, target)
+        if target.exists():  # (a manual dataset is only looked at when read: ImageNet's folders are large)
+            return _check_present(dataset, root, target) if dataset in DOWNLOADS else target
         if dataset not in DOWNLOADS:
             print(MANUAL[dataset].format(root=Path(root)), flush=True)
             raise DataError(f"--download: {dataset} has no public download; put it in {target} by the steps above, "

@@ -1,6 +1,7 @@
 """Extract frozen CLIP features of a few-shot dataset into one file (its contract: features_file.py).
 
     python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
+    python extract_features.py --dataset path/to/my_images     # a folder of class subfolders (docs/datasets.md)
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
 fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). Here: decoding the

@@ -334,3 +334,11 @@ def test_train_py_downloads_extracts_and_trains_in_one_command(server, dtd_files
     del server.faults["/dtd-r1.0.1.tar.gz"]
     results = run(*argv)
     assert results["dataset"] == "dtd" and torch.load(tmp_path / "features" / "dtd_tiny.pt", weights_only=True)["test"]
+
+
+def test_a_dataset_there_already_is_not_fetched_whatever_its_size(tmp_path, monkeypatch):
+    """A manual dataset that is there is returned without being read (ImageNet's 1.3M files); a downloadable one
+    is loaded once to say, if it cannot be, that --download will not replace it."""
+    root = write_dataset(tmp_path, "imagenet")
+    monkeypatch.setattr(download, "load_splits", lambda *a: pytest.fail("read"))
+    assert download.download_dataset("imagenet", root) == root / "imagenet"
