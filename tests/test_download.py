@@ -205,7 +205,7 @@ def test_an_unpinned_file_whose_dataset_is_incomplete_is_deleted(server, dtd_fil
     assert (root / ".dtd.download" / "dtd-r1.0.1.tar.gz").is_file()   # pinned and checked: kept for the rerun
 
 
-def test_no_network_stops_at_once_with_one_line(server, dtd_files, monkeypatch, tmp_path):
+def test_no_network_stops_at_once_with_one_line(server, dtd_files, monkeypatch, tmp_path, fail):
     with socket.socket() as s:                            # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -220,6 +220,10 @@ def test_no_network_stops_at_once_with_one_line(server, dtd_files, monkeypatch, 
     assert time.perf_counter() - start < 5
     assert one_line(e).startswith(f"--download: cannot download http://127.0.0.1:{port}/split.json (<urlopen error "
                                   f"[Errno 111] Connection refused>); check the connection and rerun")
+    nothing_passes_for_the_dataset(root)
+    # the command line: one line, no traceback, before CLIP or anything else is loaded
+    line = fail("--dataset", "dtd", "--root", root, "--download", "--clip-checkpoint", tmp_path / "absent.pt")
+    assert line.startswith(f"error: --download: cannot download http://127.0.0.1:{port}/split.json")
     nothing_passes_for_the_dataset(root)
 
 
