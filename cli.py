@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot_data import DataError
+from fewshot_data import DataError, resolve_dataset
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,6 +28,14 @@ def fail(message):
 def path_arg(text: str) -> Path:
     """argparse type of every path flag: ~ is expanded, in "--flag ~/x" and "--flag=~/x" alike."""
     return Path(text).expanduser()
+
+
+def dataset_arg(text: str) -> str:
+    """argparse type of --dataset: a dataset key as it is, or a folder of class subfolders as its absolute path."""
+    try:
+        return resolve_dataset(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -1,6 +1,7 @@
 """Extract frozen CLIP features of a few-shot dataset into one file (its contract: features_file.py).
 
     python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
+    python extract_features.py --dataset path/to/my_images     # a folder of class subfolders (docs/datasets.md)
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
 fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). Here: decoding the
@@ -25,12 +26,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cli import Parser, fail, path_arg, resolve_device
-from download import cupl_prompts
+from cli import Parser, dataset_arg, fail, path_arg, resolve_device
+from download import cupl_prompts, download_dataset
 from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock,
                            load_torch_file, reusable, write_atomic)
-from fewshot_data import (CUPL, DATASETS, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_spec, fewshot_rows,
-                          load_prompts, load_splits)
+from fewshot_data import (CUPL, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_folder, dataset_name,
+                          dataset_spec, dataset_template, fewshot_rows, is_folder, load_prompts, load_splits,
+                          resolve_dataset)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -210,6 +212,9 @@ def check_flags(settings: Settings, batch_size: int, workers):
         (not _fills_in_a_name(settings.negative_template),
          f"--negative-template must contain {{}} where the class name goes, e.g. 'a photo of no {{}}.', "
          f"not {settings.negative_template!r}"),
+        (settings.template is not None and not _fills_in_a_name(settings.template),
+         f"--template must contain {{}} where the class name goes, e.g. 'a photo of a {{}}, a type of bird.', "
+         f"not {settings.template!r}"),
     ]
     for bad, message in problems:
         if bad:
@@ -255,7 +260,7 @@ def encode_splits(model, preprocess, folder: Path, jobs: dict, batch_size: int, 
 
 def prompts_for(settings: Settings, classnames: list[str]):
     """The positive and negative sentences of each class, and the settings with their hash filled in."""
-    template = DATASETS[settings.dataset].template
+    template = settings.template or dataset_template(settings.dataset)
     source = cupl_prompts(settings.dataset) if settings.prompts == CUPL else settings.prompts
     positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
     negative = [[settings.negative_template.format(c)] for c in classnames]
@@ -271,15 +276,18 @@ def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int,
     check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
     model, preprocess = load_clip(settings.backbone, settings.clip_checkpoint, device)
     positive, negative = prompts
-    out = {"format": FORMAT, "dataset": settings.dataset, "backbone": settings.backbone,
+    name = dataset_name(settings.dataset)
+    out = {"format": FORMAT, "dataset": name, "backbone": settings.backbone,
            "classnames": splits.classnames, "logit_scale": model.logit_scale.exp().item(),
            "prompts": {"positive": positive, "negative": negative},
            "text": {"positive": encode_text(model, positive, batch_size, device),
                     "negative": encode_text(model, negative, batch_size, device)},
-           **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, settings.dataset),
+           **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, name),
            **subsets, "settings": settings.record()}
     if splits.class_map is not None:
         out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
+    if is_folder(settings.dataset):  # the split made for it: kept, it reproduces the file (as split.json)
+        out["split"] = splits.coop_split()
     return out
 
 
@@ -296,25 +304,38 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path) -> Path:
 
 
 def extract_features(settings: Settings, root, out_dir="features", *, batch_size: int = 256,
-                     workers: int | None = None, device=None, overwrite: bool = False) -> Path:
-    """Encode `settings.dataset` under `root` with CLIP and write one features file; returns its path.
+                     workers: int | None = None, device=None, overwrite: bool = False, download: bool = False) -> Path:
+    """Encode `settings.dataset` (under `root`, or a folder of its own) with CLIP and write one features file;
+    returns its path. download: fetch a benchmark dataset into `root` first if it is not there.
 
     An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), also
     when the dataset folder is absent, and refused otherwise unless `overwrite`. Processes writing the same
     file take turns (file_lock): the second reuses or refuses what the first wrote.
     """
-    settings = dataclasses.replace(settings, seeds=tuple(dict.fromkeys(int(s) for s in settings.seeds)))
+    settings = dataclasses.replace(settings, dataset=resolve_dataset(settings.dataset),
+                                   seeds=tuple(dict.fromkeys(int(s) for s in settings.seeds)))
     check_flags(settings, batch_size, workers)
     device = resolve_device(device)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     path = features_path(out_dir, settings.dataset, settings.backbone)
-    if dataset_spec(settings.dataset).layout == "shift":
+    if not is_folder(settings.dataset) and dataset_spec(settings.dataset).layout == "shift":
         settings = settings.test_only()
-    folder = Path(root) / dataset_spec(settings.dataset).folder
+    folder = dataset_folder(settings.dataset, root)
+    if download and is_folder(settings.dataset):
+        raise DataError(f"--download fetches the benchmark datasets, and {folder} is a folder of your own; drop "
+                        f"--download")
     if not folder.exists() and path.exists() and not overwrite:
-        return serve_without_dataset(path, settings, folder)
+        try:
+            return serve_without_dataset(path, settings, folder)
+        except DataError:
+            if not download:  # else the dataset is fetched, and the file compared again below
+                raise
+    if download:
+        download_dataset(settings.dataset, root)
 
     splits = load_splits(settings.dataset, root)
+    if is_folder(settings.dataset):  # a folder's split is made from its files: compared on reuse
+        settings = dataclasses.replace(settings, split_sha256=splits.sha256())
     positive, negative, settings = prompts_for(settings, splits.classnames)
     if reusable(path, settings.record(), overwrite):  # reading needs no lock (a shared folder may be read-only)
         return path
@@ -339,6 +360,9 @@ def add_extraction_args(parser):
     g = parser.add_argument_group("feature extraction (when the features file does not exist yet)")
     g.add_argument("--root", type=path_arg, default=Path("data"),
                    help="folder holding the dataset folders in CoOp's layout (default data/)")
+    g.add_argument("--download", action="store_true", help="first download the dataset into --root if it is not "
+                   "there: its images from their official location and CoOp's split file, each checked "
+                   "(docs/datasets.md); for ImageNet, Stanford Cars and the shift sets, print the steps to take")
     g.add_argument("--backbone", default="RN50", help="CLIP model name, also used in the file name (default RN50)")
     g.add_argument("--features-dir", type=path_arg, default=Path("features"),
                    help="where features files are written and looked up (default features/)")
@@ -347,6 +371,8 @@ def add_extraction_args(parser):
     g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
                    "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
                    "file {classname: [sentence, ...]}; a class without sentences keeps the template")
+    g.add_argument("--template", help="template of the positive prompts, e.g. 'a photo of a {}, a type of bird.' "
+                   "(default: the dataset's, CoOp's; 'a photo of a {}.' for a folder of your own)")
     g.add_argument("--negative-template", default="a photo of no {}.",
                    help="template of the negative prompts (default 'a photo of no {}.')")
     g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
@@ -369,7 +395,7 @@ def settings_from_args(args, dataset: str) -> Settings:
     """The Settings that the extraction flags of add_extraction_args ask for, for `dataset`."""
     return Settings(dataset=dataset, backbone=args.backbone,
                     clip_checkpoint=str(args.clip_checkpoint.resolve()) if args.clip_checkpoint else None,
-                    prompts=None if args.prompts is None else str(args.prompts),
+                    prompts=None if args.prompts is None else str(args.prompts), template=args.template,
                     negative_template=args.negative_template, seeds=tuple(args.seeds), max_shots=args.max_shots,
                     views=args.views, allow_repeats=args.allow_repeats)
 
@@ -380,13 +406,15 @@ def extract_from_args(args, dataset: str, backbone: str | None = None) -> Path:
     if backbone is not None:
         settings = dataclasses.replace(settings, backbone=backbone)
     return extract_features(settings, args.root, args.features_dir, batch_size=args.encode_batch_size,
-                            workers=args.workers, device=args.device, overwrite=args.overwrite)
+                            workers=args.workers, device=args.device, overwrite=args.overwrite,
+                            download=args.download)
 
 
 def main(argv=None):
     p = Parser(prog="extract_features.py", description="Extract frozen CLIP features of a few-shot dataset into "
                "one file (its layout: docs/features-file.md).")
-    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset key")
+    p.add_argument("--dataset", required=True, type=dataset_arg, help="a dataset key (e.g. dtd; docs/datasets.md "
+                   "lists them) or a folder holding one subfolder of images per class")
     add_extraction_args(p)
     a = p.parse_args(argv)
     try:

@@ -6,7 +6,8 @@ One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.m
     text {positive [C, d], negative [C, d]},
     train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
     fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
-    plus class_map [C] (ImageNet shift sets), paths, and settings: the Settings it was extracted with.
+    plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths, and
+    settings: the Settings it was extracted with.
 
 Here: the Settings (what a file records and what its reuse compares), reading a file with weights_only and
 checking every tensor train.py uses, atomic writes, the lock that makes parallel writers take turns, and the
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from fewshot_data import DataError
+from fewshot_data import DataError, dataset_name
 
 FORMAT = "hegraphadapter-features-v1"
 
@@ -39,16 +40,19 @@ class Settings:
     """What a features file is extracted with: what extract_features takes, what the file records (record())
     and what decides whether an existing file can be reused (check_served). The encoding's speed settings
     (batch size, workers, device) change no feature and are not part of it."""
-    dataset: str                           # dataset key, e.g. "dtd"
+    dataset: str                           # dataset key, e.g. "dtd", or a folder of class subfolders (absolute)
     backbone: str = "RN50"                 # CLIP model name
     clip_checkpoint: str | None = None     # a local checkpoint (absolute path) loaded instead of `backbone`
-    prompts: str | None = None             # None: the dataset's template; "cupl"; or a json file's path
+    prompts: str | None = None             # None: the template; "cupl"; or a json file's path
+    template: str | None = None            # template of the positive prompts; None: the dataset's own
     negative_template: str = "a photo of no {}."  # template of the negative prompts
     seeds: tuple[int, ...] = (1, 2, 3)     # few-shot seeds, each drawing its own subsets
     max_shots: int = 16                    # training images per class per seed; K shots are the first K
     views: int = 10                        # views per training image: CLIP's preprocessing + augmented crops
     allow_repeats: bool = False            # a class with fewer images than max_shots repeats them
     prompts_sha256: str | None = None      # hash of the positive and negative sentences (filled in once read)
+    split_sha256: str | None = None        # a folder dataset's split, hashed (filled in once read); None: a
+                                           # benchmark's split, fixed by its own files
 
     def test_only(self):
         """The settings of a test-only set (an ImageNet shift set): no subsets and no training views, so the
@@ -56,17 +60,18 @@ class Settings:
         return dataclasses.replace(self, seeds=(), max_shots=0, views=1, allow_repeats=False)
 
     def record(self) -> dict:
-        """The settings as the file stores and compares them: the prompts file by its name (its sentences are
-        compared by their hash), plain lists and strings."""
+        """The settings as the file stores and compares them: a folder dataset and the prompts file by their names
+        (their content is compared by hashes: the split's and the sentences'), plain lists and strings."""
         prompts = self.prompts if self.prompts in (None, "cupl") else Path(self.prompts).name
         checkpoint = self.clip_checkpoint and str(Path(self.clip_checkpoint).resolve())
-        return {"format": FORMAT, **dataclasses.asdict(self), "prompts": prompts or "templates",
-                "clip_checkpoint": checkpoint, "seeds": list(self.seeds)}
+        return {"format": FORMAT, **dataclasses.asdict(self), "dataset": dataset_name(self.dataset),
+                "prompts": prompts or "templates", "clip_checkpoint": checkpoint, "seeds": list(self.seeds)}
 
 
 def features_path(out_dir, dataset: str, backbone: str) -> Path:
-    """The file a dataset's features are written to, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32)."""
-    return Path(out_dir) / f"{dataset}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
+    """The file a dataset's features are written to, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32); a folder
+    dataset's is named after the folder (path/to/my_images -> features/my_images_RN50.pt)."""
+    return Path(out_dir) / f"{dataset_name(dataset)}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
 
 
 # ----------------------------------------------------------------------------- reading

@@ -1,13 +1,18 @@
 """What a dataset is: the field's standard layouts and split files, the few-shot protocol and the prompts.
 
 The data layouts, split files, templates and few-shot protocol are CoOp's (Zhou et al., "Learning to Prompt
-for Vision-Language Models", DATASETS.md): load_splits reads a dataset under --root, sample_fewshot draws a
-seed's K-shot subset. The prompts are the dataset's template, a json file of sentences, or CuPL's class
+for Vision-Language Models", DATASETS.md): load_splits reads a dataset under --root, or a folder of class
+subfolders (torchvision's ImageFolder convention) split 50 / 20 / 30 % per class as CoOp split its own
+datasets; sample_fewshot draws a seed's K-shot subset. The prompts are the dataset's template, a json file of sentences, or CuPL's class
 descriptions, pinned by commit and sha256 in CUPL_PROMPTS (extract_features.py downloads them). Nothing here
 loads CLIP or writes a file.
 """
+import hashlib
 import json
+import math
+import os
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import torch
 
 VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-LAYOUT_HINT = "see the dataset layout in README.md"
+LAYOUT_HINT = "see the dataset layouts in docs/datasets.md"
 
 
 class DataError(ValueError):
@@ -62,6 +67,15 @@ class Splits:
     test: list[tuple[str, int]]
     class_map: list[int] | None = None  # ImageNet class index of each class (shift sets only)
 
+    def coop_split(self) -> dict:
+        """The split in CoOp's format, {"train"|"val"|"test": [[path, label, classname], ...]}: what a folder
+        dataset's features file records, and what a split.json in that folder would hold to keep it."""
+        return {s: [[p, y, self.classnames[y]] for p, y in getattr(self, s)] for s in ("train", "val", "test")}
+
+    def sha256(self) -> str:
+        """Hash of the class names and of every split's (path, label) items."""
+        return hashlib.sha256(json.dumps([self.classnames, self.coop_split()]).encode()).hexdigest()
+
 
 # ----------------------------------------------------------------------------- reading the layouts
 
@@ -86,9 +100,9 @@ def _scan(images: Path, sub: str, labels: dict[str, int]) -> list[tuple[str, int
     return items
 
 
-def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
-    """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}."""
-    path = _require(folder / spec.split, "split file", name)
+def _read_split_file(path: Path, images: Path, dataset: str) -> Splits:
+    """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}, paths relative to `images`."""
+    _require(path, "split file", dataset)
     try:
         split = json.loads(path.read_text())
         entries = [(s, p, y, c) for s in ("train", "val", "test") for p, y, c in split.get(s, [])]
@@ -103,7 +117,12 @@ def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
     names = {y: c for _, _, y, c in entries}
     if sorted(names) != list(range(len(names))):
         raise DataError(f"labels in {path} are not 0..C-1 ({LAYOUT_HINT})")
-    return Splits([names[y] for y in range(len(names))], folder / spec.images, **items)
+    return Splits([names[y] for y in range(len(names))], images, **items)
+
+
+def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
+    """A benchmark in CoOp's layout: its split json in `folder`, its images in folder/spec.images."""
+    return _read_split_file(folder / spec.split, folder / spec.images, name)
 
 
 def _read_fgvc(name: str, spec: DatasetSpec, folder: Path) -> Splits:
@@ -145,6 +164,133 @@ def _read_shift(name: str, spec: DatasetSpec, folder: Path) -> Splits:
                   class_map=[i for i, _ in present])
 
 
+# ----------------------------------------------------------------------------- your own folder of images
+
+FOLDER_SPLIT = (0.2, 0.3)  # a folder dataset's validation and test share of each class; training gets the rest
+FOLDER_SPLIT_FILE = "split.json"  # a split in CoOp's format inside the folder, used instead of FOLDER_SPLIT
+FOLDER_TEMPLATE = "a photo of a {}."  # a folder dataset's positive prompt template, unless --template
+
+
+def is_folder(dataset: str) -> bool:
+    """True for a folder of class subfolders (as resolve_dataset gives it: its absolute path), False for a key."""
+    return dataset not in DATASETS
+
+
+def dataset_name(dataset: str) -> str:
+    """What a dataset is called in file names, tables and results: its key, or its folder's name."""
+    return Path(dataset).name if is_folder(dataset) else dataset
+
+
+def resolve_dataset(text: str) -> str:
+    """--dataset as the code uses it: a key of DATASETS as it is, a folder of class subfolders as its absolute path.
+
+    A key wins over a folder of the same name (./dtd names the folder); anything with a path separator, or a
+    folder that exists, is a path.
+    """
+    if text in DATASETS:
+        return text
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if "/" in text or os.sep in text:
+        raise DataError(f"--dataset {text}: {'not a folder' if path.exists() else 'no such folder'}; give a folder "
+                        f"holding one subfolder of images per class, or a dataset key ({', '.join(DATASETS)})")
+    raise DataError(f"unknown dataset '{text}'; choose one of: {', '.join(DATASETS)}; or give a folder of class "
+                    f"subfolders, e.g. ./{text}")
+
+
+def _nfc(name: str) -> str:
+    """A name in Unicode's composed form: macOS may store names decomposed and Linux keeps them as written, so
+    that the same folder copied between them gives the same classes, order and split."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _visible(name: str) -> bool:
+    """Hidden files and folders (.DS_Store, ._img.jpg, .git) and the __MACOSX folders of macOS zip files hold
+    no class and no image."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _class_name(folder_name: str) -> str:
+    """The class name of a class folder: "red_panda" and "red-panda" -> "red panda"."""
+    return " ".join(_nfc(folder_name).replace("_", " ").replace("-", " ").split())
+
+
+def _images_under(folder: Path) -> list[str]:
+    """The images below `folder` at any depth, as paths relative to it (with /); hidden files and non-image
+    files are left out. Symbolic links are followed, and a folder reached twice (a link up the tree) once."""
+    def unreadable(e: OSError):
+        raise DataError(f"cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it")
+    found, seen = [], set()
+    for here, subfolders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(here)
+        subfolders[:] = [] if real in seen else [d for d in subfolders if _visible(d)]
+        if real not in seen:
+            rel = Path(here).relative_to(folder)
+            found += [(rel / f).as_posix() for f in files if _visible(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        seen.add(real)
+    return found
+
+
+def _split_class(paths: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """One class's images -> (train, val, test): 50 / 20 / 30 %, rounded, at least one each.
+
+    The images are ordered by the sha256 of their path within the class folder, so the split depends on the
+    file names alone: the same on every machine and Python (no listdir order, no random state), and images
+    added later move few of the others.
+    """
+    order = sorted(paths, key=lambda p: hashlib.sha256(_nfc(p).encode()).hexdigest())
+    n_val, n_test = (max(1, math.floor(share * len(order) + 0.5)) for share in FOLDER_SPLIT)
+    return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    """The class subfolders of `folder`, sorted by name; one line if there are none or two give one class name."""
+    try:
+        entries = sorted((e for e in folder.iterdir() if _visible(e.name)), key=lambda e: _nfc(e.name))
+    except OSError as e:
+        raise DataError(f"cannot read the folder {folder} ({e.strerror}); fix its permissions") from None
+    classes = [e for e in entries if e.is_dir()]
+    loose = sum(e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES for e in entries)
+    if not classes:
+        raise DataError(f"{folder} has no class subfolders" + (f" (it holds {loose} images directly)" if loose else "")
+                        + f": put each class's images in a subfolder named after the class, e.g. {folder}/red_panda/")
+    if loose:
+        print(f"warning: {loose} images directly in {folder} are in no class subfolder and are left out",
+              file=sys.stderr)
+    names = {}
+    for c in classes:
+        if not _class_name(c.name):
+            raise DataError(f"class folder {c} gives no class name (underscores and hyphens become spaces); rename it")
+        if _class_name(c.name) in names:
+            raise DataError(f"class folders {names[_class_name(c.name)]} and {c} both give the class name "
+                            f"'{_class_name(c.name)}' (underscores and hyphens become spaces); rename one")
+        names[_class_name(c.name)] = c
+    return classes
+
+
+def _read_folder(folder: Path) -> Splits:
+    """A folder of class subfolders (ImageFolder's layout): the classes are the subfolders in sorted order, their
+    images those at any depth below them, split per class by _split_class, or as folder/split.json says."""
+    _require(folder, "dataset folder", folder.name)
+    if (folder / FOLDER_SPLIT_FILE).is_file():
+        return _read_split_file(folder / FOLDER_SPLIT_FILE, folder, folder.name)
+    classes = _class_folders(folder)
+    items = {"train": [], "val": [], "test": []}
+    for label, class_folder in enumerate(classes):
+        images = _images_under(class_folder)
+        if len(images) < 3:
+            found = f"{len(images)} image{'s' * (len(images) != 1)}" if images else \
+                f"no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            raise DataError(f"class folder {class_folder} holds {found}: a class needs at least 3, one each for "
+                            f"training, validation and test; add images or remove the folder")
+        for split, paths in zip(items, _split_class(images)):
+            items[split] += [(f"{class_folder.name}/{p}", label) for p in paths]
+    return Splits([_class_name(c.name) for c in classes], folder, **items)
+
+
+# ----------------------------------------------------------------------------- any dataset
+
 def dataset_spec(dataset: str) -> DatasetSpec:
     """DATASETS[dataset], or one line listing the datasets there are."""
     if dataset not in DATASETS:
@@ -152,14 +298,28 @@ def dataset_spec(dataset: str) -> DatasetSpec:
     return DATASETS[dataset]
 
 
+def dataset_folder(dataset: str, root) -> Path:
+    """Where a dataset's files are: its folder under `root`, or the folder a folder dataset is."""
+    return Path(dataset) if is_folder(dataset) else Path(root) / dataset_spec(dataset).folder
+
+
+def dataset_template(dataset: str) -> str:
+    """The positive prompt template of a dataset: CoOp's for a benchmark, FOLDER_TEMPLATE for a folder."""
+    return FOLDER_TEMPLATE if is_folder(dataset) else dataset_spec(dataset).template
+
+
 def load_splits(dataset: str, root) -> Splits:
-    """Read the class names and the (path, label) items of each split of `dataset` under `root`."""
-    spec = dataset_spec(dataset)
-    folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
-    reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
-    splits = reader(dataset, spec, folder)
+    """Read the class names and the (path, label) items of each split of `dataset`: a key of DATASETS under
+    `root`, or a folder of class subfolders (its path; `root` is not used)."""
+    if is_folder(dataset):
+        splits, folder = _read_folder(Path(dataset)), Path(dataset)
+    else:
+        spec = dataset_spec(dataset)
+        folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
+        reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
+        splits = reader(dataset, spec, folder)
     if not splits.test:
-        raise DataError(f"no test images found for dataset '{dataset}' under {folder} ({LAYOUT_HINT})")
+        raise DataError(f"no test images found for dataset '{dataset_name(dataset)}' under {folder} ({LAYOUT_HINT})")
     # a fixed order (label, then path) makes a seed pick the same images on every machine
     for s in ("train", "val", "test"):
         setattr(splits, s, sorted(getattr(splits, s), key=lambda item: (item[1], item[0])))

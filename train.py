@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import load_checkpoints, other_runs, save_checkpoint, saved_config
-from cli import Parser, fail, path_arg, resolve_device
+from cli import Parser, dataset_arg, fail, path_arg, resolve_device
 from extract_features import add_extraction_args, extract_from_args
 from features_file import load_features, write_atomic
-from fewshot_data import DATASETS, VAL_SHOTS, DataError
+from fewshot_data import VAL_SHOTS, DataError, dataset_name
 from hegraphadapter import normalize
 from methods import METHODS, ROW_FIELDS, WARMUP_LR, Recipe, grid
 
@@ -436,9 +436,10 @@ def prepare(args):
         check_writable(args.out)
     if args.save:
         check_writable(args.save, folder=True)
-    if not args.features and not args.eval_only and (args.shots or 16) > args.max_shots:
-        raise DataError(f"--shots {args.shots} is above --max-shots {args.max_shots}, the largest K extracted; "
-                        f"pass --max-shots {args.shots}")
+    shots = args.shots or 16
+    if not args.features and not args.eval_only and shots > args.max_shots:
+        raise DataError(f"--shots {shots} is above --max-shots {args.max_shots}, the largest K extracted; "
+                        f"pass --max-shots {shots}")
     return device
 
 
@@ -450,7 +451,7 @@ def features_for(args, dataset, backbone=None):
 
 
 def check_dataset(args, data):
-    if args.features and args.dataset and args.dataset != data["dataset"]:
+    if args.features and args.dataset and dataset_name(args.dataset) != data["dataset"]:
         raise DataError(f"--features {args.features} holds {data['dataset']!r}, not --dataset {args.dataset!r}; drop "
                         f"--dataset or pass that dataset's features")
 
@@ -492,8 +493,8 @@ def parse_args(argv=None):
     methods = "\n".join(f"  {name:<14} {m.about}" for name, m in METHODS.items())
     p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=f"methods:\n{methods}")
-    p.add_argument("--dataset", choices=[d for d in DATASETS if d not in SHIFT_DATASETS],
-                   help="dataset key (docs/datasets.md), e.g. dtd; optional with --features")
+    p.add_argument("--dataset", type=dataset_arg, help="a dataset key, e.g. dtd, or a folder holding one subfolder "
+                   "of images per class (docs/datasets.md); optional with --features")
     p.add_argument("--shots", type=int, help="K, training images per class (default 16)")
     p.add_argument("--method", choices=list(METHODS), help="default hegraph (the full model); list below")
     p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")
@@ -516,6 +517,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dataset is None and args.features is None:
         p.error("give --dataset (features are extracted if needed) or --features FILE")
+    if args.dataset in SHIFT_DATASETS:
+        p.error(f"--dataset {args.dataset} is a test-only set: train on imagenet and pass --eval-datasets {args.dataset}")
     if args.eval_only != bool(args.load):
         p.error("--eval-only and --load DIR go together")
     for flag, value, low in (("--shots", args.shots, 1), ("--epochs", args.epochs, 0),

@@ -3,6 +3,7 @@ small image datasets in CoOp's layout, and synthetic features files. Nothing is 
 
     clip = tiny_clip(tmp / "clip.pt", "vit")               # loadable with --clip-checkpoint
     root = write_dataset(tmp / "data", "dtd")              # 3 classes, unequal counts per split
+    mine = write_image_folder(tmp / "mine", {"red_panda": 8, "snow-leopard": 9})  # --dataset PATH
     feats = synthetic_features(tmp / "f.pt", C=10)         # train.py --features
 """
 import json
@@ -112,6 +113,14 @@ def write_dataset(root: Path, key: str, num_classes: int = 3, counts=None, subse
     else:
         (folder / spec.split).write_text(json.dumps(split))
     return root
+
+
+def write_image_folder(folder: Path, counts: dict, seed: int = 0) -> Path:
+    """A folder dataset of your own: folder/<class folder>/<i>.jpg, counts = {class folder: images}; returns it."""
+    for c, (name, n) in enumerate(counts.items()):
+        for i in range(n):
+            write_image(folder / name / f"{i}.jpg", seed + 1000 * c + i)
+    return folder
 
 
 def synthetic_features(path, C=10, d=32, max_shots=4, views=3, test_per_class=30, text_noise=1.2,

@@ -25,6 +25,7 @@ file again in each run; that takes 0.2 s for 430 MB, so it is left as it is.)
 import argparse
 import contextlib
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -44,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
-from fewshot_data import DATASETS, DataError  # noqa: E402
-from cli import Parser, fail, path_arg  # noqa: E402
+from fewshot_data import DataError, dataset_folder, dataset_name, is_folder, load_splits  # noqa: E402
+from cli import Parser, dataset_arg, fail, path_arg  # noqa: E402
+from download import DOWNLOADS  # noqa: E402
 from extract_features import add_extraction_args  # noqa: E402
 from features_file import features_path, file_lock, write_atomic  # noqa: E402
 
@@ -93,8 +95,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = Parser(prog="bench/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="*", choices=report.FEWSHOT_DATASETS, metavar="DATASET",
-                   help="few-shot datasets (default: the 11 of the paper; none with --shift: Table 1 alone)")
+    p.add_argument("--datasets", nargs="*", type=dataset_arg, metavar="DATASET", help="few-shot datasets: keys, "
+                   "or folders of class subfolders (default: the 11 of the paper; none with --shift: Table 1 alone)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default 1 2 4 8 16)")
     p.add_argument("--methods", nargs="+", default=list(train.METHODS), choices=list(train.METHODS),
                    metavar="METHOD", help=f"train.py methods (default all: {' '.join(train.METHODS)})")
@@ -112,6 +114,9 @@ def parse_args(argv=None):
     clash = [a.split("=")[0] for a in extra if a.split("=")[0] in reserved]
     if clash:
         p.error(f"{clash[0]} is set by the sweep; give it before -- (the flags after -- go to every train.py run)")
+    shift = [d for d in args.datasets or [] if d in report.SHIFT_DATASETS]
+    if shift:
+        p.error(f"--datasets {shift[0]} is a test-only set: --shift evaluates on it")
     if args.features and (args.datasets is not None or args.shift):
         p.error("--features sweeps its own file: it goes without --datasets and --shift")
     for flag, path in (("--features", args.features), ("--prompts", args.prompts)):
@@ -150,10 +155,19 @@ def shared_key(args, extra):
     """
     if args.features:
         return {"features_sha256": file_sha256(args.features), "seeds": sorted(set(args.seeds)), "train_args": extra}
-    return {"backbone": args.backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
-            "clip_checkpoint": args.clip_checkpoint.name if args.clip_checkpoint else None,
-            "prompts_sha256": file_sha256(args.prompts) if args.prompts else None,
-            "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
+    key = {"backbone": args.backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
+           "clip_checkpoint": args.clip_checkpoint.name if args.clip_checkpoint else None,
+           "prompts_sha256": file_sha256(args.prompts) if args.prompts else None,
+           "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
+    if args.template:  # only when given: the runs of sweeps without it keep their names
+        key["template"] = args.template
+    return key
+
+
+@functools.cache
+def folder_split_sha256(folder: str) -> str:
+    """The split hash of a folder dataset (read once per sweep), which its features file also records."""
+    return load_splits(folder, None).sha256()
 
 
 def settings_of(method, extra):
@@ -176,7 +190,10 @@ def settings_of(method, extra):
 
 def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
     """A Run: train.py's arguments, the configuration and the file name derived from it."""
-    key = {**shared, "dataset": dataset, "method": method, "shots": shots, "eval_datasets": list(eval_datasets)}
+    key = {**shared, "dataset": dataset_name(dataset), "method": method, "shots": shots,
+           "eval_datasets": list(eval_datasets)}
+    if is_folder(dataset) and not args.features:  # its images are its identity, not where it is
+        key["split_sha256"] = folder_split_sha256(dataset)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = features_path("", dataset, backbone).stem + f"_{method}_{shots}shot{'_shift' if eval_datasets else ''}"
     path = args.results / "runs" / f"{name}_{digest}.json"
@@ -219,14 +236,15 @@ def plan(args, extra):
                  for m in methods]
     for run in runs:  # a bad flag after --, or a method that cannot run with the flags, stops the sweep here
         parsed = train.parse_args(run.argv)
-        train.config_from_flags(parsed.method, run.dataset, parsed)
+        train.config_from_flags(parsed.method, dataset_name(run.dataset), parsed)
     if not args.features:
         needed = dict.fromkeys(r.dataset for r in runs) | dict.fromkeys(report.SHIFT_DATASETS if args.shift else [])
-        for dataset in needed:  # missing data stops the sweep now, not hours into it
-            folder = Path(args.root) / DATASETS[dataset].folder
-            if not folder.exists() and not features_path(args.features_dir, dataset, args.backbone).exists():
+        for dataset in needed:  # missing data stops the sweep now, not hours into it (unless it is downloaded)
+            folder = dataset_folder(dataset, args.root)
+            if not folder.exists() and not features_path(args.features_dir, dataset, args.backbone).exists() \
+                    and not (args.download and dataset in DOWNLOADS):
                 raise DataError(f"dataset folder not found: expected {folder} for '{dataset}' (or its features "
-                                f"file in {args.features_dir}); see the dataset layout in README.md")
+                                f"file in {args.features_dir}); pass --download, or see docs/datasets.md")
     return runs
 
 

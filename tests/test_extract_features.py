@@ -372,7 +372,7 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
         run(root, tmp_path, tiny_vit_checkpoint, kwargs.get("dataset", "dtd"))
     assert message in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
     if "not found" in message:
-        assert "README.md" in str(e.value)
+        assert "docs/datasets.md" in str(e.value)
     assert [p for p in tmp_path.iterdir() if p.suffix != ".lock"] == []  # nothing written
 
 
@@ -546,7 +546,7 @@ def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
     for argv, words in ((["--dataset", "dtd", "--root", str(tmp_path)], "error: dataset folder not found"),
-                        (["--dataset", "fgvc"], "error: argument --dataset: invalid choice: 'fgvc'"),   # argparse's
+                        (["--dataset", "fgvc"], "error: argument --dataset: unknown dataset 'fgvc'; choose one of: imagenet,"),
                         (["--dataset", "dtd", "--views", "two"], "error: argument --views: invalid int value")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

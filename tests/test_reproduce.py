@@ -291,6 +291,22 @@ def test_report_puts_the_paper_beside_ours_with_the_difference(tmp_path):
     assert not (tmp_path / "tsne.png").exists()                                       # no checkpoint: said so
 
 
+def test_a_folder_of_images_is_swept_by_its_name_and_its_images(tiny_vit_checkpoint, tmp_path):
+    from fixtures import write_image_folder
+    folder = write_image_folder(tmp_path / "my_images", {"red_panda": 10, "snow-leopard": 10})
+    argv = sweep_argv(tmp_path, tiny_vit_checkpoint, tmp_path / "features", tmp_path / "results",
+                      datasets=[str(folder)], methods=["zeroshot"], shots=[1], seeds=[1])
+    [name] = ran(main(argv))
+    assert name.startswith("my_images_tiny_zeroshot_1shot_")
+    run = json.loads((tmp_path / "results" / "runs" / name).read_text())
+    assert run["dataset"] == "my_images" and run["reproduce"]["key"]["dataset"] == "my_images"
+    reproduce.folder_split_sha256.cache_clear()
+    (folder / "red_panda" / "0.jpg").rename(folder / "red_panda" / "renamed.jpg")  # another split: another run
+    argv.insert(argv.index("--"), "--overwrite")          # the features file is of the old split: replaced
+    [second] = ran(main(argv))
+    assert second != name and second.startswith("my_images_tiny_zeroshot_1shot_")
+
+
 def test_bad_command_lines_fail_with_one_clear_line(capsys, tmp_path):
     def fails(*argv):
         with pytest.raises(SystemExit) as e:
@@ -307,6 +323,9 @@ def test_bad_command_lines_fail_with_one_clear_line(capsys, tmp_path):
     assert str(tmp_path / "dtd") in fails("--datasets", "dtd", "--root", str(tmp_path), "--features-dir",
                                           str(tmp_path), "--results", str(tmp_path / "r"))
     assert "no run files" in fails("--report", "--results", str(tmp_path / "empty"))
+    assert "imagenetv2 is a test-only set" in fails("--datasets", "imagenetv2")
+    assert "unknown dataset 'widgets'" in fails("--datasets", "widgets")
+    assert "pass --download" in fails("--datasets", "dtd", "--root", str(tmp_path), "--results", str(tmp_path / "r"))
     assert "does not exist" in fails("--features", str(tmp_path / "absent.pt"))
     (tmp_path / "text.pt").write_text("not a torch file")
     assert "not a readable features file" in fails("--features", str(tmp_path / "text.pt"))

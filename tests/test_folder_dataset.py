@@ -1,0 +1,202 @@
+"""--dataset PATH: a folder of class subfolders (ImageFolder's layout), its classes, its split and its checks;
+and --template. End to end through train.py's command line on generated images."""
+import hashlib
+import json
+import os
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewshot_data as fd
+from fixtures import write_image_folder
+
+TINY = ["--backbone", "tiny", "--device", "cpu", "--workers", "0"]
+
+
+def touch(folder: Path, *names):
+    """Empty files: enough for reading a folder's layout and split (nothing is decoded)."""
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+
+
+def class_files(n, prefix="img"):
+    return [f"{prefix}{i}.jpg" for i in range(n)]
+
+
+def test_a_key_wins_a_path_is_a_folder_and_an_unknown_name_lists_the_keys(tmp_path):
+    (tmp_path / "dtd").mkdir()                          # a folder named like a key, in the working folder
+    (tmp_path / "widgets").mkdir()
+    assert fd.resolve_dataset("dtd") == "dtd"
+    assert fd.resolve_dataset("./dtd") == str(tmp_path / "dtd")
+    assert fd.resolve_dataset("widgets") == str(tmp_path / "widgets")   # no key: an existing folder
+    assert fd.dataset_name(fd.resolve_dataset("./dtd")) == "dtd" and fd.is_folder(fd.resolve_dataset("./dtd"))
+    with pytest.raises(fd.DataError, match=r"^unknown dataset 'gadgets'; choose one of: imagenet, caltech101, .*"
+                                           r"or give a folder of class subfolders, e.g. \./gadgets$"):
+        fd.resolve_dataset("gadgets")
+    with pytest.raises(fd.DataError, match="^--dataset no/such: no such folder; give a folder holding one"):
+        fd.resolve_dataset("no/such")
+    touch(tmp_path, "file.txt")
+    with pytest.raises(fd.DataError, match="^--dataset ./file.txt: not a folder"):
+        fd.resolve_dataset("./file.txt")
+
+
+def test_classes_are_the_sorted_folder_names_and_odd_entries_follow_rules(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    touch(folder, *[f"snow-leopard/{f}" for f in class_files(4)],
+          *[f"red_panda/{f}" for f in class_files(3)],
+          "red_panda/deeper/still/img9.JPG",            # nested folders: their images count, any case of suffix
+          "red_panda/notes.txt", "red_panda/.DS_Store", "red_panda/._img0.jpg",  # not images, hidden
+          ".git/a.jpg", "__MACOSX/red_panda/._img1.jpg", "README.md", "split_notes.json")  # no classes
+    os.symlink(folder / "red_panda", folder / "red_panda" / "deeper" / "loop")    # a link up the tree
+    outside = tmp_path / "elsewhere" / "Tabby_Cat"
+    touch(outside, *class_files(3))
+    os.symlink(outside, folder / "tabby_cat")           # a linked class folder is followed
+    splits = fd.load_splits(str(folder), root="unused")
+    assert splits.classnames == ["red panda", "snow leopard", "tabby cat"]  # red_panda < snow-leopard < tabby_cat
+    paths = {s: [p for p, _ in getattr(splits, s)] for s in ("train", "val", "test")}
+    every = sorted(p for ps in paths.values() for p in ps)
+    assert every == sorted([f"red_panda/{f}" for f in class_files(3)] + ["red_panda/deeper/still/img9.JPG"]
+                           + [f"snow-leopard/{f}" for f in class_files(4)] + [f"tabby_cat/{f}" for f in class_files(3)])
+    assert splits.images == folder and capsys.readouterr().err == ""
+
+
+def test_the_split_is_50_20_30_per_class_by_file_name_alone(tmp_path):
+    names = class_files(10)
+    a, b = tmp_path / "a", tmp_path / "b"
+    touch(a, *[f"x/{f}" for f in names], *[f"y/{f}" for f in class_files(3)], *[f"z/{f}" for f in class_files(4)])
+    touch(b, *[f"x/{f}" for f in reversed(names)], *[f"y/{f}" for f in class_files(3)],
+          *[f"z/{f}" for f in class_files(4)])           # created in another order
+    sa, sb = fd.load_splits(str(a), None), fd.load_splits(str(b), None)
+    assert sa.coop_split() == sb.coop_split() and sa.sha256() == sb.sha256()
+    count = lambda s, y: sum(label == y for _, label in getattr(sa, s))  # noqa: E731
+    assert [[count(s, y) for s in ("train", "val", "test")] for y in range(3)] == [[5, 2, 3], [1, 1, 1], [2, 1, 1]]
+    # the order is the sha256 of the path within the class: val first, then test, then train
+    order = sorted(names, key=lambda f: hashlib.sha256(f.encode()).hexdigest())
+    assert [p for p, y in sa.val if y == 0] == sorted(f"x/{f}" for f in order[:2])
+    assert [p for p, y in sa.test if y == 0] == sorted(f"x/{f}" for f in order[2:5])
+    # one more image moves few others: every image of the 10 keeps its split but at most 2
+    touch(a, "x/img10.jpg")
+    where = lambda s: {p: k for k in ("train", "val", "test") for p, y in getattr(s, k) if y == 0}  # noqa: E731
+    before, after = where(sa), where(fd.load_splits(str(a), None))
+    assert sum(before[p] != after[p] for p in before) <= 2
+
+
+def test_names_are_taken_in_unicodes_composed_form(tmp_path):
+    decomposed = unicodedata.normalize("NFD", "café_crème")
+    touch(tmp_path / "mine", *[f"{decomposed}/{f}" for f in class_files(3)], *[f"thé/{f}" for f in class_files(3)])
+    splits = fd.load_splits(str(tmp_path / "mine"), None)
+    assert splits.classnames == ["café crème", "thé"]
+    assert all(unicodedata.is_normalized("NFC", c) for c in splits.classnames)
+
+
+@pytest.mark.parametrize("files, message", [
+    ([f"a/{f}" for f in class_files(3)] + ["b/img0.jpg", "b/img1.jpg"],
+     r"class folder .*/mine/b holds 2 images: a class needs at least 3, one each for training, validation and test"),
+    ([f"a/{f}" for f in class_files(3)] + ["b/notes.txt"], r"class folder .*/mine/b holds no images \(\.bmp, "),
+    (["one.jpg", "two.jpg"], r"mine has no class subfolders \(it holds 2 images directly\): put each class's"),
+    ([f"red_panda/{f}" for f in class_files(3)] + [f"red-panda/{f}" for f in class_files(3)],
+     r"class folders .*/red-panda and .*/red_panda both give the class name 'red panda'"),
+    ([f"_/{f}" for f in class_files(3)], r"class folder .*/mine/_ gives no class name"),
+])
+def test_a_folder_that_cannot_be_split_gets_one_line(tmp_path, files, message):
+    touch(tmp_path / "mine", *files)
+    with pytest.raises(fd.DataError, match=message):
+        fd.load_splits(str(tmp_path / "mine"), None)
+
+
+def test_loose_images_beside_class_folders_are_left_out_with_one_warning(tmp_path, capsys):
+    touch(tmp_path / "mine", *[f"a/{f}" for f in class_files(3)], "stray.jpg", "stray.png")
+    splits = fd.load_splits(str(tmp_path / "mine"), None)
+    assert len(splits.train + splits.val + splits.test) == 3
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and err[0].startswith("warning: 2 images directly in") and "left out" in err[0]
+
+
+def test_a_split_json_in_the_folder_is_used_instead(tmp_path):
+    touch(tmp_path / "mine", *[f"a/{f}" for f in class_files(3)], *[f"b/{f}" for f in class_files(3)])
+    split = {"train": [["a/img0.jpg", 0, "A"], ["b/img0.jpg", 1, "B"]], "val": [["a/img1.jpg", 0, "A"]],
+             "test": [["b/img2.jpg", 1, "B"]]}
+    (tmp_path / "mine" / "split.json").write_text(json.dumps(split))
+    splits = fd.load_splits(str(tmp_path / "mine"), None)
+    assert splits.classnames == ["A", "B"] and splits.coop_split() == split
+    (tmp_path / "mine" / "split.json").write_text('{"train": [["a/img0.jpg", 0.0, "A"]]}')  # its checks hold too
+    with pytest.raises(fd.DataError, match="split.json has 1 labels that are not integers"):
+        fd.load_splits(str(tmp_path / "mine"), None)
+
+
+@pytest.fixture
+def my_images(tmp_path):
+    """3 classes of generated images, enough for 16 training images each (the default --max-shots)."""
+    return write_image_folder(tmp_path / "my_images", {"red_panda": 32, "snow-leopard": 33, "Tabby_cat": 34})
+
+
+def test_train_py_runs_on_a_folder_of_images_end_to_end(run, my_images, tiny_vit_checkpoint, tmp_path, capsys):
+    """The issue's command, `train.py --dataset path/to/my_images --shots 4`, with a tiny CLIP on the CPU."""
+    results = run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY,
+                  "--epochs", 2)
+    assert results["dataset"] == "my_images" and len(results["seeds"]) == 3
+    path = tmp_path / "features" / "my_images_tiny.pt"                 # named after the folder
+    data = torch.load(path, weights_only=True)
+    assert data["classnames"] == ["Tabby cat", "red panda", "snow leopard"]   # sorted: uppercase first
+    assert data["prompts"]["positive"] == [["a photo of a Tabby cat."], ["a photo of a red panda."],
+                                           ["a photo of a snow leopard."]]
+    splits = fd.load_splits(str(my_images), None)
+    assert data["split"] == splits.coop_split()                        # the split is recorded, as CoOp writes one
+    assert data["settings"]["dataset"] == "my_images" and data["settings"]["split_sha256"] == splits.sha256()
+    assert [len(getattr(splits, s)) for s in ("train", "val", "test")] == [16 + 16 + 17, 6 + 7 + 7, 10 + 10 + 10]
+    assert set(data["paths"]["test"]) == {p for p, _ in splits.test}
+    # the same command reuses the file; a folder whose images changed is another split: refused, not reused
+    capsys.readouterr()
+    run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
+    assert "reusing" in capsys.readouterr().out
+    shutil.copy(my_images / "red_panda" / "0.jpg", my_images / "red_panda" / "new.jpg")
+    with pytest.raises(fd.DataError, match=r"exists with different settings \(split_sha256: .*--overwrite"):
+        run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
+
+
+def test_template_sets_the_positive_prompts_and_is_compared_on_reuse(run, my_images, tiny_vit_checkpoint, tmp_path):
+    common = ["--dataset", my_images, "--shots", 1, "--max-shots", 1, "--seeds", 1, "--views", 1, "--epochs", 0,
+              "--clip-checkpoint", tiny_vit_checkpoint, *TINY]
+    run(*common, "--template", "a photo of a {}, a type of bird.")
+    data = torch.load(tmp_path / "features" / "my_images_tiny.pt", weights_only=True)
+    assert data["prompts"]["positive"][1] == ["a photo of a red panda, a type of bird."]
+    assert data["settings"]["template"] == "a photo of a {}, a type of bird."
+    with pytest.raises(fd.DataError, match=r"different settings \(template: 'a photo of a \{\}, a type of bird.' in "
+                                           r"the file, None asked; prompts_sha256"):
+        run(*common)
+
+
+def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, my_images, tmp_path, tiny_vit_checkpoint):
+    assert fail("--dataset", "widgets").startswith(
+        "error: argument --dataset: unknown dataset 'widgets'; choose one of: imagenet, caltech101,")
+    assert fail("--dataset", "imagenetv2") == ("error: --dataset imagenetv2 is a test-only set: train on imagenet and "
+                                               "pass --eval-datasets imagenetv2 (python train.py --help lists the "
+                                               "options)")
+    assert fail("--dataset", my_images, "--download").startswith(                 # no --shots: its default
+        f"error: --download fetches the benchmark datasets, and {my_images} is a folder of your own")
+    assert fail("--dataset", my_images, "--shots", 1, "--template", "a photo of a cat.").startswith(
+        "error: --template must contain {} where the class name goes")
+    few = write_image_folder(tmp_path / "few", {"a": 3, "b": 20})      # 1 training image: below --max-shots 16
+    assert fail("--dataset", few, "--shots", 1, "--clip-checkpoint", tiny_vit_checkpoint, *TINY) == (
+        "error: class 0 ('a') has 1 training images, fewer than the 16 needed; lower --max-shots or pass "
+        "--allow-repeats to reuse its images")
+    (my_images / "red_panda" / "0.jpg").write_text("not an image")
+    assert "cannot be read" in fail("--dataset", my_images, "--shots", 1, "--max-shots", 1, "--clip-checkpoint",
+                                    tiny_vit_checkpoint, *TINY, "--overwrite")
+
+
+def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):
+    touch(tmp_path / "mine", *[f"a/{f}" for f in class_files(3)], *[f"b/sub/{f}" for f in class_files(3)])
+    scandir = os.scandir
+
+    def denied(path="."):  # as a folder without read permission (chmod 0 does not stop root, who runs CI)
+        if Path(path).name == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(fd.DataError, match=r"^cannot read the folder .*/mine/b/sub \(Permission denied\); fix"):
+        fd.load_splits(str(tmp_path / "mine"), None)
