@@ -5,11 +5,13 @@ the seed, the learned state_dict and the configuration the model held (after any
 holds the seeds of one run only: another run's checkpoints are refused, or replaced with --overwrite.
 """
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from cli import RANGES
 from features_file import load_torch_file, write_atomic
 from fewshot_data import DataError
 
@@ -32,7 +34,33 @@ def saved_config(configured, ckpt, folder):
                               (("lacks", fields - saved), ("has the unknown", saved - fields)) if names)
         raise DataError(f"the checkpoints in {folder} were written by another version of train.py: their model "
                         f"configuration {differ}; train again with --save {folder} --overwrite")
+    bad = [k for k, v in ckpt["model_config"].items() if k in RANGES and not
+           (isinstance(v, (int, float)) and not isinstance(v, bool) and RANGES[k].holds(v))]
+    if bad:
+        raise DataError(f"the checkpoints in {folder} hold {bad[0]} = {ckpt['model_config'][bad[0]]!r}, which must be "
+                        f"{RANGES[bad[0]].describe()}; train again with --save {folder} --overwrite")
     return dataclasses.replace(configured, **ckpt["model_config"])
+
+
+def classnames_sha256(classnames):
+    """What a checkpoint records of its classes: two files of the same dataset and size may still differ."""
+    return hashlib.sha256(json.dumps(list(classnames)).encode()).hexdigest()
+
+
+def load_state(model, ckpt, path):
+    """The checkpoint's parameters into the model, each finite and of the shape the model expects, or one line."""
+    state = ckpt["state_dict"]
+    bad = [k for k, t in state.items() if not isinstance(t, torch.Tensor) or
+           (t.is_floating_point() and not torch.isfinite(t).all())]
+    if bad:
+        raise DataError(f"checkpoint {path}: {bad[0]} is not a tensor of finite numbers ({len(bad)} such); train "
+                        f"again with --save --overwrite")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing or unexpected keys, or a shape the model does not have
+        reason = " ".join(str(e).split("\n\t", 1)[-1].split())[:300]
+        raise DataError(f"checkpoint {path} does not fit this {type(model).__name__}: {reason}") from None
+    return model
 
 
 def checkpoint_files(folder):
@@ -76,6 +104,12 @@ def load_checkpoints(folder, seeds, data, method=None, shots=None, no_negatives=
         raise DataError(f"the checkpoints in {folder} are of different runs (method, shots or configuration "
                         f"differ between seeds); evaluate them separately")
     run_id = next(iter(ckpts.values()))["run"]
+    if not isinstance(run_id, dict) or "classnames_sha256" not in run_id:
+        raise DataError(f"the checkpoints in {folder} were written by another version of train.py (they do not "
+                        f"record their classes); train again with --save {folder} --overwrite")
+    if (run_id["dataset"], run_id["classnames_sha256"]) != (data["dataset"], classnames_sha256(data["classnames"])):
+        raise DataError(f"the checkpoints in {folder} are of {run_id['dataset']!r} with other classes than the "
+                        f"features of {data['dataset']!r}; evaluate them on the features they were trained on")
     C, d = data["text"]["positive"].shape
     if (run_id["backbone"], run_id["num_classes"], run_id["dim"]) != (data["backbone"], C, d):
         raise DataError(f"the checkpoints in {folder} are for backbone {run_id['backbone']} with "

@@ -15,7 +15,9 @@ removal of temporary files that killed writers left behind.
 """
 import dataclasses
 import glob
+import math
 import os
+import shutil
 import pickle
 import re
 import socket
@@ -123,13 +125,27 @@ def _get(data, key, path):
 
 
 def _tensor(data, key, ndim, path, integer=False):
-    """The tensor at `key`, checked to be a float (or integer) tensor with `ndim` dimensions."""
+    """The tensor at `key`, checked to be a float (or integer, not bool: a bool index would be a mask) tensor
+    with `ndim` dimensions, none of them empty."""
     t = _get(data, key, path)
-    if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() == integer:
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.is_floating_point() == integer or \
+            t.dtype == torch.bool or t.is_complex():
         kind = "an integer" if integer else "a float"
         raise DataError(f"{path}: {key!r} must be {kind} tensor with {ndim} dimensions, got "
                         f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+    if 0 in t.shape:
+        raise DataError(f"{path}: {key!r} is empty ({list(t.shape)}); re-extract the features")
     return t
+
+
+def _logit_scale(data, path):
+    """CLIP's logit scale: a finite number above 0 (0 makes every prediction a tie, a negative one inverts it)."""
+    scale = _get(data, "logit_scale", path)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise DataError(f"{path}: 'logit_scale' must be a finite number above 0 (exp of CLIP's logit_scale, 100 "
+                        f"for the released models), got {scale!r}; re-extract the features")
 
 
 def _check_unit_rows(t, key, path):
@@ -152,20 +168,28 @@ def _labels(data, key, n, C, path):
 
 def _check_subsets(data, key, labels, C, path):
     """Each seed's [C, shots] few-shot rows at `key` index the split and row c lists images of class c."""
-    for seed, rows in _get(data, key, path).items():
+    subsets = _get(data, key, path)
+    if not isinstance(subsets, dict) or not subsets:
+        raise DataError(f"{path}: {key!r} must map each seed to its rows, and is {type(subsets).__name__} "
+                        f"{'(empty)' if isinstance(subsets, dict) else ''}; re-extract the features")
+    for seed, rows in subsets.items():
         name = f"{key}[{seed}]"
-        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != C or rows.is_floating_point():
-            raise DataError(f"{path}: {name} must be an integer tensor [{C}, shots]")
-        if rows.numel() and (rows.min() < 0 or rows.max() >= len(labels)):
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] != C or rows.shape[1] == 0 or \
+                rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise DataError(f"{path}: {name} must be an integer tensor [{C}, shots] with shots >= 1, got "
+                            f"{getattr(rows, 'dtype', type(rows).__name__)} {list(getattr(rows, 'shape', []))}")
+        rows = rows.long()  # a small integer type would still index; a uint8 or bool one would mask
+        if rows.min() < 0 or rows.max() >= len(labels):
             raise DataError(f"{path}: {name} indexes rows {rows.min().item()}..{rows.max().item()} of a split "
                             f"that has {len(labels)}")
-        if not (labels[rows] == torch.arange(C)[:, None]).all():
+        if not (labels.long()[rows] == torch.arange(C)[:, None]).all():
             raise DataError(f"{path}: {name} row c must list images of class c, and does not")
 
 
 def check_features(data, path):
     """One DataError naming the first key of a features file that train.py cannot use, and why."""
-    _get(data, "backbone", path), _get(data, "logit_scale", path)
+    _get(data, "backbone", path)
+    _logit_scale(data, path)
     pos = _tensor(data, "text.positive", 2, path)
     C, d = pos.shape
     if len(_get(data, "classnames", path)) != C:
@@ -319,3 +343,51 @@ def write_atomic(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _same_or_inside(path: Path, other: Path) -> bool:
+    """True if `path` is the file or folder `other` (through links too), or lies inside the folder `other`."""
+    a, b = Path(os.path.realpath(path)), Path(os.path.realpath(other))
+    if a == b or b in a.parents:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)   # a hard link
+    except OSError:
+        return False
+
+
+def check_output(flag, path, inputs, folder=False, needed_bytes=1 << 20):
+    """Before any work: `path` (a file, or a folder with folder=True) can receive the output of `flag` without
+    destroying anything. It is none of the run's `inputs` ({description: path}; for a folder input, nothing
+    inside it), not a device, pipe or socket, not a folder where a file goes (or the reverse), writable, its
+    name (and write_atomic's temporary one) not too long, and its disk has `needed_bytes` free."""
+    path = Path(path)
+    for what, source in inputs.items():
+        if source is not None and _same_or_inside(path, source):
+            raise DataError(f"{flag} {path} is {what} {source}, an input of this run, which writing there would "
+                            f"destroy; choose another path")
+    if path.exists() and not (path.is_dir() if folder else path.is_file()):
+        kind = "a folder" if path.is_dir() else "a file" if path.is_file() else "not a regular file (a device, a pipe " \
+            "or a socket)"
+        raise DataError(f"{flag} {path} is {kind}; give {'a folder' if folder else 'a file name'} there instead")
+    target = path if folder else path.parent
+    blocking = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise DataError(f"{flag} {path} cannot be written: {blocking} is a file, not a folder; choose another path")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        longest = os.pathconf(target, "PC_NAME_MAX")
+        free = shutil.disk_usage(target).free
+    except OSError as e:
+        raise DataError(f"{flag} {path} cannot be written: {e.strerror}; choose another path") from None
+    temporary = f".{'seed000.pt' if folder else path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    if len(temporary.encode()) > longest:
+        raise DataError(f"{flag} {path}: the name is too long for this file system (at most {longest} bytes with "
+                        f"its temporary suffix); choose a shorter one")
+    if free < needed_bytes:
+        raise DataError(f"{flag} {path}: only {free / 2**20:.1f} MiB free on its disk, {needed_bytes / 2**20:.1f} MiB "
+                        f"needed; free some space or choose another path")
+

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_checkpoints, other_runs, save_checkpoint, saved_config
-from cli import Parser, dataset_arg, fail, path_arg, resolve_device
+from checkpoints import classnames_sha256, load_checkpoints, load_state, other_runs, save_checkpoint, saved_config
+from cli import Parser, dataset_arg, guarded, number_arg, path_arg, resolve_device
 from extract_features import add_extraction_args, extract_from_args
-from features_file import load_features, write_atomic
-from fewshot_data import VAL_SHOTS, DataError, dataset_name
+from features_file import check_output, features_path, load_features, write_atomic
+from fewshot_data import VAL_SHOTS, DataError, dataset_folder, dataset_name
 from hegraphadapter import normalize
 from methods import METHODS, ROW_FIELDS, WARMUP_LR, Recipe, grid
 
@@ -67,7 +67,7 @@ def make_task(data, seed, shots, device, negatives=True):
         raise DataError(f"the features file has no few-shot subset for seed {seed} (it has seeds "
                         f"{sorted(data['fewshot'])}); run with those --seeds, or extract features with --seeds "
                         f"{seed} (--overwrite replaces the file)")
-    subset = data["fewshot"][seed]                                            # [C, max_shots]
+    subset = data["fewshot"][seed].long()                                     # [C, max_shots]
     if shots > subset.shape[1]:
         raise DataError(f"--shots {shots} is above {subset.shape[1]}, the max-shots of the features file; "
                         f"extract features with --max-shots {shots} or more (--overwrite replaces the file)")
@@ -78,16 +78,16 @@ def make_task(data, seed, shots, device, negatives=True):
     views = f32(data["train"]["features"][:, rows])                           # [V, C*K, d]
     val = None
     if "val" in data and "val_fewshot" in data and seed in data["val_fewshot"]:
-        val_rows = data["val_fewshot"][seed][:, :min(shots, VAL_SHOTS)].flatten()
-        val = (f32(data["val"]["features"][val_rows]), data["val"]["labels"][val_rows].to(device))
+        val_rows = data["val_fewshot"][seed][:, :min(shots, VAL_SHOTS)].long().flatten()
+        val = (f32(data["val"]["features"][val_rows]), data["val"]["labels"][val_rows].to(device, torch.long))
     return Task(
         pos_text=f32(data["text"]["positive"]),
         neg_text=f32(data["text"]["negative"]) if negatives else None,
         train_views=views,
-        train_labels=data["train"]["labels"][rows].to(device),
+        train_labels=data["train"]["labels"][rows].to(device, torch.long),
         cache_feats=normalize(views.mean(0)),
         val=val,
-        test=(f32(data["test"]["features"]), data["test"]["labels"].to(device)),
+        test=(f32(data["test"]["features"]), data["test"]["labels"].to(device, torch.long)),
         logit_scale=float(data["logit_scale"]),
     )
 
@@ -327,6 +327,7 @@ def run_id_of(plan, data, task):
     """What makes seeds one run (and checkpoints one folder): method, K, flags and recipe on the same features."""
     return dict(method=plan.method, shots=plan.shots, no_negatives=plan.no_negatives, dataset=plan.dataset,
                 backbone=data["backbone"], num_classes=task.pos_text.shape[0], dim=task.pos_text.shape[1],
+                classnames_sha256=classnames_sha256(data["classnames"]),
                 config=dataclasses.asdict(plan.config), search_val=bool(plan.grid),
                 recipe=plan.recipe and dataclasses.asdict(plan.recipe))
 
@@ -337,8 +338,7 @@ def model_for_seed(plan, task, seed, ckpt=None, folder=None):
     method = METHODS[plan.method]
     if ckpt is not None:
         model = build(method, task, saved_config(plan.config, ckpt, folder))
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval(), {}, None
+        return load_state(model, ckpt, Path(folder) / f"seed{seed}.pt").eval(), {}, None
     if plan.grid:
         return search(method, task, plan.config, plan.recipe, list(plan.grid), seed)
     model, info = fit_at(method, task, plan.config, plan.recipe, {}, seed)
@@ -392,24 +392,37 @@ def run(args):
                      if args.eval_only else (None, None))
     plan = make_plan(args, data, run_id)
     shifts = shift_sets(args, data)
-    results, stale = new_record(plan, data, args, device, shifts), []
+    results, trained = new_record(plan, data, args, device, shifts), {}
+    negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
     for seed in args.seeds:
         torch.manual_seed(seed)
-        task = make_task(data, seed, plan.shots, device, not plan.no_negatives and bool(METHODS[plan.method].negatives))
-        if args.save and not ckpts and seed == args.seeds[0]:
-            stale = other_runs(args.save, run_id_of(plan, data, task), args.overwrite)
+        task = make_task(data, seed, plan.shots, device, negatives)
+        if seed == args.seeds[0]:
+            stale = check_room(args, plan, data, task) if not ckpts else []
         start = time.perf_counter()
         model, info, searched = model_for_seed(plan, task, seed, ckpts and ckpts[seed], args.load)
         seconds = 0.0 if ckpts else time.perf_counter() - start
         record_seed(results, seed, model, info, searched, evaluate(model, task, shifts, device), seconds)
-        if args.save and not ckpts:
-            save_checkpoint(args.save, seed, run_id_of(plan, data, task), model, stale)
-            stale = []
+        trained[seed] = (model, run_id_of(plan, data, task))
     summarise(results)
     print_table(results)
-    if args.out:
-        write_atomic(args.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    write_outputs(args, results, {} if ckpts else trained, stale)
     return results
+
+
+def write_outputs(args, results, trained, stale):
+    """--save's checkpoints and --out's results, once the numbers are printed: a write that still fails (a disk
+    filled meanwhile) loses nothing that was measured, and says where it could not write."""
+    try:
+        for seed, (model, run_id) in trained.items():
+            if args.save:
+                save_checkpoint(args.save, seed, run_id, model, stale)
+                stale = []
+        if args.out:
+            write_atomic(args.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    except OSError as e:
+        raise DataError(f"the results are printed above, but {e.filename or args.out or args.save} could not be "
+                        f"written ({e.strerror}); free some space or choose another --out / --save") from None
 
 
 def print_table(results):
@@ -432,10 +445,7 @@ def prepare(args):
     device = resolve_device(args.device)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same device -> same accuracy
-    if args.out:
-        check_writable(args.out)
-    if args.save:
-        check_writable(args.save, folder=True)
+    check_outputs(args)
     shots = args.shots or 16
     if not args.features and not args.eval_only and shots > args.max_shots:
         raise DataError(f"--shots {shots} is above --max-shots {args.max_shots}, the largest K extracted; "
@@ -465,16 +475,40 @@ def shift_sets(args, data):
     return shifts
 
 
-def check_writable(path, folder=False):
-    """Fail now, not after training, if `path` (a file, or a folder) cannot be written."""
-    target = Path(path) if folder else Path(path).parent
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror}; choose another path") from None
+def run_inputs(args):
+    """Every file or folder a run reads, {what: path}: no output may be written over (or into) one of them."""
+    dataset = args.dataset and dataset_name(args.dataset)
+    return {"the --features file": args.features, "the --load folder": args.load,
+            "the --clip-checkpoint": args.clip_checkpoint,
+            "the --prompts file": args.prompts if isinstance(args.prompts, Path) else None,
+            "the dataset folder": args.dataset and dataset_folder(args.dataset, args.root),
+            "the features file": None if args.features or not dataset else
+            features_path(args.features_dir, dataset, args.backbone)}
+
+
+def check_outputs(args):
+    """Fail now, before any work, if --out or --save would destroy an input or cannot be written (check_output)."""
+    inputs = run_inputs(args)
+    checkpoints = {f"the --save checkpoint of seed {s}": Path(args.save) / f"seed{s}.pt" for s in args.seeds} \
+        if args.save and not args.eval_only else {}
+    if args.out:
+        check_output("--out", args.out, inputs | checkpoints)
+    if checkpoints:
+        check_output("--save", args.save, inputs, folder=True)
+    for path in checkpoints.values():
+        check_output("--save", path, inputs | {"the --out file": args.out})
+
+
+def check_room(args, plan, data, task):
+    """Before training: room on the disk for --save's checkpoints (the first seed's model, built untrained, times
+    the seeds); returns the other run's checkpoints there that --overwrite replaces."""
+    if not args.save:
+        return []
+    method = METHODS[plan.method]
+    state = build(method, task, plan.config).state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values()) * len(args.seeds) + (1 << 20)
+    check_output("--save", args.save, run_inputs(args), folder=True, needed_bytes=size)
+    return other_runs(args.save, run_id_of(plan, data, task), args.overwrite)
 
 
 # -----------------------------------------------------------------------------
@@ -485,7 +519,9 @@ def add_config_flags(parser):
     g = parser.add_argument_group("method settings (default: each method's published value; see methods.py)")
     for name, (kind, owners) in config_flags().items():
         where = ", ".join(owners) if len(owners) < 4 else f"{owners[0]}, ... ({len(owners)} methods)"
-        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        number = kind in (int, float)  # every number has its row in RANGES: checked here, where it enters
+        extra = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+                 {"type": number_arg(name, kind) if number else kind})
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{name} of {where}", **extra)
 
 
@@ -495,15 +531,15 @@ def parse_args(argv=None):
                epilog=f"methods:\n{methods}")
     p.add_argument("--dataset", type=dataset_arg, help="a dataset key, e.g. dtd, or a folder holding one subfolder "
                    "of images per class (docs/datasets.md); optional with --features")
-    p.add_argument("--shots", type=int, help="K, training images per class (default 16)")
+    p.add_argument("--shots", type=number_arg("shots", int), help="K, training images per class (default 16)")
     p.add_argument("--method", choices=list(METHODS), help="default hegraph (the full model); list below")
     p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")
     p.add_argument("--features", type=path_arg, help="train on this features file instead of extracting one")
     add_extraction_args(p)
     g = p.add_argument_group("recipe (default: each method's published one; see methods.py)")
-    g.add_argument("--epochs", type=int, help="training epochs; 0 evaluates the model as built")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--batch-size", type=int, help="training images per step")
+    g.add_argument("--epochs", type=number_arg("epochs", int), help="training epochs; 0 evaluates the model as built")
+    g.add_argument("--lr", type=number_arg("lr"), help="peak learning rate")
+    g.add_argument("--batch-size", type=number_arg("batch_size", int), help="training images per step")
     g.add_argument("--search-val", action="store_true", help="tune the method's knobs (methods.py, at most 12 "
                    "settings) on the min(K, 4)-shot validation subset, never on test images")
     add_config_flags(p)
@@ -521,21 +557,11 @@ def parse_args(argv=None):
         p.error(f"--dataset {args.dataset} is a test-only set: train on imagenet and pass --eval-datasets {args.dataset}")
     if args.eval_only != bool(args.load):
         p.error("--eval-only and --load DIR go together")
-    for flag, value, low in (("--shots", args.shots, 1), ("--epochs", args.epochs, 0),
-                             ("--batch-size", args.batch_size, 1)):
-        if value is not None and value < low:
-            p.error(f"{flag} must be at least {low}, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be positive, got {args.lr}")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:  # DataError, and the models' checks of their inputs
-        fail(e)
+    guarded("train.py", lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ Also the tests that catch a train.py that looks right but is not: the α of Tip-
 search reads, leave-one-out reaching the loss, and the views an epoch draws.
 """
 import dataclasses
+import errno
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -46,18 +50,44 @@ def test_nan_or_zero_rows_are_refused_with_their_split_and_count(feats, split, v
     (lambda d: d["val"].__setitem__("labels", d["val"]["labels"][:-1]), "'val.labels' has"),
     (lambda d: d["text"].__setitem__("negative", d["text"]["negative"][:, :5]), "'text.negative' is"),
     (lambda d: d["train"].__setitem__("features", d["train"]["features"][0]), "'train.features' must be"),
+    (lambda d: d.__setitem__("logit_scale", 0.0), "'logit_scale' must be a finite number above 0"),
+    (lambda d: d.__setitem__("logit_scale", -100.0), "'logit_scale' must be a finite number above 0"),
+    (lambda d: d.__setitem__("logit_scale", float("nan")), "'logit_scale' must be a finite number above 0"),
+    (lambda d: d.__setitem__("logit_scale", "100"), "'logit_scale' must be a finite number above 0"),
+    (lambda d: d.__setitem__("logit_scale", True), "'logit_scale' must be a finite number above 0"),
+    (lambda d: d["train"].__setitem__("features", d["train"]["features"][:0]), "'train.features' is empty"),
+    (lambda d: d.__setitem__("test", {"features": d["test"]["features"][:0], "labels": d["test"]["labels"][:0]}),
+     "'test.features' is empty"),
+    (lambda d: d["fewshot"].__setitem__(1, d["fewshot"][1].to(torch.uint8)), None),   # a small type still indexes
+    (lambda d: d["fewshot"].__setitem__(1, d["fewshot"][1].bool()), "fewshot[1] must be an integer tensor"),
+    (lambda d: d["fewshot"].__setitem__(1, d["fewshot"][1][:, :0]), "fewshot[1] must be an integer tensor"),
+    (lambda d: d.__setitem__("fewshot", {}), "'fewshot' must map each seed"),
+    (lambda d: d["test"].__setitem__("labels", d["test"]["labels"].bool()), "'test.labels' must be an integer"),
 ])
-def test_every_tensor_is_checked_on_load(feats, change, words, fail):
-    assert words in fail("--features", edit(feats, change), "--method", "zeroshot", "--shots", 2)
+def test_every_tensor_is_checked_on_load(feats, change, words, fail, run):
+    if words is None:   # valid: the same accuracy as the file it was made from
+        assert run("--features", edit(feats, change), "--method", "tip", "--shots", 2)["seeds"] == \
+            run("--features", feats, "--method", "tip", "--shots", 2)["seeds"]
+    else:
+        assert words in fail("--features", edit(feats, change), "--method", "zeroshot", "--shots", 2)
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--epochs", "-1"], "--epochs must be at least 0"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--lr", "-0.1"], "--lr must be positive"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--shots", "0"], "--shots must be at least 1"),
-    (["--shots", "-2"], "--shots must be at least 1"),
+    (["--epochs", "-1"], "--epochs: must be at least 0"),
+    (["--lr", "0"], "--lr: must be positive"),
+    (["--lr", "-0.1"], "--lr: must be positive"),
+    (["--lr", "nan"], "--lr: must be positive, got nan"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--shots", "0"], "--shots: must be at least 1"),
+    (["--shots", "-2"], "--shots: must be at least 1"),
+    (["--shots", "2.5"], "--shots: must be an integer"),
+    (["--alpha", "nan"], "--alpha: must be at least 0, got nan"),
+    (["--alpha", "-1"], "--alpha: must be at least 0"),
+    (["--gamma", "0"], "--gamma: must be positive"),
+    (["--beta-vp", "inf"], "--beta-vp: must be at least 0, got inf"),
+    (["--bias-scale=-inf"], "--bias-scale: must be at least 0"),
+    (["--ratio", "1.5", "--method", "clip-adapter"], "--ratio: must be between 0 and 1"),
+    (["--ratio", "0.5"], "--ratio sets nothing of hegraph (it configures clip-adapter)"),
 ])
 def test_bad_recipe_values_are_refused(feats, flags, words, fail):
     assert words in fail("--features", feats, *flags)
@@ -190,8 +220,8 @@ def test_tilde_is_expanded_in_path_flags(feats, tmp_path, monkeypatch):
 def test_unwritable_outputs_are_refused_before_training(feats, tmp_path, monkeypatch, fail):
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     (tmp_path / "file").write_text("")
-    assert "cannot write" in fail("--features", feats, "--out", tmp_path / "file" / "r.json")
-    assert "cannot write" in fail("--features", feats, "--save", tmp_path / "file" / "ck")
+    assert "cannot be written: " in fail("--features", feats, "--out", tmp_path / "file" / "r.json")
+    assert "cannot be written: " in fail("--features", feats, "--save", tmp_path / "file" / "ck")
 
 
 def test_checkpoint_folders_are_never_mixed(feats, tmp_path, run, fail):
@@ -270,3 +300,101 @@ def test_results_json_holds_only_what_was_evaluated(feats, tmp_path, run):
     run("--features", feats, "--method", "tip", "--shots", 2, "--epochs", 7, "--out", out)
     r = json.loads(out.read_text())
     assert r["recipe"] is None and r["params"] == 0                            # tip trains nothing: no epochs
+
+
+def test_every_number_a_flag_feeds_has_a_range():
+    """RANGES is the one table: a config field or flag without a row would enter its formula unchecked."""
+    from cli import RANGES
+    numbers = {name for name, (kind, _) in train.config_flags().items() if kind in (int, float)}
+    assert numbers <= set(RANGES), numbers - set(RANGES)
+    assert {"shots", "epochs", "lr", "batch_size"} <= set(RANGES)
+
+
+def test_an_unforeseen_error_is_one_line_with_the_path_of_its_traceback(feats, monkeypatch, fail):
+    def broken(*args):
+        raise KeyError("a bug of ours")
+    monkeypatch.setattr(train, "make_plan", broken)
+    line = fail("--features", feats)
+    assert "unexpected KeyError" in line and "this is a bug" in line
+    log = Path(line.split("traceback is in ")[1].split(",")[0])
+    assert "Traceback" in log.read_text() and "a bug of ours" in log.read_text()
+    log.unlink()
+
+
+@pytest.mark.parametrize("device, words", [("meta", "not on meta"), ("xpu", "not on xpu"), ("mps", "MPS is not"),
+                                           ("npu", "not a torch device"), ("cuda:0", "CUDA is not available")])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_devices_this_code_cannot_use_are_named(feats, device, words, fail):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert words in fail("--features", feats, "--device", device)
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda c: c["state_dict"]["b_p"].__setitem__((0, 0), float("nan")), "b_p is not a tensor of finite numbers"),
+    (lambda c: c["state_dict"].__setitem__("b_p", c["state_dict"]["b_p"][:, :5]), "does not fit this HeGraphAdapter"),
+    (lambda c: c["state_dict"].__setitem__("extra", torch.zeros(3)), "does not fit this HeGraphAdapter"),
+    (lambda c: c["state_dict"].pop("W_p"), "does not fit this HeGraphAdapter"),
+    (lambda c: c["model_config"].__setitem__("alpha", float("nan")), "hold alpha = nan, which must be at least 0"),
+    (lambda c: c["run"].pop("classnames_sha256"), "written by another version"),
+])
+def test_a_spoiled_checkpoint_gets_one_line_not_a_number(feats, tmp_path, spoil, words, run, fail):
+    run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", tmp_path / "ck")
+    path = tmp_path / "ck" / "seed1.pt"
+    ckpt = torch.load(path, weights_only=True)
+    spoil(ckpt)
+    torch.save(ckpt, path)
+    assert words in fail("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1)
+
+
+def test_a_checkpoint_of_another_dataset_with_the_same_shapes_is_refused(feats, tmp_path, run, fail):
+    run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", tmp_path / "ck")
+    renamed = edit(feats, lambda d: d.__setitem__("classnames", [f"other {c}" for c in d["classnames"]]))
+    assert "with other classes than the features" in fail("--features", renamed, "--eval-only", "--load",
+                                                         tmp_path / "ck", "--seeds", 1)
+
+
+# -----------------------------------------------------------------------------
+# outputs never destroy inputs
+
+def test_outputs_that_are_inputs_are_refused_before_any_work(feats, tmp_path, monkeypatch, run, fail, make_dataset):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    stamp = Path(feats).read_bytes()
+    assert "is the --features file" in fail("--features", feats, "--out", feats)
+    (tmp_path / "link.pt").symlink_to(feats)
+    assert "is the --features file" in fail("--features", feats, "--out", tmp_path / "link.pt")
+    assert "is the --save checkpoint of seed 1" in fail("--features", feats, "--save", tmp_path / "ck",
+                                                       "--out", tmp_path / "ck" / "seed1.pt", "--seeds", 1)
+    root = make_dataset("dtd")
+    assert "is the dataset folder" in fail("--dataset", "dtd", "--root", root, "--out", root / "dtd" / "r.json")
+    assert Path(feats).read_bytes() == stamp
+
+
+def test_outputs_that_are_not_files_where_files_go_are_refused(feats, tmp_path, fail):
+    (tmp_path / "folder").mkdir()
+    assert "is a folder; give a file name" in fail("--features", feats, "--out", tmp_path / "folder")
+    os.mkfifo(tmp_path / "pipe")
+    assert "not a regular file" in fail("--features", feats, "--out", tmp_path / "pipe")
+    (tmp_path / "ck").write_text("a file")
+    assert "is a file; give a folder" in fail("--features", feats, "--save", tmp_path / "ck")
+    assert (tmp_path / "ck").read_text() == "a file" and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+
+
+def test_a_name_too_long_or_a_full_disk_is_refused_before_training(feats, tmp_path, monkeypatch, fail):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    assert "the name is too long" in fail("--features", feats, "--out", tmp_path / ("r" * 250 + ".json"))
+    full = lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000)   # noqa: E731  (1000 bytes free)
+    monkeypatch.setattr(shutil, "disk_usage", full)
+    assert "MiB free on its disk" in fail("--features", feats, "--out", tmp_path / "r.json")
+
+
+def test_a_write_that_fails_after_training_keeps_the_numbers(feats, tmp_path, monkeypatch, capsys):
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(train, "write_atomic", disk_full)
+    with pytest.raises(SystemExit):
+        train.main(["--features", str(feats), "--shots", "2", "--epochs", "1", "--seeds", "1",
+                    "--out", str(tmp_path / "r.json")])
+    out, err = capsys.readouterr()
+    assert "mean" in out and "results are printed above" in err and "No space left" in err
+    assert not (tmp_path / "r.json").exists()
