@@ -310,11 +310,11 @@ def search_alpha_gamma(method, task, model):
 # -----------------------------------------------------------------------------
 # files: features (extracted on demand), checkpoints, results
 
-def features_for(args, dataset, backbone=None):
+def features_for(args, dataset, like=None):
     """The features of a dataset in --features-dir, extracted first or reused when they were made with the
-    settings asked for (extract_features checks, also when the dataset folder is absent). backbone: look up
-    this backbone's file instead of --backbone."""
-    return load_features(extract_from_args(args, dataset, backbone))
+    settings asked for (extract_features checks, also when the dataset folder is absent). like: a features
+    file's dict whose CLIP to use instead of the one the flags name."""
+    return load_features(extract_from_args(args, dataset, like))
 
 
 def check_writable(path, folder=False):
@@ -436,7 +436,7 @@ def run(args):
         raise DataError(f"--search-val tunes the α and γ of a cache, and {args.method} has none; drop it")
     if args.search_val and "val_fewshot" not in data:
         raise DataError(f"--search-val needs a validation split, and the features of {dataset!r} have none")
-    shifts = {name: features_for(args, name, backbone=data["backbone"]) for name in args.eval_datasets}
+    shifts = {name: features_for(args, name, like=data) for name in args.eval_datasets}
     for name, shift in shifts.items():
         if "class_map" not in shift:
             raise DataError(f"{name}: its features file has no class_map; re-extract it")

@@ -2,6 +2,7 @@
 small image datasets in CoOp's layout, and synthetic features files. Nothing is downloaded.
 
     clip = tiny_clip(tmp / "clip.pt", "vit")               # loadable with --clip-checkpoint
+    model = tiny_open_clip(tmp / "tiny")                    # loadable with --backbone local-dir:tmp/tiny
     root = write_dataset(tmp / "data", "dtd")              # 3 classes, unequal counts per split
     feats = synthetic_features(tmp / "f.pt", C=10)         # train.py --features
 """
@@ -40,6 +41,10 @@ class OpenAIArch:
 TINY_CLIPS = {
     "vit": OpenAIArch(vision_layers=1, vision_width=64, patch_size=16),          # 32 px input, 2 x 2 patches
     "resnet": OpenAIArch(vision_layers=(1, 1, 1, 1), vision_width=16, patch_size=None),  # attention pooling
+}
+TINY_NAMES = {  # their names, read from their weights (backbones.arch_name): what files and results call them
+    "vit": "ViT-l1-w64-p16-32px-d32",
+    "resnet": "RN-l1.1.1.1-w16-32px-d32",
 }
 
 
@@ -153,6 +158,32 @@ def tiny_clip(path: Path, kind: str = "vit") -> Path:
     state dict in OpenAI's format: what --clip-checkpoint reads. kind: a key of TINY_CLIPS."""
     torch.save(openai_state_dict(TINY_CLIPS[kind]), path)
     return path
+
+
+TINY_OPEN_CLIP = {  # open_clip_config.json of a tiny open_clip-native CLIP, unlike OpenAI's in every setting it has
+    "model_cfg": {"embed_dim": 24,                                           # d = 24
+                  "vision_cfg": {"image_size": 48, "layers": 1, "width": 64, "patch_size": 16},  # 3 x 3 patches
+                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}},
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 0.75], "interpolation": "bilinear",
+                       "resize_mode": "squash"},
+}
+TINY_OPEN_CLIP_SCALE = 50.0  # its logit scale, exp(logit_scale): neither OpenAI's 100 nor the initial 14.3
+
+
+def tiny_open_clip(folder: Path) -> Path:
+    """A random open_clip CLIP in open_clip's model-folder layout (open_clip_config.json and
+    open_clip_model.safetensors, as on the Hugging Face hub), loadable with --backbone local-dir:FOLDER."""
+    import open_clip
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP, indent=1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
+    state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(math.log(TINY_OPEN_CLIP_SCALE)).half()
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
 
 
 def state_dict_sha256(state: dict) -> str:
