@@ -176,7 +176,6 @@ class Preprocess:
     mean: tuple[float, ...]               # per-channel mean subtracted after scaling to 0..1
     std: tuple[float, ...]                # per-channel std divided by
     interpolation: str = "bicubic"        # resampling of every resize: "bicubic" or "bilinear"
-    resize_mode: str = "shortest"         # view 0: shortest side to size + centre crop, "longest" or "squash"
 
 
 @dataclass(frozen=True)
@@ -204,9 +203,10 @@ def load(settings: Settings, device: torch.device) -> Encoder:
     cfg = oc.get_model_preprocess_cfg(model)                                # [size, mean, std, ...]
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
     preprocess = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                            interpolation=cfg.get("interpolation", "bicubic"),
-                            resize_mode=cfg.get("resize_mode", "shortest"))
-    transform = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**{**cfg, "size": preprocess.size}), is_train=False)
+                            interpolation=cfg.get("interpolation", "bicubic"))
+    # view 0: what open_clip's create_model_and_transforms gives as the model's eval transform (resize mode too)
+    transform = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**{**cfg, "size": preprocess.size}),
+                                                is_train=False)
     return Encoder(model, tokenizer, preprocess, transform)
 
 

@@ -166,11 +166,6 @@ def encode_text(encoder: backbones.Encoder, prompts: list[list[str]], batch_size
     return F.normalize(means, dim=-1).half().cpu()
 
 
-def load_clip(settings: Settings, device: torch.device) -> backbones.Encoder:
-    """The CLIP of resolved `settings` with its tokenizer and preprocessing (backbones.load)."""
-    return backbones.load(settings, device)
-
-
 # ----------------------------------------------------------------------------- the flags
 
 def _fills_in_a_name(template: str) -> bool:
@@ -252,7 +247,7 @@ def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int,
     jobs, subsets = plan_encoding(splits, list(settings.seeds), settings.max_shots, settings.views,
                                   settings.allow_repeats)
     check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
-    encoder = load_clip(settings, device)
+    encoder = backbones.load(settings, device)
     positive, negative = prompts
     out = {"format": FORMAT, "dataset": settings.dataset, "backbone": settings.name,
            "classnames": splits.classnames, "logit_scale": encoder.model.logit_scale.exp().item(),

@@ -136,9 +136,9 @@ def _draw(key: str, shape: tuple) -> torch.Tensor:
     if key == "token_embedding.weight":
         return randn()                                 # unit entries, as nn.Embedding: the words tell sentences apart
     if len(shape) == 4 and key != "visual.conv1.weight" or "attnpool" in key and len(shape) == 2:
-        # the ResNet's convolutions after the first and its attention pool read ReLU outputs, whose common positive mean would swamp
-        # what tells images apart (a trained net's batch norm removes it): each output unit's weights are centred,
-        # and He's gain sqrt(2) makes up for the half that ReLU cuts off
+        # the ResNet's convolutions after the first and its attention pool read ReLU outputs, whose common
+        # positive mean would swamp what tells images apart (a trained net's batch norm removes it): each output
+        # unit's weights are centred, and He's gain sqrt(2) makes up for the half that ReLU cuts off
         w = randn()
         return (w - w.mean(dim=tuple(range(1, w.ndim)), keepdim=True)) * (2 / math.prod(shape[1:])) ** 0.5
     if len(shape) >= 2:                               # [out, in] linear weights

@@ -91,7 +91,7 @@ def test_the_reference_test_fails_when_the_preprocessing_is_wrong(rebuilt, kind)
     images, made = rebuilt
     ref = REFERENCE["models"][kind]
     settings = backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(made[kind]["checkpoint"])))
-    encoder = ef.load_clip(settings, torch.device("cpu"))
+    encoder = backbones.load(settings, torch.device("cpu"))
     assert _view0_cosines(encoder, images, ref).min() >= 0.999   # as extracted: the same
     p = encoder.preprocess
     wrong = {"mean and std 0.5": T.Compose([T.Resize(32, T.InterpolationMode.BICUBIC), T.CenterCrop(32),
@@ -204,7 +204,7 @@ def test_a_torchscript_checkpoint_gives_the_features_of_its_state_dict(tiny_vit_
         settings = backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(path)))
         assert settings.name == TINY_NAMES["vit"]
         with torch.no_grad():
-            encoded.append(ef.load_clip(settings, torch.device("cpu")).model.encode_image(x))
+            encoded.append(backbones.load(settings, torch.device("cpu")).model.encode_image(x))
     assert torch.equal(*encoded)
 
 

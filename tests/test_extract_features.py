@@ -141,7 +141,7 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkp
     Image.fromarray(np.full_like(gray, 255)).save(tmp_path / "white.png")
     assert Image.open(tmp_path / "16bit.png").mode == "I;16"
     device = torch.device("cpu")
-    encoder = ef.load_clip(backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(tiny_vit_checkpoint))), device)
+    encoder = backbones.load(backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(tiny_vit_checkpoint))), device)
     views = ef.Views(encoder.transform, encoder.preprocess, 1)
     files = ef.ImageFiles(tmp_path, ["8bit.png", "16bit.png", "white.png"], views)
     eight, sixteen, white = ef.encode_images(encoder.model, files, 8, 0, device, "test")[0].float()  # [d] each
@@ -390,7 +390,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
     (images / "class a_0" / "test_1.jpg").unlink()
     (images / "class c_2" / "train_0.jpg").write_text("not a jpeg")
     (images / "class c_2" / "val_0.jpg").write_bytes(b"")
-    monkeypatch.setattr(ef, "load_clip", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
+    monkeypatch.setattr(backbones, "load", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
     with pytest.raises(fd.DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
     message = str(e.value)
@@ -564,6 +564,6 @@ def test_main_prints_one_error_line_and_help(tmp_path, capsys):
         ef.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
+    for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
                    "--encode-batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
         assert option in text
