@@ -2,19 +2,19 @@
 
     python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
     python extract_features.py --dataset path/to/my_images     # a folder of class subfolders (docs/datasets.md)
+    python extract_features.py --dataset dtd --root DATA --backbone ViT-B-16 --pretrained laion2b_s34b_b88k
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
-fewshot_data.py; the augmented training views are Tip-Adapter's (Zhang et al., 2022). Here: decoding the
-images, encoding images and prompts with CLIP, and this command's flags, which train.py and
-bench/reproduce.py share. All features are L2-normalised float16. Only the images some seed needs are
-encoded, plus the test split.
+fewshot_data.py, the CLIP is named and loaded by backbones.py; the augmented training views are Tip-Adapter's
+(Zhang et al., 2022). Here: decoding the images, encoding images and prompts with CLIP, and this command's
+flags, which train.py and bench/reproduce.py share. All features are L2-normalised float16. Only the images
+some seed needs are encoded, plus the test split.
 """
 import dataclasses
 import hashlib
 import json
 import os
 import time
-import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,16 +26,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import backbones
 from cli import Parser, dataset_arg, fail, path_arg, resolve_device
 from download import cupl_prompts, download_dataset
-from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock,
-                           load_torch_file, reusable, write_atomic)
+from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock, reusable,
+                           write_atomic)
 from fewshot_data import (CUPL, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_folder, dataset_name,
                           dataset_spec, dataset_template, fewshot_rows, is_folder, load_prompts, load_splits,
                           resolve_dataset)
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -60,20 +58,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class Views:
-    """One decoded image -> [V, 3, R, R]: view 0 is CLIP's own preprocessing, the others Tip-Adapter's augmentation."""
+    """One decoded image -> [V, 3, H, W]: view 0 is the model's own eval transform, the others Tip-Adapter's
+    augmentation (a random crop of 50-100% of the image, resized, and a random flip) at the model's input size,
+    with its resampling, mean and std."""
 
-    def __init__(self, preprocess, resolution: int, views: int):
+    def __init__(self, transform, preprocess: backbones.Preprocess, views: int):
         import torchvision.transforms as T  # here: train.py imports this module and never augments (1.5 s saved)
-        self.preprocess, self.resolution, self.views = preprocess, resolution, views
+        self.transform, self.size, self.views = transform, preprocess.size, views
+        resample = T.InterpolationMode.BILINEAR if preprocess.interpolation == "bilinear" else \
+            T.InterpolationMode.BICUBIC
         self.augment = T.Compose([
-            T.RandomResizedCrop(resolution, scale=(0.5, 1), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(preprocess.size, scale=(0.5, 1), interpolation=resample),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
+            T.Normalize(preprocess.mean, preprocess.std),
         ])
 
     def __call__(self, image: Image.Image, key: str) -> torch.Tensor:
-        out = [self.preprocess(image)]
+        out = [self.transform(image)]
         # seed the CPU generator from the file and view only (restored afterwards): the same crops on
         # every run, machine and worker, so a second run writes the same file
         with torch.random.fork_rng(devices=[]):
@@ -99,7 +101,7 @@ class ImageFiles(Dataset):
                 image = to_rgb(f)
         except (OSError, ValueError) as e:
             # reported by the main process with the file's name, instead of a worker's traceback
-            shape = (self.views.views, 3, self.views.resolution, self.views.resolution)
+            shape = (self.views.views, 3, *self.views.size)
             return torch.zeros(shape), f"cannot read image {path}: {e}"
         return self.views(image, self.paths[i]), ""
 
@@ -154,40 +156,16 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
 
 
 @torch.no_grad()
-def encode_text(model, prompts: list[list[str]], batch_size: int, device: torch.device) -> torch.Tensor:
-    """[C, d] class features: the renormalised mean of each class's normalised prompt embeddings, float16."""
-    tokens = import_clip().tokenize([s for p in prompts for s in p], truncate=True)
+def encode_text(encoder: backbones.Encoder, prompts: list[list[str]], batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """[C, d] class features: the renormalised mean of each class's normalised prompt embeddings, float16.
+    Sentences longer than the model's context are cut (the end-of-text token kept), as clip.tokenize(truncate)."""
+    tokens = encoder.tokenize([s for p in prompts for s in p])                  # [S, context_length]
     with _autocast(device):
-        emb = torch.cat([F.normalize(model.encode_text(t.to(device)).float(), dim=-1)
-                         for t in tokens.split(batch_size)])
-    means = torch.stack([e.mean(0) for e in emb.split([len(p) for p in prompts])])
+        emb = torch.cat([F.normalize(encoder.model.encode_text(t.to(device)).float(), dim=-1)
+                         for t in tokens.split(batch_size)])                    # [S, d]
+    means = torch.stack([e.mean(0) for e in emb.split([len(p) for p in prompts])])  # [C, d]
     return F.normalize(means, dim=-1).half().cpu()
-
-
-def import_clip():
-    """The clip package, imported on first use: it imports torchvision, which train.py does not need."""
-    with warnings.catch_warnings():  # clip.py imports pkg_resources, deprecated but harmless with setuptools<81
-        warnings.simplefilter("ignore", UserWarning)
-        import clip
-    return clip
-
-
-def load_clip(backbone: str, clip_checkpoint, device: torch.device):
-    """OpenAI CLIP from a local checkpoint if given, else by name (downloaded once by the clip package)."""
-    source = str(clip_checkpoint) if clip_checkpoint else backbone
-    try:
-        with warnings.catch_warnings():  # clip.load first tries torch.jit.load, deprecated, on every file
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)  # and torch.load warns before refusing a plain pickle
-            model, preprocess = import_clip().load(source, device=device)
-    except Exception as e:  # noqa: BLE001 - whatever torch.jit.load, torch.load or clip's state-dict reader raise
-        if not clip_checkpoint:
-            raise DataError(f"cannot load CLIP '{backbone}': {e}; pass --clip-checkpoint PATH to a local "
-                            f"OpenAI CLIP checkpoint") from None
-        load_torch_file(clip_checkpoint, "--clip-checkpoint")  # one line if it is no torch file at all
-        raise DataError(f"--clip-checkpoint {clip_checkpoint} is a torch file but not an OpenAI CLIP checkpoint "
-                        f"(a state dict or TorchScript archive as clip.load reads; {type(e).__name__}: {e})") from None
-    return model.eval(), preprocess
 
 
 # ----------------------------------------------------------------------------- the flags
@@ -239,15 +217,15 @@ def plan_encoding(splits: Splits, seeds: list[int], max_shots: int, views: int, 
     return jobs, subsets
 
 
-def encode_splits(model, preprocess, folder: Path, jobs: dict, batch_size: int, workers: int,
+def encode_splits(encoder: backbones.Encoder, folder: Path, jobs: dict, batch_size: int, workers: int,
                   device: torch.device, dataset: str) -> dict:
     """{split: {"features": [V, N, d] for train, [M, d] otherwise, "labels"}, "paths": {split: [path]}}."""
     out, n_forward, seconds = {"paths": {}}, 0, 0.0
     for split, (items, views) in jobs.items():
         paths, labels = [p for p, _ in items], [y for _, y in items]
-        files = ImageFiles(folder, paths, Views(preprocess, model.visual.input_resolution, views))
+        files = ImageFiles(folder, paths, Views(encoder.transform, encoder.preprocess, views))
         start = time.perf_counter()
-        features = encode_images(model, files, batch_size, workers, device, f"{dataset} {split}")
+        features = encode_images(encoder.model, files, batch_size, workers, device, f"{dataset} {split}")
         seconds += time.perf_counter() - start
         n_forward += len(paths) * views
         out[split] = {"features": features if split == "train" else features[0],
@@ -274,15 +252,15 @@ def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int,
     jobs, subsets = plan_encoding(splits, list(settings.seeds), settings.max_shots, settings.views,
                                   settings.allow_repeats)
     check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
-    model, preprocess = load_clip(settings.backbone, settings.clip_checkpoint, device)
+    encoder = backbones.load(settings, device)
     positive, negative = prompts
     name = dataset_name(settings.dataset)
-    out = {"format": FORMAT, "dataset": name, "backbone": settings.backbone,
-           "classnames": splits.classnames, "logit_scale": model.logit_scale.exp().item(),
+    out = {"format": FORMAT, "dataset": name, "backbone": settings.name,
+           "classnames": splits.classnames, "logit_scale": encoder.model.logit_scale.exp().item(),
            "prompts": {"positive": positive, "negative": negative},
-           "text": {"positive": encode_text(model, positive, batch_size, device),
-                    "negative": encode_text(model, negative, batch_size, device)},
-           **encode_splits(model, preprocess, splits.images, jobs, batch_size, workers, device, name),
+           "text": {"positive": encode_text(encoder, positive, batch_size, device),
+                    "negative": encode_text(encoder, negative, batch_size, device)},
+           **encode_splits(encoder, splits.images, jobs, batch_size, workers, device, name),
            **subsets, "settings": settings.record()}
     if splits.class_map is not None:
         out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
@@ -317,7 +295,8 @@ def extract_features(settings: Settings, root, out_dir="features", *, batch_size
     check_flags(settings, batch_size, workers)
     device = resolve_device(device)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    path = features_path(out_dir, settings.dataset, settings.backbone)
+    settings = backbones.resolve(settings)  # the model as the file records it: its name is in the file's name
+    path = features_path(out_dir, settings.dataset, settings.name)
     if not is_folder(settings.dataset) and dataset_spec(settings.dataset).layout == "shift":
         settings = settings.test_only()
     folder = dataset_folder(settings.dataset, root)
@@ -363,11 +342,17 @@ def add_extraction_args(parser):
     g.add_argument("--download", action="store_true", help="first download the dataset into --root if it is not "
                    "there: its images from their official location and CoOp's split file, each checked "
                    "(docs/datasets.md); for ImageNet, Stanford Cars and the shift sets, print the steps to take")
-    g.add_argument("--backbone", default="RN50", help="CLIP model name, also used in the file name (default RN50)")
+    g.add_argument("--backbone", help="the CLIP (docs/backbones.md): one of OpenAI's names (RN50, RN101, "
+                   "ViT-B/32, ViT-B/16, ViT-L/14, ...) for OpenAI's weights, an open_clip model name with "
+                   "--pretrained, hf-hub:ORG/REPO or local-dir:FOLDER; its name is in the features file's name "
+                   "(default RN50, or with --clip-checkpoint the architecture read from its weights)")
+    g.add_argument("--pretrained", help="the weights of an open_clip --backbone: a tag (e.g. laion2b_s34b_b88k; "
+                   "default openai for OpenAI's names) or a weights file")
     g.add_argument("--features-dir", type=path_arg, default=Path("features"),
                    help="where features files are written and looked up (default features/)")
-    g.add_argument("--clip-checkpoint", type=path_arg, help="local OpenAI CLIP checkpoint, loaded with "
-                   "clip.load(PATH) instead of downloading --backbone")
+    g.add_argument("--clip-checkpoint", type=path_arg, help="a local OpenAI-format CLIP checkpoint (a state dict or "
+                   "TorchScript file, as clip.load caches them) instead of downloading weights; named from its "
+                   "weights")
     g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
                    "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
                    "file {classname: [sentence, ...]}; a class without sentences keeps the template")
@@ -392,19 +377,27 @@ def add_extraction_args(parser):
 
 
 def settings_from_args(args, dataset: str) -> Settings:
-    """The Settings that the extraction flags of add_extraction_args ask for, for `dataset`."""
-    return Settings(dataset=dataset, backbone=args.backbone,
+    """The Settings that the extraction flags of add_extraction_args ask for, for `dataset` (not resolved)."""
+    return Settings(dataset=dataset, backbone=args.backbone, pretrained=args.pretrained,
                     clip_checkpoint=str(args.clip_checkpoint.resolve()) if args.clip_checkpoint else None,
                     prompts=None if args.prompts is None else str(args.prompts), template=args.template,
                     negative_template=args.negative_template, seeds=tuple(args.seeds), max_shots=args.max_shots,
                     views=args.views, allow_repeats=args.allow_repeats)
 
 
-def extract_from_args(args, dataset: str, backbone: str | None = None) -> Path:
-    """extract_features with the flags of add_extraction_args; backbone: this one instead of --backbone."""
+def backbone_name(args) -> str:
+    """The name of the CLIP the extraction flags ask for, as features files and results show it."""
+    return backbones.resolve(settings_from_args(args, "")).name
+
+
+def extract_from_args(args, dataset: str, like: dict | None = None) -> Path:
+    """extract_features with the flags of add_extraction_args. like: a features file's dict, whose CLIP is used
+    instead of the one the flags name (its recorded model, or for a file without settings its backbone's name)."""
     settings = settings_from_args(args, dataset)
-    if backbone is not None:
-        settings = dataclasses.replace(settings, backbone=backbone)
+    if like is not None:
+        made = like.get("settings") if isinstance(like.get("settings"), dict) else {}
+        settings = dataclasses.replace(settings, backbone=made.get("backbone", like.get("backbone")),
+                                       pretrained=made.get("pretrained"), clip_checkpoint=made.get("clip_checkpoint"))
     return extract_features(settings, args.root, args.features_dir, batch_size=args.encode_batch_size,
                             workers=args.workers, device=args.device, overwrite=args.overwrite,
                             download=args.download)

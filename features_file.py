@@ -2,7 +2,7 @@
 
 One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.md has the full layout):
 
-    format "hegraphadapter-features-v1", dataset, backbone, logit_scale, classnames [C], prompts,
+    format "hegraphadapter-features-v1", dataset, backbone (the model's name), logit_scale, classnames [C], prompts,
     text {positive [C, d], negative [C, d]},
     train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
     fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
@@ -33,6 +33,12 @@ from filelock import FileLock, Timeout
 from fewshot_data import DataError, dataset_name
 
 FORMAT = "hegraphadapter-features-v1"
+OPENAI_NAMES = {  # OpenAI's names of its CLIP models (clip.available_models()) -> open_clip's names of them
+    "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
+}
+OPENAI_TAG = "openai"                   # open_clip's tag of OpenAI's weights
+SCHEMAS = ("hf-hub:", "local-dir:")     # open_clip's model folders: on the Hugging Face hub, on disk
 
 
 # ----------------------------------------------------------------------------- what a file was made with
@@ -43,8 +49,9 @@ class Settings:
     and what decides whether an existing file can be reused (check_served). The encoding's speed settings
     (batch size, workers, device) change no feature and are not part of it."""
     dataset: str                           # dataset key, e.g. "dtd", or a folder of class subfolders (absolute)
-    backbone: str = "RN50"                 # CLIP model name
-    clip_checkpoint: str | None = None     # a local checkpoint (absolute path) loaded instead of `backbone`
+    backbone: str | None = None            # the CLIP (backbones.py); None: RN50, or what clip_checkpoint holds
+    pretrained: str | None = None          # its weights: an open_clip tag or file; None: OpenAI's, or its own
+    clip_checkpoint: str | None = None     # a local OpenAI-format checkpoint (absolute path) loaded instead
     prompts: str | None = None             # None: the template; "cupl"; or a json file's path
     template: str | None = None            # template of the positive prompts; None: the dataset's own
     negative_template: str = "a photo of no {}."  # template of the negative prompts
@@ -55,6 +62,19 @@ class Settings:
     prompts_sha256: str | None = None      # hash of the positive and negative sentences (filled in once read)
     split_sha256: str | None = None        # a folder dataset's split, hashed (filled in once read); None: a
                                            # benchmark's split, fixed by its own files
+
+    @property
+    def name(self) -> str:
+        """The model as results and file names show it (resolved settings): OpenAI's name for OpenAI's weights
+        (ViT-B/32), name:tag for other weights (ViT-B-16:laion2b_s34b_b88k), name:FILE for a weights file,
+        local-dir:FOLDER (the folder's own name), hf-hub:ORG/REPO, or a checkpoint's architecture."""
+        if self.backbone is None:
+            raise ValueError("Settings.name is that of resolved settings (backbones.resolve)")
+        if self.backbone.startswith("local-dir:"):
+            return "local-dir:" + Path(self.backbone.removeprefix("local-dir:")).name
+        if self.pretrained is None or self.pretrained == OPENAI_TAG and self.backbone in OPENAI_NAMES:
+            return self.backbone
+        return f"{self.backbone}:{Path(self.pretrained).name}"
 
     def test_only(self):
         """The settings of a test-only set (an ImageNet shift set): no subsets and no training views, so the
@@ -239,6 +259,12 @@ def check_served(path: Path, recorded, wanted: dict, absent: Path | None = None)
     if not isinstance(recorded, dict):
         raise DataError(f"{path} exists and is not a features file written by extract_features.py; pass "
                         f"--overwrite to replace it or choose another --features-dir")
+    if "pretrained" not in recorded:  # written before the move to open_clip, when no setting named the weights
+        why = f"{path} was extracted with OpenAI's clip package, before this project used open_clip"
+        if absent:
+            raise DataError(f"{why}, and the dataset folder {absent} is absent: train on it with --features {path}, "
+                            f"or put the dataset under --root and pass --overwrite to extract it again")
+        raise DataError(f"{why}: pass --overwrite to extract it again, or choose another --features-dir")
     shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v  # noqa: E731
     differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in wanted.items()
               if k not in ("seeds", "max_shots") and recorded.get(k) != v]

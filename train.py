@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from checkpoints import classnames_sha256, load_checkpoints, load_state, other_runs, save_checkpoint, saved_config
 from cli import Parser, dataset_arg, guarded, number_arg, path_arg, resolve_device
-from extract_features import add_extraction_args, extract_from_args
+from extract_features import add_extraction_args, backbone_name, extract_from_args
 from features_file import check_output, features_path, load_features, write_atomic
 from fewshot_data import VAL_SHOTS, DataError, dataset_folder, dataset_name
 from hegraphadapter import normalize
@@ -453,11 +453,11 @@ def prepare(args):
     return device
 
 
-def features_for(args, dataset, backbone=None):
+def features_for(args, dataset, like=None):
     """The features of a dataset in --features-dir, extracted first or reused when they were made with the
-    settings asked for (extract_features checks, also when the dataset folder is absent). backbone: look up
-    this backbone's file instead of --backbone."""
-    return load_features(extract_from_args(args, dataset, backbone))
+    settings asked for (extract_features checks, also when the dataset folder is absent). like: a features
+    file's dict whose CLIP to use instead of the one the flags name."""
+    return load_features(extract_from_args(args, dataset, like))
 
 
 def check_dataset(args, data):
@@ -468,7 +468,7 @@ def check_dataset(args, data):
 
 def shift_sets(args, data):
     """The --eval-datasets features, found by the main features' backbone."""
-    shifts = {name: features_for(args, name, backbone=data["backbone"]) for name in args.eval_datasets}
+    shifts = {name: features_for(args, name, like=data) for name in args.eval_datasets}
     for name, shift in shifts.items():
         if "class_map" not in shift:
             raise DataError(f"{name}: its features file has no class_map; re-extract it")
@@ -477,13 +477,20 @@ def shift_sets(args, data):
 
 def run_inputs(args):
     """Every file or folder a run reads, {what: path}: no output may be written over (or into) one of them."""
-    dataset = args.dataset and dataset_name(args.dataset)
     return {"the --features file": args.features, "the --load folder": args.load,
             "the --clip-checkpoint": args.clip_checkpoint,
             "the --prompts file": args.prompts if isinstance(args.prompts, Path) else None,
             "the dataset folder": args.dataset and dataset_folder(args.dataset, args.root),
-            "the features file": None if args.features or not dataset else
-            features_path(args.features_dir, dataset, args.backbone)}
+            "the features file": None if args.features or not args.dataset else features_file_of(args)}
+
+
+def features_file_of(args):
+    """The features file --dataset extracts or reuses; None while its CLIP cannot be named (a checkpoint that is
+    not there yet): the extraction then says why, in its turn."""
+    try:
+        return features_path(args.features_dir, dataset_name(args.dataset), backbone_name(args))
+    except DataError:
+        return None
 
 
 def check_outputs(args):

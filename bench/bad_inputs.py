@@ -20,7 +20,7 @@ file on demand, and an extraction killed with kill -9 inside its write, then run
     python bench/bad_inputs.py --keep               # keep the temporary folder to look at the files
 
 Exits 1 when any case or parallel run does not behave as promised. Each process spends 2-3.5 s of CPU
-importing torch (and, for extract_features.py, torchvision and clip) before it reads its first flag, so the
+importing torch (and, for an extraction or a --clip-checkpoint, open_clip) before it reads its first flag, so the
 ~50 processes take about 2.5 CPU-minutes: 1.5 minutes on two idle cores (--jobs 2), more on a busy machine.
 """
 
@@ -57,14 +57,14 @@ sys.path.insert(0, str(ROOT))
 import extract_features as ef  # noqa: E402  (after the path is set)
 import fewshot_data as fd  # noqa: E402
 from features_file import Settings, load_features  # noqa: E402
-from fixtures import synthetic_features, tiny_clip, write_dataset  # noqa: E402
+from fixtures import TINY_NAMES, synthetic_features, tiny_clip, write_dataset  # noqa: E402
 import train  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in the tests
 SENTINEL = b"previous results\n"             # what --out (and features/previous.pt) hold before each case
-FEATURES = "features/dtd_tiny.pt"            # the file the extraction cases and parallel runs write
+FEATURES = f"features/dtd_{TINY_NAMES['vit']}.pt"  # the file the extraction cases and parallel runs write
 # every command gets these first; a case's own flags come after and win (argparse keeps the last value)
-COMMON = "--device cpu --workers 0 --backbone tiny --clip-checkpoint {clip} --features-dir features --seeds 1 " \
+COMMON = "--device cpu --workers 0 --clip-checkpoint {clip} --features-dir features --seeds 1 " \
          "--max-shots 2 --views 2"
 
 
@@ -100,7 +100,7 @@ class Fixtures:
     def dtd_features(self):
         """dtd's features, extracted with COMMON's settings (seeds 1, max-shots 2, views 2)."""
         with quiet():
-            settings = Settings("dtd", "tiny", clip_checkpoint=self.clip, seeds=(1,), max_shots=2, views=2)
+            settings = Settings("dtd", clip_checkpoint=self.clip, seeds=(1,), max_shots=2, views=2)
             return ef.extract_features(settings, self.data, self.dir / "features", workers=0, device="cpu")
 
     @functools.cached_property
@@ -232,8 +232,15 @@ def a_file(name):
 
 
 def copied_features(case, fx):
-    """features/dtd_tiny.pt: dtd's features made with seeds 1, max-shots 2, views 2."""
+    """FEATURES: dtd's features made with seeds 1, max-shots 2, views 2."""
     shutil.copy(fx.dtd_features, case / FEATURES)
+
+
+def features_before_open_clip(case, fx):
+    """FEATURES as extract_features.py wrote it with OpenAI's clip package: its settings name no weights."""
+    data = torch.load(fx.dtd_features, weights_only=True)
+    del data["settings"]["pretrained"]
+    torch.save(data, case / FEATURES)
 
 
 def results_json(case):
@@ -328,6 +335,12 @@ CASES = {
     "clip-checkpoint-text": Case(X, "a text file as `--clip-checkpoint`", "--dataset dtd --root {data} "
                                  "--clip-checkpoint clip.txt", lambda case, fx: (case / "clip.txt").write_text(
                                      "model: ViT-B/32\n")),
+    "backbone-not-the-checkpoints": Case(X, "`--backbone RN50` with a ViT `--clip-checkpoint`",
+                                         "--dataset dtd --root {data} --backbone RN50"),
+    "pretrained-with-checkpoint": Case(X, "`--pretrained openai` with a `--clip-checkpoint`",
+                                       "--dataset dtd --root {data} --pretrained openai"),
+    "features-before-open-clip": Case(T, "a features file extracted with OpenAI's clip package, before open_clip",
+                                      "--dataset dtd --root {data} --shots 2", features_before_open_clip),
     "features-at-output-empty": Case(X, "an empty file at the features file's path", "--dataset dtd --root {data}",
                                      cut("feats", FEATURES, 0)),
     "other-settings": Case(X, "an existing features file made with other settings (`--views 2`)",
@@ -584,7 +597,7 @@ def killed_write(folder, fx):
     """kill -9 of an extraction inside its write, then the same command again.
 
     To kill it inside the write, not before or after, the temporary file the process will write
-    (.dtd_tiny.pt.HOST.PID.tmp, write_atomic's naming) is made beforehand as a FIFO whose pipe holds one page:
+    (.dtd_NAME.pt.HOST.PID.tmp, write_atomic's naming) is made beforehand as a FIFO whose pipe holds one page:
     the process opens it, writes a few kB and sleeps in the middle of torch.save. It is killed there. The FIFO
     is then replaced by a plain file holding the bytes it wrote, which is what a killed write to a disk leaves.
     """
@@ -593,7 +606,7 @@ def killed_write(folder, fx):
     (folder / "features").mkdir()
     argv = command(X, "--dataset dtd --root {data}", fx)
     proc = start(argv, folder)
-    tmp = folder / "features" / f".dtd_tiny.pt.{socket.gethostname()}.{proc.pid}.tmp"
+    tmp = folder / "features" / f".{Path(FEATURES).name}.{socket.gethostname()}.{proc.pid}.tmp"
     os.mkfifo(tmp)
     reader = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK)
     fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)

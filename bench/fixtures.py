@@ -2,13 +2,17 @@
 small image datasets in CoOp's layout, and synthetic features files. Nothing is downloaded.
 
     clip = tiny_clip(tmp / "clip.pt", "vit")               # loadable with --clip-checkpoint
+    model = tiny_open_clip(tmp / "tiny")                    # loadable with --backbone local-dir:tmp/tiny
     root = write_dataset(tmp / "data", "dtd")              # 3 classes, unequal counts per split
     mine = write_image_folder(tmp / "mine", {"red_panda": 8, "snow-leopard": 9})  # --dataset PATH
     feats = synthetic_features(tmp / "f.pt", C=10)         # train.py --features
 """
+import hashlib
 import json
+import math
 import sys
-import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +24,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts at t
 import fewshot_data as fd  # noqa: E402
 from features_file import FORMAT  # noqa: E402
 
-TINY_CLIPS = {  # kind -> clip.model.CLIP's vision arguments: layers, width, patch size, input resolution
-    "vit": (1, 64, 16, 32),             # ViT: 32 px input, 16 px patches, one layer
-    "resnet": ((1, 1, 1, 1), 16, None, 32),  # ModifiedResNet with attention pooling, width 16
+
+@dataclass(frozen=True)
+class OpenAIArch:
+    """The sizes of a CLIP in OpenAI's checkpoint format: all that clip.load or open_clip read from its weights."""
+    vision_layers: int | tuple[int, ...]   # ViT: transformer blocks; ModifiedResNet: bottlenecks per stage
+    vision_width: int                      # ViT: token width (heads = width // 64); ResNet: stem width (x32 at the end)
+    patch_size: int | None                 # ViT patch size; None for a ModifiedResNet
+    image_size: int = 32                   # input resolution in pixels
+    embed_dim: int = 32                    # d, the joint image-text embedding size
+    text_width: int = 64                   # text transformer width (heads = width // 64)
+    text_layers: int = 1                   # text transformer blocks
+    context_length: int = 77               # tokens per sentence
+    vocab_size: int = 49408                # OpenAI's BPE vocabulary: the tokenizer's ids need all of it
+
+
+TINY_CLIPS = {
+    "vit": OpenAIArch(vision_layers=1, vision_width=64, patch_size=16),          # 32 px input, 2 x 2 patches
+    "resnet": OpenAIArch(vision_layers=(1, 1, 1, 1), vision_width=16, patch_size=None),  # attention pooling
+}
+TINY_NAMES = {  # their names, read from their weights (backbones.arch_name): what files and results call them
+    "vit": "ViT-l1-w64-p16-32px-d32",
+    "resnet": "RN-l1.1.1.1-w16-32px-d32",
 }
 
 
@@ -31,23 +54,147 @@ def unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def tiny_clip(path: Path, kind: str = "vit") -> Path:
-    """A random CLIP (d = 32, about 6-7 MB) saved as a plain float16 state_dict, loadable with clip.load(path).
+def _blocks(prefix: str, width: int, layers: int) -> dict:
+    """{key: shape} of `layers` residual attention blocks of `width` (OpenAI's Transformer)."""
+    shapes = {}
+    for i in range(layers):
+        b = f"{prefix}.resblocks.{i}"
+        shapes |= {f"{b}.attn.in_proj_weight": (3 * width, width), f"{b}.attn.in_proj_bias": (3 * width,),
+                   f"{b}.attn.out_proj.weight": (width, width), f"{b}.attn.out_proj.bias": (width,),
+                   f"{b}.ln_1.weight": (width,), f"{b}.ln_1.bias": (width,),
+                   f"{b}.mlp.c_fc.weight": (4 * width, width), f"{b}.mlp.c_fc.bias": (4 * width,),
+                   f"{b}.mlp.c_proj.weight": (width, 4 * width), f"{b}.mlp.c_proj.bias": (width,),
+                   f"{b}.ln_2.weight": (width,), f"{b}.ln_2.bias": (width,)}
+    return shapes
 
-    clip.load infers every size from the weights; it fixes heads = width // 64, hence the widths of 64.
-    """
-    with warnings.catch_warnings():  # clip.py imports the deprecated pkg_resources
-        warnings.simplefilter("ignore")
-        import clip
-    layers, width, patch, resolution = TINY_CLIPS[kind]
+
+def _batch_norm(prefix: str, channels: int) -> dict:
+    return {f"{prefix}.{k}": (channels,) for k in ("weight", "bias", "running_mean", "running_var")} | \
+        {f"{prefix}.num_batches_tracked": ()}
+
+
+def _resnet(a: OpenAIArch) -> dict:
+    """{key: shape} of OpenAI's ModifiedResNet: 3-conv stem, bottleneck stages (expansion 4), attention pool."""
+    w = a.vision_width
+    shapes = {"visual.conv1.weight": (w // 2, 3, 3, 3), "visual.conv2.weight": (w // 2, w // 2, 3, 3),
+              "visual.conv3.weight": (w, w // 2, 3, 3)}
+    shapes |= _batch_norm("visual.bn1", w // 2) | _batch_norm("visual.bn2", w // 2) | _batch_norm("visual.bn3", w)
+    inplanes = w
+    for stage, blocks in enumerate(a.vision_layers):
+        planes = w * 2 ** stage
+        for i in range(blocks):
+            b = f"visual.layer{stage + 1}.{i}"
+            shapes |= {f"{b}.conv1.weight": (planes, inplanes, 1, 1), f"{b}.conv2.weight": (planes, planes, 3, 3),
+                       f"{b}.conv3.weight": (4 * planes, planes, 1, 1)}
+            shapes |= _batch_norm(f"{b}.bn1", planes) | _batch_norm(f"{b}.bn2", planes) | \
+                _batch_norm(f"{b}.bn3", 4 * planes)
+            if i == 0:  # stride or width change: a downsampling shortcut (avg pool, 1x1 conv, batch norm)
+                shapes |= {f"{b}.downsample.0.weight": (4 * planes, inplanes, 1, 1)} | \
+                    _batch_norm(f"{b}.downsample.1", 4 * planes)
+            inplanes = 4 * planes
+    out, grid = 32 * w, a.image_size // 32
+    shapes["visual.attnpool.positional_embedding"] = (grid * grid + 1, out)
+    for proj in ("k_proj", "q_proj", "v_proj"):
+        shapes |= {f"visual.attnpool.{proj}.weight": (out, out), f"visual.attnpool.{proj}.bias": (out,)}
+    return shapes | {"visual.attnpool.c_proj.weight": (a.embed_dim, out), "visual.attnpool.c_proj.bias": (a.embed_dim,)}
+
+
+def _vit(a: OpenAIArch) -> dict:
+    """{key: shape} of OpenAI's VisionTransformer."""
+    w, grid = a.vision_width, a.image_size // a.patch_size
+    return {"visual.class_embedding": (w,), "visual.positional_embedding": (grid * grid + 1, w),
+            "visual.proj": (w, a.embed_dim), "visual.conv1.weight": (w, 3, a.patch_size, a.patch_size),
+            "visual.ln_pre.weight": (w,), "visual.ln_pre.bias": (w,),
+            **_blocks("visual.transformer", w, a.vision_layers),
+            "visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,)}
+
+
+def openai_shapes(a: OpenAIArch) -> dict:
+    """{key: shape} of every tensor of an OpenAI-format CLIP state dict (as clip/model.py names them)."""
+    tw = a.text_width
+    return {"positional_embedding": (a.context_length, tw), "text_projection": (tw, a.embed_dim),
+            "logit_scale": (), **(_vit(a) if a.patch_size else _resnet(a)),
+            **_blocks("transformer", tw, a.text_layers),
+            "token_embedding.weight": (a.vocab_size, tw), "ln_final.weight": (tw,), "ln_final.bias": (tw,)}
+
+
+def _draw(key: str, shape: tuple) -> torch.Tensor:
+    """One tensor of a random CLIP, drawn from a generator seeded by its key alone, at a scale that keeps the
+    activations of every layer near unit size (what a trained model has, so float16 neither under- nor overflows)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    randn = lambda: torch.randn(shape, generator=g)  # noqa: E731
+    name = key.rsplit(".", 1)[-1]
+    if key == "logit_scale":
+        return torch.tensor(math.log(1 / 0.07))        # CLIP's initial temperature: exp() = 14.29, not 100
+    if name == "num_batches_tracked":
+        return torch.tensor(0)
+    if name == "running_var":
+        return 0.5 + 0.5 * torch.rand(shape, generator=g)
+    if "ln_" in key or ".bn" in key or key.endswith("downsample.1.weight") or key.endswith("downsample.1.bias"):
+        return (1.0 if name == "weight" else 0.0) + 0.1 * randn()  # norms: weight near 1, bias and mean near 0
+    if key in ("text_projection", "visual.proj") or "positional_embedding" in key or "class_embedding" in key:
+        return randn() * shape[-1] ** -0.5           # [in, out] projections and embeddings
+    if key == "token_embedding.weight":
+        return randn()                                 # unit entries, as nn.Embedding: the words tell sentences apart
+    if len(shape) == 4 and key != "visual.conv1.weight" or "attnpool" in key and len(shape) == 2:
+        # the ResNet's convolutions after the first and its attention pool read ReLU outputs, whose common
+        # positive mean would swamp what tells images apart (a trained net's batch norm removes it): each output
+        # unit's weights are centred, and He's gain sqrt(2) makes up for the half that ReLU cuts off
+        w = randn()
+        return (w - w.mean(dim=tuple(range(1, w.ndim)), keepdim=True)) * (2 / math.prod(shape[1:])) ** 0.5
+    if len(shape) >= 2:                               # [out, in] linear weights
+        return randn() * math.prod(shape[1:]) ** -0.5
+    return 0.02 * randn()                             # biases
+
+
+def openai_state_dict(a: OpenAIArch) -> dict:
+    """A random CLIP as OpenAI's released checkpoints hold it (float16, clip/model.py's key names), built without
+    any CLIP library, so that the same weights can be rebuilt whatever library loads them."""
+    return {k: (t.half() if t.is_floating_point() else t) for k, t in
+            ((k, _draw(k, shape)) for k, shape in openai_shapes(a).items())}
+
+
+def tiny_clip(path: Path, kind: str = "vit") -> Path:
+    """A tiny random CLIP (d = 32, about 6-7 MB, most of it the token embedding) saved as a plain float16
+    state dict in OpenAI's format: what --clip-checkpoint reads. kind: a key of TINY_CLIPS."""
+    torch.save(openai_state_dict(TINY_CLIPS[kind]), path)
+    return path
+
+
+TINY_OPEN_CLIP = {  # open_clip_config.json of a tiny open_clip-native CLIP, unlike OpenAI's in every setting it has
+    "model_cfg": {"embed_dim": 24,                                           # d = 24
+                  "vision_cfg": {"image_size": 48, "layers": 1, "width": 64, "patch_size": 16},  # 3 x 3 patches
+                  "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}},
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 0.75], "interpolation": "bilinear",
+                       "resize_mode": "squash"},
+}
+TINY_OPEN_CLIP_SCALE = 50.0  # its logit scale, exp(logit_scale): neither OpenAI's 100 nor the initial 14.3
+
+
+def tiny_open_clip(folder: Path) -> Path:
+    """A random open_clip CLIP in open_clip's model-folder layout (open_clip_config.json and
+    open_clip_model.safetensors, as on the Hugging Face hub), loadable with --backbone local-dir:FOLDER."""
+    import open_clip
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP, indent=1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = clip.model.CLIP(embed_dim=32, image_resolution=resolution, vision_layers=layers,
-                                vision_width=width, vision_patch_size=patch, context_length=77,
-                                vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save(state, path)
-    return path
+        model = open_clip.CLIP(**TINY_OPEN_CLIP["model_cfg"])
+    state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    state["logit_scale"] = torch.tensor(math.log(TINY_OPEN_CLIP_SCALE)).half()
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def state_dict_sha256(state: dict) -> str:
+    """A hash of a state dict's keys, shapes, dtypes and values (what a reference was computed with)."""
+    digest = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        digest.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_image(path: Path, seed: int):

@@ -48,7 +48,7 @@ import train  # noqa: E402
 from fewshot_data import DataError, dataset_folder, dataset_name, is_folder, load_splits  # noqa: E402
 from cli import Parser, dataset_arg, fail, path_arg  # noqa: E402
 from download import DOWNLOADS  # noqa: E402
-from extract_features import add_extraction_args  # noqa: E402
+from extract_features import add_extraction_args, backbone_name  # noqa: E402
 from features_file import features_path, file_lock, write_atomic  # noqa: E402
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
@@ -147,15 +147,15 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def shared_key(args, extra):
-    """The part of every run's configuration that the whole sweep shares.
+def shared_key(args, extra, backbone):
+    """The part of every run's configuration that the whole sweep shares; backbone: the CLIP's name.
 
     Left out on purpose: where things are (--root, --features-dir, --results), how fast (--device,
     --workers, --encode-batch-size) and --max-shots (K shots are the first K of any larger max-shots).
     """
     if args.features:
         return {"features_sha256": file_sha256(args.features), "seeds": sorted(set(args.seeds)), "train_args": extra}
-    key = {"backbone": args.backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
+    key = {"backbone": backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
            "clip_checkpoint": args.clip_checkpoint.name if args.clip_checkpoint else None,
            "prompts_sha256": file_sha256(args.prompts) if args.prompts else None,
            "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
@@ -200,7 +200,7 @@ def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
     if args.features:
         source, features = ["--features", str(args.features)], args.features
     else:
-        source, features = ["--dataset", dataset], features_path(args.features_dir, dataset, args.backbone)
+        source, features = ["--dataset", dataset], features_path(args.features_dir, dataset, backbone)
     argv = [*source, "--method", method, "--shots", str(shots), *extraction_argv(args),
             *settings_of(method, shared["train_args"])]
     if eval_datasets:
@@ -210,15 +210,15 @@ def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
 
 def plan(args, extra):
     """Every run of the sweep, few-shot first, each checked by train.py's own parser before anything runs."""
-    shared = shared_key(args, extra)
     if args.features:
         try:
             data = torch.load(args.features, map_location="cpu", weights_only=True, mmap=True)
             datasets, backbone = [data.get("dataset", args.features.stem)], data.get("backbone", "unknown")
         except Exception as e:  # torch raises many types for a file that is not a torch.save'd dict
             raise DataError(f"{args.features} is not a readable features file ({type(e).__name__})") from None
-    else:
-        datasets, backbone = args.datasets, args.backbone
+    else:  # the model's name, as train.py will record it (a --clip-checkpoint's is read from its weights)
+        datasets, backbone = args.datasets, backbone_name(args)
+    shared = shared_key(args, extra, backbone)
     tsne_dataset = args.tsne_dataset if args.tsne_dataset in datasets else (datasets or [None])[0]
     runs = []
     for dataset in datasets:
@@ -241,7 +241,7 @@ def plan(args, extra):
         needed = dict.fromkeys(r.dataset for r in runs) | dict.fromkeys(report.SHIFT_DATASETS if args.shift else [])
         for dataset in needed:  # missing data stops the sweep now, not hours into it (unless it is downloaded)
             folder = dataset_folder(dataset, args.root)
-            if not folder.exists() and not features_path(args.features_dir, dataset, args.backbone).exists() \
+            if not folder.exists() and not features_path(args.features_dir, dataset, backbone).exists() \
                     and not (args.download and dataset in DOWNLOADS):
                 raise DataError(f"dataset folder not found: expected {folder} for '{dataset}' (or its features "
                                 f"file in {args.features_dir}); pass --download, or see docs/datasets.md")

@@ -4,15 +4,19 @@ CoOp's layout, synthetic features files; and `run` / `fail`, train.py's command 
     def test_something(tiny_vit_checkpoint, make_dataset):
         root = make_dataset("dtd")                       # 3 classes, unequal counts
 """
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# no test downloads: open_clip would ask the Hugging Face hub (read when huggingface_hub is imported; also
+# inherited by the commands the tests run)
+os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # the scripts at the repository root, and bench/
-from fixtures import synthetic_features, tiny_clip, write_dataset  # noqa: E402
+from fixtures import synthetic_features, tiny_clip, tiny_open_clip, write_dataset  # noqa: E402
 import train  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads made a
@@ -29,14 +33,23 @@ def _away_from_the_working_folder(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_vit_checkpoint(tmp_path_factory) -> Path:
-    """A ViT-style CLIP: 32 px input, 16 px patches, one layer, d = 32 (about 6 MB)."""
+    """A ViT-style CLIP in OpenAI's format: 32 px input, 16 px patches, one layer, d = 32 (about 6 MB); its name,
+    read from its weights, is ViT-l1-w64-p16-32px-d32."""
     return tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_vit.pt", "vit")
 
 
 @pytest.fixture(scope="session")
 def tiny_resnet_checkpoint(tmp_path_factory) -> Path:
-    """A ResNet-style CLIP (ModifiedResNet, attention pool): 32 px input, width 16, d = 32 (about 7 MB)."""
+    """A ResNet-style CLIP in OpenAI's format (ModifiedResNet, attention pool): 32 px input, width 16, d = 32
+    (about 7 MB); its name is RN-l1.1.1.1-w16-32px-d32."""
     return tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_resnet.pt", "resnet")
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip_dir(tmp_path_factory) -> Path:
+    """An open_clip-native CLIP folder (--backbone local-dir:FOLDER): 48 px input, d = 24, its own mean, std,
+    resampling and resize mode, context length 32, logit scale 50 (about 6 MB)."""
+    return tiny_open_clip(tmp_path_factory.mktemp("clip") / "tiny_openclip")
 
 
 @pytest.fixture(scope="session")

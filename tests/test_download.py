@@ -23,7 +23,10 @@ import download
 import fewshot_data as fd
 from fixtures import write_dataset
 
-TINY = ["--backbone", "tiny", "--device", "cpu", "--workers", "0", "--seeds", "1", "--views", "1"]
+TINY = ["--device", "cpu", "--workers", "0", "--seeds", "1", "--views", "1"]
+from fixtures import TINY_NAMES  # noqa: E402
+
+VIT = TINY_NAMES["vit"]  # the name of the tiny ViT checkpoint, read from its weights
 
 
 class Server:
@@ -222,7 +225,9 @@ def test_no_network_stops_at_once_with_one_line(server, dtd_files, monkeypatch, 
                                   f"[Errno 111] Connection refused>); check the connection and rerun")
     nothing_passes_for_the_dataset(root)
     # the command line: one line, no traceback, before CLIP or anything else is loaded
-    line = fail("--dataset", "dtd", "--root", root, "--download", "--clip-checkpoint", tmp_path / "absent.pt")
+    import backbones
+    monkeypatch.setattr(backbones, "load", lambda *a: pytest.fail("CLIP was loaded before the download"))
+    line = fail("--dataset", "dtd", "--root", root, "--download")
     assert line.startswith(f"error: --download: cannot download http://127.0.0.1:{port}/split.json")
     nothing_passes_for_the_dataset(root)
 
@@ -337,7 +342,7 @@ def test_train_py_downloads_extracts_and_trains_in_one_command(server, dtd_files
                            f"{tmp_path / 'data' / '.dtd.download' / archive.name} and rerun")
     del server.faults["/dtd-r1.0.1.tar.gz"]
     results = run(*argv)
-    assert results["dataset"] == "dtd" and torch.load(tmp_path / "features" / "dtd_tiny.pt", weights_only=True)["test"]
+    assert results["dataset"] == "dtd" and torch.load(tmp_path / "features" / f"dtd_{VIT}.pt", weights_only=True)["test"]
 
 
 def test_a_dataset_there_already_is_not_fetched_whatever_its_size(tmp_path, monkeypatch):

@@ -17,17 +17,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import clip
+import backbones
 import download
 import extract_features as ef
 import features_file as ff
 import fewshot_data as fd
+from fixtures import TINY_NAMES
+
+VIT, RESNET = TINY_NAMES["vit"], TINY_NAMES["resnet"]  # the tiny checkpoints' names, read from their weights
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(seeds=(1, 2), max_shots=4, views=3, workers=0, device="cpu")  # shared by the function runs
 
 
-def extract(dataset, root, out, backbone, *, batch_size=256, workers=None, device=None, overwrite=False, **settings):
+def extract(dataset, root, out, backbone=None, *, batch_size=256, workers=None, device=None, overwrite=False,
+            **settings):
     """extract_features with the settings as keywords, as the command line gives them."""
     return ef.extract_features(ff.Settings(dataset, backbone, **settings), root, out, batch_size=batch_size,
                                workers=workers, device=device, overwrite=overwrite)
@@ -35,7 +39,7 @@ def extract(dataset, root, out, backbone, *, batch_size=256, workers=None, devic
 
 def run(root, out, checkpoint, dataset="dtd", **kwargs):
     """extract_features with the tiny settings, returning the loaded file and its path."""
-    path = extract(dataset, root, out, "tiny", clip_checkpoint=checkpoint, **{**FAST, **kwargs})
+    path = extract(dataset, root, out, clip_checkpoint=checkpoint, **{**FAST, **kwargs})
     return torch.load(path, weights_only=True), path
 
 
@@ -49,20 +53,21 @@ def cli(tmp_path_factory, make_dataset, tiny_vit_checkpoint):
     """The one run through the command line (with loader workers): root, file path, stdout, loaded file."""
     root, out = make_dataset("dtd"), tmp_path_factory.mktemp("out")
     cmd = [sys.executable, str(REPO / "extract_features.py"), "--dataset", "dtd", "--root", str(root),
-           "--backbone", "tiny", "--features-dir", str(out), "--clip-checkpoint", str(tiny_vit_checkpoint),
+           "--features-dir", str(out), "--clip-checkpoint", str(tiny_vit_checkpoint),
            "--seeds", "1", "2", "--max-shots", "5", "--views", "3", "--workers", "2", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in conftest.py: tiny models, busy machine
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
-    path = ff.features_path(out, "dtd", "tiny")
+    path = ff.features_path(out, "dtd", VIT)
     return root, path, proc.stdout, torch.load(path, weights_only=True)
 
 
 def test_cli_writes_the_documented_format(cli):
     _, path, stdout, f = cli
-    assert path.name == "dtd_tiny.pt" and "images/s" in stdout
-    assert f["format"] == "hegraphadapter-features-v1" and f["dataset"] == "dtd" and f["backbone"] == "tiny"
-    assert isinstance(f["logit_scale"], float)
+    assert path.name == f"dtd_{VIT}.pt" and "images/s" in stdout
+    assert f["format"] == "hegraphadapter-features-v1" and f["dataset"] == "dtd" and f["backbone"] == VIT
+    assert f["settings"]["backbone"] == VIT and f["settings"]["pretrained"] is None
+    assert f["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)  # the checkpoint's own, not a constant 100
     C, d = 3, 32
     assert f["classnames"] == ["class a_0", "class b_1", "class c_2"]  # from the split file, in label order
     assert f["prompts"]["positive"] == [[f"{c} texture."] for c in f["classnames"]]  # DTD's CoOp template
@@ -115,10 +120,12 @@ def test_val_is_capped_at_min_k_4(cli, make_dataset, tiny_vit_checkpoint, tmp_pa
     assert all(r.shape == (3, 2) for r in g["fewshot"].values())
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # clip.load tries the deprecated torch.jit.load
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # load_openai_model tries the deprecated torch.jit.load
 def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
     root, _, _, f = cli
-    model, preprocess = clip.load(str(tiny_vit_checkpoint), device="cpu")
+    oc = backbones.import_open_clip()   # open_clip's own loader of OpenAI files and its OpenAI-default transform
+    model = oc.load_openai_model(str(tiny_vit_checkpoint), precision="fp32", device="cpu")
+    preprocess = oc.image_transform(model.visual.image_size, is_train=False)
     images = fd.load_splits("dtd", root).images
     x = torch.stack([preprocess(Image.open(images / p)) for p in f["paths"]["train"][:4]])
     with torch.no_grad():
@@ -127,7 +134,6 @@ def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
     assert not torch.allclose(f["train"]["features"][1], f["train"]["features"][2])  # augmented views differ
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # clip.load tries the deprecated torch.jit.load
 def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkpoint, tmp_path):
     gray = np.random.default_rng(0).integers(0, 256, (36, 48), dtype=np.uint8)          # [H, W]
     Image.fromarray(gray).save(tmp_path / "8bit.png")
@@ -135,9 +141,10 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkp
     Image.fromarray(np.full_like(gray, 255)).save(tmp_path / "white.png")
     assert Image.open(tmp_path / "16bit.png").mode == "I;16"
     device = torch.device("cpu")
-    model, preprocess = ef.load_clip("tiny", tiny_vit_checkpoint, device)
-    files = ef.ImageFiles(tmp_path, ["8bit.png", "16bit.png", "white.png"], ef.Views(preprocess, 32, 1))
-    eight, sixteen, white = ef.encode_images(model, files, 8, 0, device, "test")[0].float()  # [d] each
+    encoder = backbones.load(backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(tiny_vit_checkpoint))), device)
+    views = ef.Views(encoder.transform, encoder.preprocess, 1)
+    files = ef.ImageFiles(tmp_path, ["8bit.png", "16bit.png", "white.png"], views)
+    eight, sixteen, white = ef.encode_images(encoder.model, files, 8, 0, device, "test")[0].float()  # [d] each
     assert torch.equal(eight, sixteen)
     assert F.cosine_similarity(sixteen, white, dim=0) < 0.99
     # the other wide modes: big-endian 16-bit, 32-bit integers holding 16-bit values, floats in 0..1
@@ -163,14 +170,14 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
     root, path, _, _ = cli                                    # seeds 1 2, max-shots 5
     stamp = path.stat().st_mtime_ns
     capsys.readouterr()
-    assert extract("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, seeds=(2,),
-                               max_shots=3, views=3, workers=0, device="cpu") == path
+    assert extract("dtd", root, path.parent, clip_checkpoint=tiny_vit_checkpoint, seeds=(2,),
+                   max_shots=3, views=3, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
         with pytest.raises(fd.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
                                                "it once for all the seeds"):
-            extract("dtd", root, path.parent, "tiny", clip_checkpoint=tiny_vit_checkpoint, views=3,
-                                workers=0, device="cpu", **more)
+            extract("dtd", root, path.parent, clip_checkpoint=tiny_vit_checkpoint, views=3,
+                    workers=0, device="cpu", **more)
     assert path.stat().st_mtime_ns == stamp
 
 
@@ -212,7 +219,7 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
     [loser] = [name for name, r in result.items() if r != "wrote"]
     assert refusal in result[loser] and "\n" not in result[loser]
     assert "waiting for another process to finish writing" in capfd.readouterr().out
-    settings = torch.load(ff.features_path(tmp_path, "dtd", "tiny"), weights_only=True)["settings"]
+    settings = torch.load(ff.features_path(tmp_path, "dtd", VIT), weights_only=True)["settings"]
     for key, value in dict(first=first, second=second)[winner].items():  # the file is the winner's
         assert settings[key] == (list(value) if key == "seeds" else value)
 
@@ -221,7 +228,7 @@ def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_
                                                                                      tmp_path, capsys):
     _, path, _, _ = cli                    # seeds 1 2, max-shots 5, views 3, DTD's template, tiny_vit_checkpoint
     stamp, absent = path.stat().st_mtime_ns, tmp_path / "no-data"
-    again = lambda **kw: extract("dtd", absent, path.parent, "tiny", **{  # noqa: E731
+    again = lambda **kw: extract("dtd", absent, path.parent, **{  # noqa: E731
         "clip_checkpoint": tiny_vit_checkpoint, "views": 3, "workers": 0, "device": "cpu", **kw})
     capsys.readouterr()
     assert again(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset
@@ -266,7 +273,7 @@ def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp
     monkeypatch.setattr(torch, "save", save_half)
     with pytest.raises(KeyboardInterrupt):
         run(make_dataset("ucf101"), tmp_path, tiny_vit_checkpoint, "ucf101")
-    assert [p.name for p in tmp_path.iterdir()] == [".ucf101_tiny.pt.lock"]  # only file_lock's empty file
+    assert [p.name for p in tmp_path.iterdir()] == [f".ucf101_{VIT}.pt.lock"]  # only file_lock's empty file
 
 
 def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
@@ -298,7 +305,7 @@ def test_resnet_backbone_fgvc_layout_and_prompt_file(make_dataset, tiny_resnet_c
     prompts = tmp_path / "cupl.json"
     prompts.write_text(json.dumps(sentences))
     f, path = run(root, tmp_path, tiny_resnet_checkpoint, "fgvc_aircraft", prompts=prompts)
-    assert path.name == "fgvc_aircraft_tiny.pt"
+    assert path.name == f"fgvc_aircraft_{RESNET}.pt"
     assert f["prompts"]["positive"] == list(sentences.values())
     assert f["text"]["positive"].shape == (3, 32) and f["train"]["features"].shape[::2] == (3, 32)
     assert_unit(f["text"]["positive"])
@@ -326,7 +333,7 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
     assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
     assert not {"train", "fewshot", "val", "val_fewshot"} & set(f)
     # a test-only set is reused whatever the main run's few-shot flags, which mean nothing for it
-    path = ff.features_path(tmp_path, key, "tiny")
+    path = ff.features_path(tmp_path, key, VIT)
     stamp = path.stat().st_mtime_ns
     for other in (dict(seeds=(5,), max_shots=9, views=2), dict(allow_repeats=True)):
         run(root, tmp_path, tiny_vit_checkpoint, key, **other)
@@ -383,7 +390,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
     (images / "class a_0" / "test_1.jpg").unlink()
     (images / "class c_2" / "train_0.jpg").write_text("not a jpeg")
     (images / "class c_2" / "val_0.jpg").write_bytes(b"")
-    monkeypatch.setattr(ef, "load_clip", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
+    monkeypatch.setattr(backbones, "load", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
     with pytest.raises(fd.DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
     message = str(e.value)
@@ -391,7 +398,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
     for name, why in (("class a_0/test_1.jpg", "missing"), ("class c_2/train_0.jpg", "not an image"),
                       ("class c_2/val_0.jpg", "not an image")):
         assert f"{images / name} ({why})" in message
-    assert not ff.features_path(tmp_path, "dtd", "tiny").exists()
+    assert not ff.features_path(tmp_path, "dtd", VIT).exists()
 
 
 @pytest.mark.parametrize("allow_repeats", [False, True])
@@ -442,7 +449,7 @@ def _bad_torch_files(folder: Path, checkpoint: Path) -> dict:
 def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
     for name, path in _bad_torch_files(tmp_path, tiny_vit_checkpoint).items():
         with pytest.raises(fd.DataError) as e:
-            ef.load_clip("tiny", path, torch.device("cpu"))
+            backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(path)))
         assert str(e.value).startswith(f"--clip-checkpoint {path} is truncated or not a file written by "
                                        f"torch.save"), name
         assert "\n" not in str(e.value)
@@ -452,7 +459,7 @@ def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
         ff.load_torch_file(tmp_path / "absent.pt", "features file")
     torch.save({"a": torch.zeros(2)}, tmp_path / "not_clip.pt")   # a torch file, not a CLIP
     with pytest.raises(fd.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
-        ef.load_clip("tiny", tmp_path / "not_clip.pt", torch.device("cpu"))
+        backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(tmp_path / "not_clip.pt")))
     torch.save({"a": Path("x")}, tmp_path / "objects.pt")         # torch.save'd, but not weights only
     with pytest.raises(fd.DataError, match="objects other than tensors"):
         ff.load_torch_file(tmp_path / "objects.pt", "checkpoint")
@@ -460,10 +467,10 @@ def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
 
 
 def test_an_unreadable_file_at_the_output_path_is_named(make_dataset, tiny_vit_checkpoint, tmp_path):
-    (tmp_path / "dtd_tiny.pt").write_bytes(b"")  # e.g. left by a crash of another tool
-    with pytest.raises(fd.DataError, match="features file .*dtd_tiny.pt is truncated .*; pass --overwrite"):
+    (tmp_path / f"dtd_{VIT}.pt").write_bytes(b"")  # e.g. left by a crash of another tool
+    with pytest.raises(fd.DataError, match=f"features file .*dtd_{VIT}.pt is truncated .*; pass --overwrite"):
         run(make_dataset("dtd"), tmp_path, tiny_vit_checkpoint)
-    assert (tmp_path / "dtd_tiny.pt").read_bytes() == b""
+    assert (tmp_path / f"dtd_{VIT}.pt").read_bytes() == b""
 
 
 def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_checkpoint, tmp_path):
@@ -557,6 +564,6 @@ def test_main_prints_one_error_line_and_help(tmp_path, capsys):
         ef.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
+    for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
                    "--encode-batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
         assert option in text

@@ -13,7 +13,10 @@ import torch
 import fewshot_data as fd
 from fixtures import write_image_folder
 
-TINY = ["--backbone", "tiny", "--device", "cpu", "--workers", "0"]
+TINY = ["--device", "cpu", "--workers", "0"]
+from fixtures import TINY_NAMES  # noqa: E402
+
+VIT = TINY_NAMES["vit"]  # the name of the tiny ViT checkpoint, read from its weights
 
 
 def touch(folder: Path, *names):
@@ -139,7 +142,7 @@ def test_train_py_runs_on_a_folder_of_images_end_to_end(run, my_images, tiny_vit
     results = run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY,
                   "--epochs", 2)
     assert results["dataset"] == "my_images" and len(results["seeds"]) == 3
-    path = tmp_path / "features" / "my_images_tiny.pt"                 # named after the folder
+    path = tmp_path / "features" / f"my_images_{VIT}.pt"                 # named after the folder
     data = torch.load(path, weights_only=True)
     assert data["classnames"] == ["Tabby cat", "red panda", "snow leopard"]   # sorted: uppercase first
     assert data["prompts"]["positive"] == [["a photo of a Tabby cat."], ["a photo of a red panda."],
@@ -162,7 +165,7 @@ def test_template_sets_the_positive_prompts_and_is_compared_on_reuse(run, my_ima
     common = ["--dataset", my_images, "--shots", 1, "--max-shots", 1, "--seeds", 1, "--views", 1, "--epochs", 0,
               "--clip-checkpoint", tiny_vit_checkpoint, *TINY]
     run(*common, "--template", "a photo of a {}, a type of bird.")
-    data = torch.load(tmp_path / "features" / "my_images_tiny.pt", weights_only=True)
+    data = torch.load(tmp_path / "features" / f"my_images_{VIT}.pt", weights_only=True)
     assert data["prompts"]["positive"][1] == ["a photo of a red panda, a type of bird."]
     assert data["settings"]["template"] == "a photo of a {}, a type of bird."
     with pytest.raises(fd.DataError, match=r"different settings \(template: 'a photo of a \{\}, a type of bird.' in "

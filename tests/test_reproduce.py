@@ -19,6 +19,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import reproduce  # noqa: E402
 import report  # noqa: E402
 import train  # noqa: E402
+from fixtures import TINY_NAMES  # noqa: E402
+
+VIT = TINY_NAMES["vit"]  # the tiny checkpoint's name, read from its weights
 
 METHODS = ["zeroshot", "tip", "hegraph"]
 
@@ -27,7 +30,7 @@ def sweep_argv(root, checkpoint, features, results, datasets=("dtd", "eurosat"),
                seeds=(1, 2), epochs=2):
     """The command line of a tiny sweep."""
     return ["--datasets", *datasets, "--shots", *map(str, shots), "--methods", *methods, "--seeds", *map(str, seeds),
-            "--results", str(results), "--root", str(root), "--clip-checkpoint", str(checkpoint), "--backbone", "tiny",
+            "--results", str(results), "--root", str(root), "--clip-checkpoint", str(checkpoint),
             "--features-dir", str(features), "--views", "2", "--max-shots", "2", "--workers", "0", "--device", "cpu",
             "--tsne-dataset", "dtd", "--", "--epochs", str(epochs)]
 
@@ -74,12 +77,12 @@ def test_sweep_writes_one_file_per_run_and_a_rerun_skips_them(swept):
     for f in files:
         r = json.loads(f.read_text())
         cells.add((r["dataset"], r["method"], r["shots"]))
-        assert set(r["seeds"]) == {"1", "2"} and r["backbone"] == "tiny"
+        assert set(r["seeds"]) == {"1", "2"} and r["backbone"] == VIT
         assert r["reproduce"]["key"]["train_args"] == ["--epochs", "2"]
-        assert f.name.startswith(f"{r['dataset']}_tiny_{r['method']}_{r['shots']}shot_")
+        assert f.name.startswith(f"{r['dataset']}_{VIT}_{r['method']}_{r['shots']}shot_")
     assert len(cells) == 12
     # one features file per dataset, made once with the largest K
-    assert sorted(p.name for p in swept["features"].glob("*.pt")) == ["dtd_tiny.pt", "eurosat_tiny.pt"]
+    assert sorted(p.name for p in swept["features"].glob("*.pt")) == [f"dtd_{VIT}.pt", f"eurosat_{VIT}.pt"]
     mtimes = [f.stat().st_mtime_ns for f in files]
     again = main(swept["argv"])
     assert "skipped 12 finished already" in again and ran(again) == []
@@ -119,7 +122,7 @@ def test_the_tables_hold_the_numbers_of_the_run_files(swept):
         assert mean == pytest.approx(r["test_accuracy"], abs=0.005) and std == pytest.approx(r["std"], abs=0.005)
         if r["shots"] == 2 and r["method"] in ("zeroshot", "hegraph"):  # Table B, at the largest K swept
             label = f"{report.ABLATION[r['method']]} (`{r['method']}`)"
-            assert cells[("B. Ablation (tiny, K = 2)", label, report.TITLES[r["dataset"]])] == cell
+            assert cells[(f"B. Ablation ({VIT}, K = 2)", label, report.TITLES[r["dataset"]])] == cell
     # the average over datasets: per seed, then mean ± std
     runs = [json.loads(f.read_text()) for f in run_files(swept["results"])]
     hegraph1 = [r["seeds"] for r in runs if r["method"] == "hegraph" and r["shots"] == 1]
@@ -141,7 +144,7 @@ def test_report_is_rebuilt_from_the_run_files_alone(swept):
         hidden.rename(swept["features"])
     assert "README.md" in output
     readme = (results / "README.md").read_text()
-    assert "## A. Few-shot classification (tiny)" in readme and "t-SNE not redrawn" in readme
+    assert f"## A. Few-shot classification ({VIT})" in readme and "t-SNE not redrawn" in readme
     with Image.open(results / "fewshot.png") as png:
         png.verify()
     with Image.open(results / "fewshot.png") as png:
@@ -215,13 +218,13 @@ def test_shift_runs_hegraph_t_and_the_baselines_on_imagenet(tiny_vit_checkpoint,
         write_dataset(root, key, subset=[0, 2])
     output = main(["--shift", "--datasets", "--methods", "zeroshot", "tip", "hegraph", "hegraph-t", "--shots", "2",
                    "--seeds", "1", "--results", str(tmp_path / "results"), "--root", str(root),
-                   "--clip-checkpoint", str(tiny_vit_checkpoint), "--backbone", "tiny", "--features-dir",
+                   "--clip-checkpoint", str(tiny_vit_checkpoint), "--features-dir",
                    str(tmp_path / "features"), "--views", "1", "--workers", "0", "--device", "cpu", "--", "--epochs", "2"])
     runs = [json.loads(f.read_text()) for f in run_files(tmp_path / "results")]
     assert sorted(r["method"] for r in runs) == ["hegraph-t", "tip", "zeroshot"] and len(ran(output)) == 3
     assert all(r["dataset"] == "imagenet" and set(r["shift"]) == set(report.SHIFT_DATASETS) for r in runs)
     cells = markdown_cells((tmp_path / "results" / "README.md").read_text())
-    section = "C. Domain generalisation (tiny, ImageNet K = 2 → shift sets)"
+    section = f"C. Domain generalisation ({VIT}, ImageNet K = 2 → shift sets)"
     t = next(r for r in runs if r["method"] == "hegraph-t")
     assert cells[(section, "`hegraph-t`", "-Sketch")] == f"{t['shift']['imagenet-sketch']['1']:.2f}"
     assert cells[(section, "paper: HeGraphAdapter(T)", "-A")] == "23.59"
@@ -297,14 +300,14 @@ def test_a_folder_of_images_is_swept_by_its_name_and_its_images(tiny_vit_checkpo
     argv = sweep_argv(tmp_path, tiny_vit_checkpoint, tmp_path / "features", tmp_path / "results",
                       datasets=[str(folder)], methods=["zeroshot"], shots=[1], seeds=[1])
     [name] = ran(main(argv))
-    assert name.startswith("my_images_tiny_zeroshot_1shot_")
+    assert name.startswith(f"my_images_{VIT}_zeroshot_1shot_")
     run = json.loads((tmp_path / "results" / "runs" / name).read_text())
     assert run["dataset"] == "my_images" and run["reproduce"]["key"]["dataset"] == "my_images"
     reproduce.folder_split_sha256.cache_clear()
     (folder / "red_panda" / "0.jpg").rename(folder / "red_panda" / "renamed.jpg")  # another split: another run
     argv.insert(argv.index("--"), "--overwrite")          # the features file is of the old split: replaced
     [second] = ran(main(argv))
-    assert second != name and second.startswith("my_images_tiny_zeroshot_1shot_")
+    assert second != name and second.startswith(f"my_images_{VIT}_zeroshot_1shot_")
 
 
 def test_bad_command_lines_fail_with_one_clear_line(capsys, tmp_path):

@@ -1,0 +1,254 @@
+"""Which CLIP encodes a dataset, and that model loaded with its own preprocessing and tokenizer.
+
+The encoder library is open_clip (Ilharco et al., "OpenCLIP", 2021), which loads OpenAI's CLIP (Radford et al.,
+2021) and the models trained since (LAION, DataComp, MetaCLIP, SigLIP, ...). A model is named one of four ways:
+
+    --backbone ViT-B/16                                 OpenAI's weights under OpenAI's names (default RN50)
+    --backbone ViT-B-16 --pretrained laion2b_s34b_b88k  an open_clip model and its weights: a tag or a file
+    --backbone hf-hub:ORG/REPO or local-dir:FOLDER      a model folder in open_clip's layout, on the hub or on disk
+    --clip-checkpoint PATH                              an OpenAI-format checkpoint (state dict or TorchScript, as
+                                                        clip.load caches them), named from the sizes of its weights
+
+resolve() turns the flags into the (backbone, pretrained) pair a features file records; load() builds the model.
+Importing this module is cheap: open_clip (seconds to import) is imported when a model is read or loaded.
+"""
+import contextlib
+import dataclasses
+import logging
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from features_file import OPENAI_NAMES, OPENAI_TAG, SCHEMAS, Settings, load_torch_file
+from fewshot_data import DataError
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """open_clip logs the errors it then raises, which this project reports once, in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def import_open_clip():
+    """open_clip, imported on first use (it imports timm and torchvision, which train.py never needs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's and huggingface_hub's deprecation notices
+        import open_clip
+    return open_clip
+
+
+# ----------------------------------------------------------------------------- names
+
+def resolve(settings: Settings) -> Settings:
+    """The settings with the model named as a features file records it, or one DataError line.
+
+    backbone: OpenAI's name for OpenAI's weights (ViT-B-32 and ViT-B/32 are one model), open_clip's name for
+    other weights, hf-hub:ORG/REPO, local-dir:/absolute/folder, or for a --clip-checkpoint the architecture read
+    from its weights. pretrained: "openai" for OpenAI's names, another tag, a weights file's absolute path, or
+    None (the model brings its weights). Resolving resolved settings changes nothing.
+    """
+    backbone, pretrained, checkpoint = settings.backbone, settings.pretrained, settings.clip_checkpoint
+    if checkpoint:
+        if pretrained is not None:
+            raise DataError(f"--pretrained {pretrained} names weights for --backbone, and --clip-checkpoint "
+                            f"{checkpoint} brings its own: drop one of them")
+        found = arch_name(openai_arch(read_checkpoint(checkpoint), checkpoint))
+        if backbone is not None and _openai_spelling(backbone) != found:
+            raise DataError(f"--backbone {backbone} does not match --clip-checkpoint {checkpoint}, whose weights are "
+                            f"a {found}: drop --backbone (a checkpoint's name is read from its weights)")
+        return dataclasses.replace(settings, backbone=found, pretrained=None)
+    backbone = backbone or "RN50"
+    if backbone.startswith(SCHEMAS):
+        if pretrained is not None:
+            raise DataError(f"--pretrained {pretrained}: --backbone {backbone} brings its own weights; drop "
+                            f"--pretrained")
+        if backbone.startswith("local-dir:"):
+            folder = Path(backbone.removeprefix("local-dir:")).expanduser().resolve()
+            if not (folder / "open_clip_config.json").is_file():
+                raise DataError(f"--backbone {backbone}: {folder} holds no open_clip_config.json; a local-dir: "
+                                f"model is a folder in open_clip's layout (open_clip_config.json and the weights, "
+                                f"as on the Hugging Face hub)")
+            backbone = f"local-dir:{folder}"
+        return dataclasses.replace(settings, backbone=backbone)
+    if pretrained is None and _openai_spelling(backbone) in OPENAI_NAMES:
+        pretrained = OPENAI_TAG                       # the paper's backbones: OpenAI's weights by default
+    if pretrained == OPENAI_TAG and _openai_spelling(backbone) in OPENAI_NAMES:
+        backbone = _openai_spelling(backbone)         # ViT-B-32 + openai is OpenAI's ViT-B/32
+    elif backbone in OPENAI_NAMES:
+        backbone = OPENAI_NAMES[backbone]             # ViT-B/32 + laion2b_e16 is open_clip's ViT-B-32
+    if pretrained and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return dataclasses.replace(settings, backbone=backbone, pretrained=pretrained)
+
+
+def _openai_spelling(name: str) -> str:
+    """OpenAI's name of an open_clip name of one of OpenAI's models (ViT-L-14-336 -> ViT-L/14@336px), else name."""
+    return next((openai for openai, ours in OPENAI_NAMES.items() if ours == name), name)
+
+
+# ----------------------------------------------------------------------------- OpenAI-format checkpoints
+
+def _is_torchscript(path: Path) -> bool:
+    """True for a TorchScript archive (OpenAI's released files): a zip holding constants.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_checkpoint(path) -> dict:
+    """The tensors of an OpenAI-format checkpoint: a state dict saved by torch.save (mapped, not read), also
+    inside {"state_dict": ...} with or without DataParallel's "module." prefix, or a TorchScript archive."""
+    path = Path(path)
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")         # torch.jit.load is deprecated, not gone
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as e:  # noqa: BLE001 - whatever TorchScript raises on a broken archive
+            raise DataError(f"--clip-checkpoint {path} is a TorchScript archive that cannot be read "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    state = load_torch_file(path, "--clip-checkpoint", mmap=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DataError(f"--clip-checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def openai_arch(state: dict, path) -> dict:
+    """The sizes of the CLIP in an OpenAI-format state dict, read as open_clip's build_model_from_openai_state_dict
+    reads them: embed_dim, vision (layers, width, patch_size, image_size) and text (context_length, vocab_size,
+    width, layers)."""
+    try:
+        if "visual.proj" in state:   # a VisionTransformer
+            patch = state["visual.conv1.weight"].shape[-1]
+            vision = dict(layers=sum(k.startswith("visual.") and k.endswith(".attn.in_proj_weight") for k in state),
+                          width=state["visual.conv1.weight"].shape[0], patch_size=patch,
+                          image_size=patch * round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        else:                        # a ModifiedResNet: bottlenecks per stage, stem width, attention pool grid
+            vision = dict(layers=[len({k.split(".")[2] for k in state if k.startswith(f"visual.layer{b}.")})
+                                  for b in (1, 2, 3, 4)],
+                          width=state["visual.layer1.0.conv1.weight"].shape[0], patch_size=None,
+                          image_size=32 * round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5))
+        text = dict(context_length=state["positional_embedding"].shape[0],
+                    vocab_size=state["token_embedding.weight"].shape[0], width=state["ln_final.weight"].shape[0],
+                    layers=len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}))
+        return dict(embed_dim=state["text_projection"].shape[1], vision=vision, text=text)
+    except (KeyError, AttributeError, IndexError) as e:
+        raise DataError(f"--clip-checkpoint {path} is a torch file but not an OpenAI CLIP checkpoint (a state dict "
+                        f"or TorchScript archive as clip.load reads; it lacks {e})") from None
+
+
+def arch_name(arch: dict) -> str:
+    """OpenAI's name of the architecture (ViT-B/32, RN50, ...) if it is one of OpenAI's, every size equal;
+    else a name built from its sizes: ViT-l{layers}-w{width}-p{patch}-{image}px-d{embed_dim}, or for a ResNet
+    RN-l{blocks per stage, dotted}-w{width}-{image}px-d{embed_dim}."""
+    config = import_open_clip().get_model_config
+    for openai, name in OPENAI_NAMES.items():
+        c = config(name)
+        known = dict(embed_dim=c["embed_dim"], vision={k: c["vision_cfg"][k] for k in arch["vision"]},
+                     text={k: c["text_cfg"][k] for k in arch["text"]})
+        if known == arch:
+            return openai
+    v, d = arch["vision"], arch["embed_dim"]
+    if v["patch_size"]:
+        return f"ViT-l{v['layers']}-w{v['width']}-p{v['patch_size']}-{v['image_size']}px-d{d}"
+    return f"RN-l{'.'.join(map(str, v['layers']))}-w{v['width']}-{v['image_size']}px-d{d}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its images: open_clip's preprocessing configuration of the model."""
+    size: tuple[int, int]                 # input height and width in pixels
+    mean: tuple[float, ...]               # per-channel mean subtracted after scaling to 0..1
+    std: tuple[float, ...]                # per-channel std divided by
+    interpolation: str = "bicubic"        # resampling of every resize: "bicubic" or "bilinear"
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A loaded CLIP: the model (encode_image, encode_text, logit_scale), its tokenizer and its preprocessing."""
+    model: torch.nn.Module                        # in eval mode, float32, on the device asked for
+    tokenize: Callable[[list[str]], torch.Tensor]  # sentences -> [n, context_length] token ids
+    preprocess: Preprocess                        # what the augmented views use
+    transform: Callable                           # view 0: the model's own eval transform, PIL image -> [3, H, W]
+
+
+def load(settings: Settings, device: torch.device) -> Encoder:
+    """The CLIP of resolved `settings` on `device`, or one DataError line (a name open_clip does not know,
+    weights that cannot be downloaded or read)."""
+    oc = import_open_clip()
+    if settings.clip_checkpoint:
+        model = _load_openai_checkpoint(oc, settings.clip_checkpoint)
+        tokenizer = oc.SimpleTokenizer(context_length=model.context_length)  # OpenAI's BPE, as clip.tokenize
+    else:
+        name = OPENAI_NAMES.get(settings.backbone, settings.backbone)  # open_clip's name of it
+        with quiet_logging():
+            model = _create(oc, name, settings.pretrained, settings.name)
+            tokenizer = oc.get_tokenizer(name)
+    model = model.to(device).float().eval()
+    cfg = oc.get_model_preprocess_cfg(model)                                # [size, mean, std, ...]
+    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
+    preprocess = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                            interpolation=cfg.get("interpolation", "bicubic"))
+    # view 0: what open_clip's create_model_and_transforms gives as the model's eval transform (resize mode too)
+    transform = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**{**cfg, "size": preprocess.size}),
+                                                is_train=False)
+    return Encoder(model, tokenizer, preprocess, transform)
+
+
+def _load_openai_checkpoint(oc, path: str):
+    """An OpenAI-format checkpoint built by open_clip's builder (QuickGELU, as OpenAI trained), with OpenAI's
+    preprocessing: bicubic resize of the short side, centre crop, OpenAI's mean and std."""
+    state = read_checkpoint(path)
+    try:
+        model = oc.model.build_model_from_openai_state_dict(state, cast_dtype=None)
+    except (KeyError, RuntimeError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"--clip-checkpoint {path} is a torch file but not an OpenAI CLIP checkpoint (a state dict "
+                        f"or TorchScript archive as clip.load reads; {type(e).__name__}: {first[:200]})") from None
+    size = model.visual.image_size
+    oc.set_model_preprocess_cfg(model, dataclasses.asdict(oc.transform.PreprocessCfg(size=size)))
+    return model
+
+
+def _create(oc, name: str, pretrained: str | None, shown: str):
+    """open_clip's model `name` with its `pretrained` weights (QuickGELU where those weights were trained with
+    it); shown: the model's name in messages."""
+    schema = name.startswith(SCHEMAS)
+    if not schema and name not in oc.list_models():
+        raise DataError(f"--backbone {name}: not one of OpenAI's names ({', '.join(OPENAI_NAMES)}) nor a model "
+                        f"open_clip knows (python -c \"import open_clip; print(open_clip.list_models())\"), nor "
+                        f"hf-hub:ORG/REPO or local-dir:FOLDER")
+    tags = oc.list_pretrained_tags_by_model(name)
+    if not schema and pretrained is None:
+        raise DataError(f"--backbone {name} has no default weights: pass --pretrained with one of its tags "
+                        f"({', '.join(tags) or 'none known'}) or a weights file")
+    if not schema and not Path(pretrained).is_file() and not oc.is_pretrained_cfg(name, pretrained):
+        raise DataError(f"--pretrained {pretrained} is neither a weights file nor a tag of {name} "
+                        f"({', '.join(tags) or 'it has none'})")
+    quick_gelu = bool(not schema and oc.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return oc.create_model(name, pretrained=None if schema else pretrained, force_quick_gelu=quick_gelu)
+    except Exception as e:  # noqa: BLE001 - no network, a missing or broken file, a hub error
+        first = str(e).strip().splitlines()[0].split(". Last error")[0] if str(e).strip() else type(e).__name__
+        local = ("--clip-checkpoint PATH to a local copy of OpenAI's file" if pretrained == OPENAI_TAG else
+                 "--backbone local-dir:FOLDER holding a copy of the repository" if schema else
+                 "--pretrained FILE with a local copy of the weights")
+        raise DataError(f"cannot load CLIP {shown}: {first[:300]}; run once where the Hugging Face hub can be "
+                        f"reached (the download is cached), or pass {local}") from None
