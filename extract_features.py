@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import backbones
-from cli import Parser, dataset_arg, fail, path_arg, resolve_device
+from cli import RANGES, Parser, dataset_arg, guarded, number_arg, path_arg, resolve_device
 from download import cupl_prompts, download_dataset
 from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock, reusable,
                            write_atomic)
@@ -179,14 +179,14 @@ def _fills_in_a_name(template: str) -> bool:
 
 
 def check_flags(settings: Settings, batch_size: int, workers):
-    """One clear line for the first flag out of its range, before anything is read, loaded or encoded."""
+    """One clear line for the first setting out of its range (cli.RANGES, the table the flags are parsed with),
+    before anything is read, loaded or encoded: for a caller of extract_features() as for the command line."""
+    numbers = [("max_shots", settings.max_shots), ("views", settings.views), ("encode_batch_size", batch_size),
+               *(("seeds", seed) for seed in settings.seeds), *([("workers", workers)] if workers is not None else [])]
     problems = [
         (not settings.seeds, "--seeds must list at least one seed"),
-        (settings.max_shots < 1, f"--max-shots must be at least 1, not {settings.max_shots}"),
-        (settings.views < 1, f"--views must be at least 1 (view 0 is CLIP's own preprocessing), not {settings.views}"),
-        (batch_size < 1, f"--encode-batch-size must be at least 1, not {batch_size}"),
-        (workers is not None and workers < 0,
-         f"--workers must be 0 (load the images in the main process) or more, not {workers}"),
+        *((not RANGES[name].holds(value), f"--{name.replace('_', '-')} must be {RANGES[name].describe()}, not {value}")
+          for name, value in numbers),
         (not _fills_in_a_name(settings.negative_template),
          f"--negative-template must contain {{}} where the class name goes, e.g. 'a photo of no {{}}.', "
          f"not {settings.negative_template!r}"),
@@ -360,14 +360,14 @@ def add_extraction_args(parser):
                    "(default: the dataset's, CoOp's; 'a photo of a {}.' for a folder of your own)")
     g.add_argument("--negative-template", default="a photo of no {}.",
                    help="template of the negative prompts (default 'a photo of no {}.')")
-    g.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
-    g.add_argument("--max-shots", type=int, default=16,
+    g.add_argument("--seeds", type=number_arg("seeds", int), nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
+    g.add_argument("--max-shots", type=number_arg("max_shots", int), default=16,
                    help="training images per class sampled per seed; K shots are the first K (default 16)")
-    g.add_argument("--views", type=int, default=10,
+    g.add_argument("--views", type=number_arg("views", int), default=10,
                    help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
-    g.add_argument("--encode-batch-size", type=int, default=256,
+    g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int), default=256,
                    help="images (views) per CLIP forward pass (default 256)")
-    g.add_argument("--workers", type=int, help="data loading processes (default: CPU count, at most 8)")
+    g.add_argument("--workers", type=number_arg("workers", int), help="data loading processes (default: CPU count, at most 8)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--allow-repeats", action="store_true",
                    help="let a class with fewer images than --max-shots repeat its images instead of failing")
@@ -409,11 +409,8 @@ def main(argv=None):
     p.add_argument("--dataset", required=True, type=dataset_arg, help="a dataset key (e.g. dtd; docs/datasets.md "
                    "lists them) or a folder holding one subfolder of images per class")
     add_extraction_args(p)
-    a = p.parse_args(argv)
-    try:
-        extract_from_args(a, a.dataset)
-    except DataError as e:
-        fail(e)
+    args = p.parse_args(argv)
+    guarded("extract_features.py", lambda: extract_from_args(args, args.dataset))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ loads CLIP or writes a file.
 """
 import hashlib
 import json
+import posixpath
 import math
 import os
 import sys
@@ -113,11 +114,48 @@ def _read_split_file(path: Path, images: Path, dataset: str) -> Splits:
     if bad:
         raise DataError(f"split file {path} has {len(bad)} labels that are not integers, e.g. {bad[0]!r}; "
                         f"labels must be class indices 0..C-1 ({LAYOUT_HINT})")
+    odd = [(p, c) for _, p, _, c in entries if type(p) is not str or not p.strip() or type(c) is not str or not c.strip()]
+    if odd:
+        raise DataError(f"split file {path} has {len(odd)} entries whose image path or class name is not a name, e.g. "
+                        f"{list(odd[0])!r}; each entry is [relative image path, label, class name] ({LAYOUT_HINT})")
     items = {s: [(p, y) for t, p, y, _ in entries if t == s] for s in ("train", "val", "test")}
-    names = {y: c for _, _, y, c in entries}
+    names = _one_name_per_label(((y, c) for _, _, y, c in entries), path)
     if sorted(names) != list(range(len(names))):
         raise DataError(f"labels in {path} are not 0..C-1 ({LAYOUT_HINT})")
     return Splits([names[y] for y in range(len(names))], images, **items)
+
+
+def _one_name_per_label(pairs, path) -> dict:
+    """{label: class name}; one line naming both when a label has two names or a name two labels."""
+    names, labels = {}, {}
+    for y, c in pairs:
+        if names.setdefault(y, c) != c:
+            raise DataError(f"{path} gives label {y} two class names, {names[y]!r} and {c!r}; a label is one class "
+                            f"({LAYOUT_HINT})")
+        if labels.setdefault(c, y) != y:
+            raise DataError(f"{path} gives class {c!r} two labels, {labels[c]} and {y}; a class is one label "
+                            f"({LAYOUT_HINT})")
+    return names
+
+
+def _distinct_images(splits: Splits, where) -> Splits:
+    """Each image once per split (a split file that lists one twice counts it once, so that --max-shots is never
+    met by repeating an image), and in one split only: an image that trains must never be a test image."""
+    seen = {}  # normalised path -> (split, label)
+    for split in ("train", "val", "test"):
+        kept = []
+        for path, label in getattr(splits, split):
+            key = posixpath.normpath(path)
+            if key in seen:
+                other, other_label = seen[key]
+                if other != split or other_label != label:
+                    raise DataError(f"{where} lists image {path} in {other} (label {other_label}) and in {split} "
+                                    f"(label {label}); an image belongs to one split and one class ({LAYOUT_HINT})")
+                continue
+            seen[key] = (split, label)
+            kept.append((path, label))
+        setattr(splits, split, kept)
+    return splits
 
 
 def _read_coop(name: str, spec: DatasetSpec, folder: Path) -> Splits:
@@ -318,6 +356,11 @@ def load_splits(dataset: str, root) -> Splits:
         folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
         reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
         splits = reader(dataset, spec, folder)
+    splits = _distinct_images(splits, f"dataset '{dataset_name(dataset)}' under {folder}")
+    if len(set(splits.classnames)) != len(splits.classnames):
+        twice = next(c for c in splits.classnames if splits.classnames.count(c) > 1)
+        raise DataError(f"dataset '{dataset_name(dataset)}' under {folder} names two classes {twice!r}; each class "
+                        f"needs a name of its own ({LAYOUT_HINT})")
     if not splits.test:
         raise DataError(f"no test images found for dataset '{dataset_name(dataset)}' under {folder} ({LAYOUT_HINT})")
     # a fixed order (label, then path) makes a seed pick the same images on every machine

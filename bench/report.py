@@ -12,10 +12,12 @@ reads results/runs/*.json (one per run, written by the sweep) and writes
                           (needs the features file and the checkpoint the sweep saved; else left as it is)
 """
 
+import argparse
 import csv
 import datetime
 import io
 import json
+import math
 import re
 import statistics
 import sys
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
 from fewshot_data import DATASETS, DataError  # noqa: E402
 from checkpoints import read_checkpoint  # noqa: E402
+from cli import Parser, guarded  # noqa: E402
 from features_file import load_features, write_atomic  # noqa: E402
 from hegraphadapter import HeGraphConfig  # noqa: E402
 
@@ -60,15 +63,40 @@ def load_runs(results):
             run = json.loads(path.read_text())
         except ValueError as e:
             raise DataError(f"{path} is not a json file ({e}); move it out of {path.parent}") from None
-        missing = [k for k in ("dataset", "backbone", "method", "shots", "seeds") if not isinstance(run, dict)
-                   or k not in run]
-        if missing:
-            raise DataError(f"{path} is not a run file of bench/reproduce.py (no {', '.join(missing)}); "
-                            f"move it out of {path.parent}")
+        problem = run_file_problem(run)
+        if problem:
+            raise DataError(f"{path} is not a run file of this version of bench/reproduce.py ({problem}); move it "
+                            f"out of {path.parent}, or rerun the sweep into a new --results folder")
         run["name"] = path.stem
         run.setdefault("reproduce", {})
         runs.append(run)
     return sorted(runs, key=lambda r: r["reproduce"].get("finished", ""))
+
+
+def _numbers(value, allow_none=False):
+    """True for a {seed: number} dict (None allowed as a value where a seed has no number to give)."""
+    return isinstance(value, dict) and all(
+        (v is None and allow_none) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        for v in value.values())
+
+
+def run_file_problem(run):
+    """What keeps a parsed json from being a run file the report can read, or "" (an older layout, a hand-made
+    file, a results.json of train.py's own dropped there)."""
+    if not isinstance(run, dict):
+        return f"a json {type(run).__name__}, not an object"
+    kinds = {"dataset": str, "backbone": str, "method": str, "shots": int, "seeds": dict}
+    for key, kind in kinds.items():
+        if not isinstance(run.get(key), kind) or isinstance(run.get(key), bool):
+            return f"its {key!r} is {'missing' if key not in run else type(run[key]).__name__}, not {kind.__name__}"
+    checks = {"seeds": _numbers(run["seeds"]) and bool(run["seeds"]),
+              "epoch_seconds": _numbers(run.get("epoch_seconds", {}), allow_none=True),
+              "train_seconds": _numbers(run.get("train_seconds") or {}, allow_none=True),
+              "shift": isinstance(run.get("shift", {}), dict) and all(_numbers(v) for v in run.get("shift", {}).values()),
+              "reproduce": isinstance(run.get("reproduce", {}), dict),
+              "params": run.get("params") is None or (isinstance(run["params"], int) and not isinstance(run["params"], bool))}
+    bad = [key for key, fine in checks.items() if not fine]
+    return f"its {bad[0]!r} is not what a run file holds" if bad else ""
 
 
 def latest_per_cell(runs):
@@ -568,17 +596,13 @@ def write_report(results, tsne_dataset="food101"):
 
 
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="bench/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"),
                    help="the results folder of bench/reproduce.py, holding runs/*.json (default results/)")
     p.add_argument("--tsne-dataset", default="food101",
                    help="the dataset whose hegraph checkpoint the t-SNE figure is drawn from (default food101)")
     args = p.parse_args(argv)
-    try:
-        print(f"wrote {write_report(args.results, args.tsne_dataset)}")
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    guarded("bench/report.py", lambda: print(f"wrote {write_report(args.results, args.tsne_dataset)}"))
 
 
 if __name__ == "__main__":

@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
 from fewshot_data import DataError, dataset_folder, dataset_name, is_folder, load_splits  # noqa: E402
-from cli import Parser, dataset_arg, fail, path_arg  # noqa: E402
+from cli import Parser, dataset_arg, fail, guarded, path_arg  # noqa: E402
 from download import DOWNLOADS  # noqa: E402
 from extract_features import add_extraction_args, backbone_name  # noqa: E402
-from features_file import features_path, file_lock, write_atomic  # noqa: E402
+from features_file import check_output, features_path, file_lock, write_atomic  # noqa: E402
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
 SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",
@@ -327,17 +327,27 @@ def sweep(runs, args):
     return counts
 
 
+def check_results(args):
+    """--results receives the run files, the report and the checkpoints: a folder, writable, and none of the
+    sweep's inputs (the --features file, the dataset folders, the prompts, the CLIP checkpoint)."""
+    inputs = {"the --features file": args.features, "the --clip-checkpoint": args.clip_checkpoint,
+              "the --prompts file": args.prompts if isinstance(args.prompts, Path) else None}
+    inputs |= {f"the folder of {d}": dataset_folder(d, args.root) for d in args.datasets or []}
+    check_output("--results", args.results, inputs, folder=True)
+
+
 def main(argv=None):
     args, extra = parse_args(argv)
-    try:
+
+    def body():
+        check_results(args)
         if not args.report:
             try:
                 sweep(plan(args, extra), args)
             except KeyboardInterrupt:
                 fail("interrupted; the same command continues where this one stopped")
         print(f"wrote {report.write_report(args.results, args.tsne_dataset)}")
-    except ValueError as e:  # DataError, and the model's checks of its inputs
-        fail(e)
+    guarded("bench/reproduce.py", body)
 
 
 if __name__ == "__main__":

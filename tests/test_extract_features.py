@@ -554,7 +554,9 @@ def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
     for argv, words in ((["--dataset", "dtd", "--root", str(tmp_path)], "error: dataset folder not found"),
                         (["--dataset", "fgvc"], "error: argument --dataset: unknown dataset 'fgvc'; choose one of: imagenet,"),
-                        (["--dataset", "dtd", "--views", "two"], "error: argument --views: invalid int value")):
+                        (["--dataset", "dtd", "--views", "two"], "error: argument --views: must be an integer"),
+                        (["--dataset", "dtd", "--seeds", str(2**64)], "error: argument --seeds: must be between 0 and"),
+                        (["--dataset", "dtd", "--views", "0"], "error: argument --views: must be at least 1")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             ef.main(argv)
@@ -567,3 +569,39 @@ def test_main_prints_one_error_line_and_help(tmp_path, capsys):
     for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
                    "--encode-batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
         assert option in text
+
+
+def _edit_split(root, change):
+    """Apply change(split) to dtd's split file under root."""
+    path = root / "dtd" / fd.DATASETS["dtd"].split
+    split = json.loads(path.read_text())
+    change(split)
+    path.write_text(json.dumps(split))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s["test"].append(s["train"][0]), "lists image class a_0/train_0.jpg in train (label 0) and in test"),
+    (lambda s: s["train"].append([s["train"][0][0], 1, "class b_1"]), "lists image class a_0/train_0.jpg in train"),
+    (lambda s: s["train"].append([s["train"][5][0], 0, "another name"]), "gives label 0 two class names"),
+    (lambda s: [e.__setitem__(2, "class a_0") for part in s.values() for e in part if e[1] == 2],
+     "gives class 'class a_0' two labels, 0 and 2"),
+    (lambda s: s["train"].append([7, 0, "class a_0"]), "whose image path or class name is not a name"),
+    (lambda s: s["train"].append([None, 0, "class a_0"]), "whose image path or class name is not a name"),
+    (lambda s: s["val"].append(["class a_0/v.jpg", 0, ["class a_0"]]), "whose image path or class name is not a name"),
+])
+def test_conflicts_in_a_split_file_are_named(make_dataset, tiny_vit_checkpoint, tmp_path, change, words):
+    root = make_dataset("dtd")
+    _edit_split(root, change)
+    with pytest.raises(fd.DataError) as e:
+        run(root, tmp_path, tiny_vit_checkpoint)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_image_listed_twice_counts_once(make_dataset, tiny_vit_checkpoint, tmp_path):
+    """Class a has 5 training images: listing one of them again does not make 6, so --max-shots 6 still needs
+    --allow-repeats."""
+    root = make_dataset("dtd")
+    _edit_split(root, lambda s: s["train"].append(list(s["train"][0])))
+    assert len(fd.load_splits("dtd", root).train) == 5 + 6 + 7
+    with pytest.raises(fd.DataError, match="class 0 .* has 5 training images, fewer than the 6 needed"):
+        run(root, tmp_path, tiny_vit_checkpoint, max_shots=6)
