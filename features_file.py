@@ -115,6 +115,10 @@ def load_torch_file(path, what: str, mmap: bool = False):
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except OSError as e:
+        if e.errno is not None:  # the file system's fault (permissions, an I/O error), not the file's
+            raise DataError(f"cannot read {what} {path}: {e.strerror}; check its permissions") from None
+        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({type(e).__name__})") from None
     except Exception as e:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
         first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
         reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -212,8 +216,11 @@ def check_features(data, path):
     _logit_scale(data, path)
     pos = _tensor(data, "text.positive", 2, path)
     C, d = pos.shape
-    if len(_get(data, "classnames", path)) != C:
-        raise DataError(f"{path}: {len(data['classnames'])} class names but {C} positive text features")
+    names = _get(data, "classnames", path)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: 'classnames' must be a list of strings, got {type(names).__name__}")
+    if len(names) != C:
+        raise DataError(f"{path}: {len(names)} class names but {C} positive text features")
     _check_unit_rows(pos, "text.positive", path)
     if "negative" in data["text"]:
         neg = _tensor(data, "text.negative", 2, path)

@@ -469,9 +469,13 @@ def check_dataset(args, data):
 def shift_sets(args, data):
     """The --eval-datasets features, found by the main features' backbone."""
     shifts = {name: features_for(args, name, like=data) for name in args.eval_datasets}
+    C = len(data["classnames"])
     for name, shift in shifts.items():
         if "class_map" not in shift:
             raise DataError(f"{name}: its features file has no class_map; re-extract it")
+        if int(shift["class_map"].max()) >= C:
+            raise DataError(f"{name}: its class_map names class {int(shift['class_map'].max())}, and the features the "
+                            f"model is trained on have {C} classes; evaluate a model of the full ImageNet on it")
     return shifts
 
 

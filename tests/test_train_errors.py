@@ -398,3 +398,17 @@ def test_a_write_that_fails_after_training_keeps_the_numbers(feats, tmp_path, mo
     out, err = capsys.readouterr()
     assert "mean" in out and "results are printed above" in err and "No space left" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_an_unreadable_features_file_names_its_permissions(feats, fail, monkeypatch):
+    """(As root every file is readable, so the file system's refusal is played by torch.load.)"""
+    def refused(path, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(torch, "load", refused)
+    line = fail("--features", feats)
+    assert "cannot read features file" in line and "Permission denied; check its permissions" in line
+
+
+def test_classnames_that_are_not_a_list_of_names_are_refused(feats, fail):
+    spoiled = edit(feats, lambda d: d.__setitem__("classnames", "abcdefghij"))   # 10 characters for 10 classes
+    assert "'classnames' must be a list of strings" in fail("--features", spoiled)
