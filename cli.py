@@ -69,11 +69,12 @@ class Range:
         return math.isfinite(x) and above and (self.high is None or x <= self.high)
 
     def describe(self) -> str:
+        shown = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # 2^63 - 1 in full, 0.5 as 0.5
         if self.high is not None:
-            return f"between {self.low:g} and {self.high:g}"
+            return f"between {shown(self.low)} and {shown(self.high)}"
         if self.open_low:
-            return "positive" if self.low == 0 else f"above {self.low:g}"
-        return f"at least {self.low:g}"
+            return "positive" if self.low == 0 else f"above {shown(self.low)}"
+        return f"at least {shown(self.low)}"
 
 
 FINITE = Range()  # any finite number

@@ -243,6 +243,43 @@ def features_before_open_clip(case, fx):
     torch.save(data, case / FEATURES)
 
 
+def checkpoint_changed(change):
+    """ck/ with change(seed1.pt's checkpoint dict) applied."""
+    def then(ck, fx):
+        ckpt = torch.load(ck / "seed1.pt", weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, ck / "seed1.pt")
+    return checkpoints(then)
+
+
+def split_changed(change):
+    """data/: a dtd dataset whose split file has change(split) applied."""
+    def then(images, split_file):
+        split = json.loads(split_file.read_text())
+        change(split)
+        split_file.write_text(json.dumps(split))
+    return dataset(then=then)
+
+
+def feats_copy(case, fx):
+    """f.pt: a copy of the synthetic features (an input the case's output may not overwrite)."""
+    shutil.copy(fx.feats, case / "f.pt")
+
+
+def a_folder(case, fx):
+    (case / "folder").mkdir()
+
+
+def a_pipe(case, fx):
+    os.mkfifo(case / "pipe")
+
+
+def other_classes(case, fx):
+    """f.pt: the synthetic features with other class names (the checkpoints in ck/ are of the original)."""
+    spoiled(lambda d: d.__setitem__("classnames", [f"other {c}" for c in d["classnames"]]))(case, fx)
+    checkpoints()(case, fx)
+
+
 def results_json(case):
     """check of the train.py control: --out=~/control.json went to $HOME (the case's folder), complete."""
     if (case / "~").exists():
@@ -350,6 +387,57 @@ CASES = {
     "workers-negative": Case(X, "`--workers -1`", "--dataset dtd --root {data} --workers -1"),
     "negative-template": Case(X, "`--negative-template` without `{}`", "--dataset dtd --root {data} "
                               "--negative-template 'a photo of nothing.'"),
+    # issue 17: outputs that are inputs, devices, files, or folders where files go
+    "out-is-the-features": Case(T, "`--out` the `--features` file itself", "--features f.pt --out f.pt --shots 2 "
+                                "--epochs 1", feats_copy),
+    "out-is-a-folder": Case(T, "`--out` an existing folder", "--features {feats} --out folder --shots 2", a_folder),
+    "out-is-a-pipe": Case(T, "`--out` a named pipe (a device-like node)", "--features {feats} --out pipe --shots 2",
+                          a_pipe),
+    "out-in-the-dataset": Case(T, "`--out` inside the dataset folder", "--dataset dtd --root {data} --shots 2 "
+                               "--out {data}/dtd/results.json"),
+    "out-name-too-long": Case(T, "`--out` whose name is too long for the file system", "--features {feats} --shots 2 "
+                              "--out " + "r" * 250 + ".json"),
+    "save-is-a-file": Case(T, "`--save` an existing file", "--features {feats} --shots 2 --save file", a_file("file")),
+    # issue 17: every number that enters a formula, checked where it enters
+    "alpha-nan": Case(T, "`--alpha nan`", "--features {feats} --alpha nan"),
+    "beta-inf": Case(T, "`--beta-vp inf`", "--features {feats} --beta-vp inf"),
+    "gamma-zero": Case(T, "`--gamma 0`", "--features {feats} --method tip --gamma 0"),
+    "ratio-above-1": Case(T, "`--ratio 1.5` for clip-adapter", "--features {feats} --method clip-adapter --ratio 1.5"),
+    "setting-of-another-method": Case(T, "`--ratio 0.5` for hegraph (CLIP-Adapter's setting)",
+                                      "--features {feats} --ratio 0.5"),
+    "seed-huge": Case(T, "`--seeds 18446744073709551616` (2^64)", "--features {feats} --seeds 18446744073709551616"),
+    "shots-fractional": Case(T, "`--shots 2.5`", "--features {feats} --shots 2.5"),
+    "logit-scale-zero": Case(T, "a features file whose `logit_scale` is 0", "--features f.pt --shots 2",
+                             spoiled(lambda d: d.__setitem__("logit_scale", 0.0))),
+    "logit-scale-nan": Case(T, "a features file whose `logit_scale` is NaN", "--features f.pt --shots 2",
+                            spoiled(lambda d: d.__setitem__("logit_scale", float("nan")))),
+    "logit-scale-text": Case(T, "a features file whose `logit_scale` is the string \"100\"", "--features f.pt "
+                             "--shots 2", spoiled(lambda d: d.__setitem__("logit_scale", "100"))),
+    "test-split-empty": Case(T, "a features file with an empty test split", "--features f.pt --shots 2",
+                             spoiled(lambda d: d.__setitem__("test", {k: v[:0] for k, v in d["test"].items()}))),
+    "zero-views": Case(T, "a features file with zero training views", "--features f.pt --shots 2",
+                       spoiled(lambda d: d["train"].__setitem__("features", d["train"]["features"][:0]))),
+    "fewshot-bool": Case(T, "few-shot indices of type bool (a mask, not indices)", "--features f.pt --shots 2",
+                         spoiled(lambda d: d["fewshot"].__setitem__(1, d["fewshot"][1].bool()))),
+    "checkpoint-nan": Case(T, "NaN weights in a checkpoint", "--features {feats} --eval-only --load ck --seeds 1",
+                           checkpoint_changed(lambda c: c["state_dict"]["b_p"].fill_(float("nan")))),
+    "checkpoint-wrong-shape": Case(T, "a checkpoint tensor of the wrong shape", "--features {feats} --eval-only "
+                                   "--load ck --seeds 1", checkpoint_changed(
+                                       lambda c: c["state_dict"].__setitem__("b_p", c["state_dict"]["b_p"][:, :4]))),
+    "checkpoint-extra-tensor": Case(T, "a checkpoint with a tensor the model does not have", "--features {feats} "
+                                    "--eval-only --load ck --seeds 1", checkpoint_changed(
+                                        lambda c: c["state_dict"].__setitem__("extra", torch.zeros(2)))),
+    "checkpoint-other-classes": Case(T, "checkpoints of another dataset with the same shapes", "--features f.pt "
+                                     "--eval-only --load ck --seeds 1", other_classes),
+    "device-meta": Case(T, "`--device meta`", "--features {feats} --device meta"),
+    "device-mps": Case(T, "`--device mps` on a machine without MPS", "--features {feats} --device mps"),
+    "device-xpu": Case(X, "`--device xpu`", "--dataset dtd --root {data} --device xpu"),
+    "split-image-twice": Case(X, "a split file listing a training image in the test split too",
+                              "--dataset dtd --root data", split_changed(lambda s: s["test"].append(s["train"][0]))),
+    "split-two-names": Case(X, "a split file giving one label two class names", "--dataset dtd --root data",
+                            split_changed(lambda s: s["train"].append([s["train"][5][0], 0, "another name"]))),
+    "split-path-not-a-name": Case(X, "a split file whose image path is a number", "--dataset dtd --root data",
+                                  split_changed(lambda s: s["train"].append([7, 0, "class a_0"]))),
     # controls: not bad inputs
     "16-bit-png": Case(X, "control: a 16-bit PNG (and its 8-bit twin) in the test split", "--dataset dtd --root data",
                        dataset(then=sixteen_bit_png), control=True, check=same_16_and_8_bit_features),
