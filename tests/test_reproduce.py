@@ -332,3 +332,32 @@ def test_bad_command_lines_fail_with_one_clear_line(capsys, tmp_path):
     assert "does not exist" in fails("--features", str(tmp_path / "absent.pt"))
     (tmp_path / "text.pt").write_text("not a torch file")
     assert "not a readable features file" in fails("--features", str(tmp_path / "text.pt"))
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"dataset": "dtd", "backbone": "RN50", "method": "tip", "shots": "16", "seeds": {"1": 60.0}}',
+     "its 'shots' is str, not int"),
+    ('{"dataset": "dtd", "backbone": "RN50", "method": "tip", "shots": 16, "seeds": {"1": "60"}}',
+     "its 'seeds' is not what a run file holds"),
+    ('{"dataset": "dtd", "backbone": "RN50", "method": "tip", "shots": 16, "seeds": {"1": 60.0}, "shift": [1]}',
+     "its 'shift' is not what a run file holds"),
+    ("[1, 2, 3]", "a json list, not an object"),
+    ("{not json", "is not a json file"),
+])
+def test_a_run_file_of_another_layout_is_named_in_one_line(tmp_path, capsys, content, words):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "old.json").write_text(content)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        report.main(["--results", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and words in err[0] and "move it out of" in err[0], err
+
+
+def test_results_that_is_a_file_is_refused_before_the_sweep(tmp_path, capsys):
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(SystemExit):
+        reproduce.main(["--datasets", "dtd", "--root", str(tmp_path), "--results", str(tmp_path / "results")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--results" in err[0] and "is a file; give a folder" in err[0]
+    assert (tmp_path / "results").read_text() == "a file"
