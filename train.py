@@ -527,9 +527,10 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--batch-size", type=int, help="training images per step")
     defaults = HeGraphConfig()
-    for f in dataclasses.fields(HeGraphConfig):
+    for f in dataclasses.fields(HeGraphConfig):  # one flag per field, of the field's type (bool: --x / --no-x)
         if f.name != "variant":
-            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=float,
+            kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kind,
                            default=getattr(defaults, f.name), help=f"HeGraphConfig.{f.name} (default %(default)s)")
     g.add_argument("--search-val", action="store_true",
                    help="tune α and γ on the min(K, 4)-shot validation subset (never on test images)")
