@@ -87,6 +87,7 @@ RANGES = {  # every number a flag feeds into a formula, by its destination (a co
     # HeGraphAdapter (HeGraphConfig) and the cache of Tip-Adapter (TipConfig)
     "alpha": Range(0), "gamma": Range(0, open_low=True), "lam": Range(0), "weight_scale": Range(0),
     "bias_scale": Range(0), **{f"beta_{path}": Range(0) for path in ("pn", "vn", "np", "np_test", "vp", "pp", "vv")},
+    "neighbours": Range(0), "edge_temperature": Range(0),   # HeGraphConfig's graph designs: 0 turns them off
     # TaskRes, CLIP-Adapter, GraphAdapter, the linear probe
     "scale": Range(0), "ratio": Range(0, 1), "reduction": Range(1), "beta": Range(0, 1), "fusion": Range(0, 1),
     "inverse_l2": Range(0, open_low=True), "max_iter": Range(1),

@@ -17,7 +17,7 @@ Nodes, one of each type per class:
     N [C, d]  negative text nodes: the same for negative prompts ("a photo of no {}.")
     V [C, d]  visual nodes: norm(mean of the class's few-shot image features)
 
-Edges: six dense C x C matrices, row = target node i, column = source node j:
+Edges: six C x C matrices, row = target node i, column = source node j, dense by default:
     P->P  cos(P_i, P_j)       V->V  cos(V_i, V_j)       V->P  cos(P_i, V_j)
     N->P  1 - cos(P_i, N_i) if i = j, else cos(P_i, N_j)
     P->N  1 - cos(N_i, P_i) if i = j, else cos(N_i, P_j)
@@ -26,13 +26,38 @@ normalised as in GraphAdapter: negative weights clamped to 0, self-loops on P->P
 Â = D_r^-1/2 A D_c^-1/2 (D_r, D_c: row and column sums). They depend only on the initial nodes, so they
 are constants built once.
 
+Graph designs. The paper's edges are cosine similarities; it does not say that they are dense. These
+options of HeGraphConfig change the graph; at its default each one leaves the model above unchanged.
+The first three act on a meta-path's raw weights A, in this order, before the clamp:
+    (E1) own_class_paths: on the meta-paths named (e.g. "vp" = V->P), A_ij = 0 for i != j: a node hears
+         only its own class's node of that type (then Â = I wherever A_ii > 0).
+    (E2) neighbours ν > 0: row i keeps A_ii and its ν largest A_ij, j != i; the others are 0. The own-class
+         edge is always kept and not counted in ν: on P->P and V->V it is the node itself (cos = 1, it would
+         always rank first, and gets its self-loop as before); on the negative paths it is the paper's
+         dissimilarity edge 1 - cos, which would rank near the bottom but is the one edge the paper singles
+         out; on V->P it is the class's own visual node.
+    (E3) edge_temperature τ > 0: every kept weight becomes exp((A_ij - max A) / τ), the max taken over the
+         kept edges: exp(A / τ) up to a constant factor, which the normalisation cancels. The factor makes
+         the strongest edge weigh 1, so that a self-loop (+1) weighs as much as it, as with cosines
+         (cos(P_i, P_i) = 1). The own-class 1 - cos of a negative path is sharpened like every other weight,
+         so a small τ all but removes it.
+The fourth acts on the normalised matrix:
+    (E4) centre_messages: Â <- Â - (1/C) 1 1^T Â, every row minus the mean row, so that every message Â X
+         (Â_NP N' included) loses its mean over the classes and keeps its class-specific part.
+The fifth acts on the messages:
+    (E5) message_activation = "tanh": σ = tanh in (1)-(3) below, on the projected message. GraphAdapter's
+         layer is tanh(Â X W + b); the bias stays outside σ here, so that the bias-only ablation (every W
+         at zero) is the same model under every design. By default σ is the identity.
+E1-E4 are folded into the constant matrices, so a training step costs what it did; E5 adds one elementwise
+tanh per layer. With every W at zero no design changes the model: the graph reaches it only through the W's.
+
 Message passing, three steps in this order. Each target node type has one GraphAdapter layer Â X W + b:
 a learnable d x d projection shared by its meta-paths (W_n, W_p, W_v) and a learnable per-class bias
 [C, d] (b_n, b_p, b_v). Each meta-path has a fixed fusion weight β. The update is residual and the message
-linear (choice):
-    N' = norm(N + s_W (β_PN Â_PN P + β_VN Â_VN V) W_n + s_b b_n)                              (1)
-    P' = norm(P + s_W (β_NP Â_NP N' + β_VP Â_VP V + β_PP Â_PP P) W_p + s_b b_p)               (2)
-    Δ  = s_W β_VV Â_VV V W_v + s_b b_v              the class visual bias, [C, d]            (3)
+linear (choice; σ = identity unless E5 makes it tanh):
+    N' = norm(N + σ(s_W (β_PN Â_PN P + β_VN Â_VN V) W_n) + s_b b_n)                           (1)
+    P' = norm(P + σ(s_W (β_NP Â_NP N' + β_VP Â_VP V + β_PP Â_PP P) W_p) + s_b b_p)            (2)
+    Δ  = σ(s_W β_VV Â_VV V W_v) + s_b b_v           the class visual bias, [C, d]            (3)
 The fixed scales s_W and s_b (choice) set the layers' step sizes. Adam moves every entry of a parameter
 by about the learning rate, whatever its gradient's size, so one step moves an entry of s_b b by s_b lr,
 but an entry of s_W m W (m a message row) by up to s_W lr |m|_1, which grows with d: on CLIP ViT-B/32
@@ -60,6 +85,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VARIANTS = ("full", "t", "tn", "tp")
+META_PATHS = ("pp", "vv", "vp", "np", "pn", "vn")  # source then target: "vp" = V->P, edges A_vp
+ACTIVATIONS = ("linear", "tanh")                   # σ of (1)-(3), design E5
 
 
 @dataclass(frozen=True)  # frozen: several fields are folded into constants when the model is built
@@ -77,10 +104,30 @@ class HeGraphConfig:
     alpha: float = 1.0         # cache residual ratio α in the prediction logits_t + α logits_v
     gamma: float = 5.0         # cache sharpness γ in exp(-γ (1 - cos)) (Tip-Adapter's "beta")
     lam: float = 0.1           # weight λ of the cache loss CE(logits_v, y)
+    # graph designs (E1)-(E5) of the module docstring; each default keeps the dense, linear graph
+    own_class_paths: str = ""          # (E1) meta-paths (comma-separated, "vp" = V->P) joining a class's own nodes only
+    neighbours: int = 0                # (E2) ν: each target keeps its own class's source and its ν most similar; 0: all
+    edge_temperature: float = 0.0      # (E3) τ: edge weights A -> exp((A - max A) / τ), sharpened; 0 keeps the cosines
+    centre_messages: bool = False      # (E4) every message minus its mean over classes: the class-specific part
+    message_activation: str = "linear" # (E5) σ on the projected messages: "linear" (identity) or "tanh"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        unknown = [name for name in self.own_class_paths.split(",") if name and name not in META_PATHS]
+        if unknown:
+            raise ValueError(f"own_class_paths: unknown meta-path {unknown[0]!r}: choose among "
+                             f"{', '.join(META_PATHS)} (source then target), comma-separated")
+        if self.neighbours < 0 or self.edge_temperature < 0:
+            raise ValueError(f"neighbours and edge_temperature must be >= 0 (0 turns them off), got "
+                             f"{self.neighbours} and {self.edge_temperature}")
+        if self.message_activation not in ACTIVATIONS:
+            raise ValueError(f"unknown message_activation {self.message_activation!r}: choose one of "
+                             f"{', '.join(ACTIVATIONS)}")
+
+    def own_class_only(self, path):
+        """Whether meta-path `path` ("vp" = V->P) keeps only its own-class edges (E1)."""
+        return path in [name for name in self.own_class_paths.split(",") if name]
 
 
 # -----------------------------------------------------------------------------
@@ -125,6 +172,37 @@ def normalize_adjacency(a, self_loops):
         a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     inv_sqrt = lambda deg: torch.where(deg > 0, deg.clamp(min=torch.finfo(deg.dtype).tiny).rsqrt(), 0.0)
     return inv_sqrt(a.sum(-1)).unsqueeze(-1) * a * inv_sqrt(a.sum(-2)).unsqueeze(-2)
+
+
+def kept_edges(a, own_class_only=False, neighbours=0):
+    """Designs E1 and E2: which edges of a meta-path's raw weights a [C, C] (row = target) are kept.
+
+    Returns a bool mask [C, C], or None when every edge is kept (the dense graph). The own-class edge (the
+    diagonal) is always kept and does not count in ν.
+    """
+    C = a.shape[-1]
+    own = torch.eye(C, dtype=torch.bool, device=a.device)                  # [C, C] own-class edges
+    if own_class_only:
+        return own
+    if neighbours == 0:
+        return None
+    others = a.masked_fill(own, float("-inf"))                             # [C, C] rank the other classes only
+    top = others.topk(min(neighbours, C - 1), dim=-1).indices              # [C, ν] each target's most similar
+    return own.scatter(-1, top, True)                                      # [C, C]
+
+
+def graph_adjacency(a, self_loops, own_class_only=False, neighbours=0, temperature=0.0, centre=False):
+    """Â of one meta-path from its raw weights a [C, C]: designs E1-E3, the normalisation, then E4. [C, C].
+
+    With the defaults this is normalize_adjacency(a, self_loops), the dense graph, operation for operation.
+    """
+    keep = kept_edges(a, own_class_only, neighbours)                       # [C, C] bool, or None: all
+    if temperature > 0:  # E3; the largest kept weight is subtracted, so exp cannot overflow
+        a = a.sub(a.max() if keep is None else a[keep].max()).div(temperature).exp()  # [C, C]
+    if keep is not None:
+        a = a.masked_fill(~keep, 0.0)                                      # [C, C]
+    a = normalize_adjacency(a, self_loops)                                 # [C, C]
+    return a - a.mean(-2, keepdim=True) if centre else a                   # E4: minus the mean row
 
 
 def cache_logits(similarity, cache_labels, num_classes, gamma, exclude=None):
@@ -176,16 +254,19 @@ class HeGraphAdapter(nn.Module):
         buffer("cache_sq_norms", keys.square().sum(-1))                          # [M], 1 up to rounding
         buffer("cache_labels", cache_labels)
 
-        # Edges, one dense normalised matrix per meta-path (name = source, target).
-        buffer("A_pp", normalize_adjacency(similarity_edges(P, P), self_loops=True))
-        buffer("A_vv", normalize_adjacency(similarity_edges(V, V), self_loops=True))
-        buffer("A_vp", normalize_adjacency(similarity_edges(P, V), self_loops=False))
+        # Edges, one normalised [C, C] matrix per meta-path (name = source, target), with the designs E1-E4.
+        edges = lambda path, a, self_loops: graph_adjacency(
+            a, self_loops, own_class_only=cfg.own_class_only(path), neighbours=cfg.neighbours,
+            temperature=cfg.edge_temperature, centre=cfg.centre_messages)
+        buffer("A_pp", edges("pp", similarity_edges(P, P), self_loops=True))
+        buffer("A_vv", edges("vv", similarity_edges(V, V), self_loops=True))
+        buffer("A_vp", edges("vp", similarity_edges(P, V), self_loops=False))
         if self.has_negatives:
             N = normalize(neg_text.to(**like))                                   # [C, d]
             buffer("N", N)
-            buffer("A_np", normalize_adjacency(negative_edges(P, N), self_loops=False))
-            buffer("A_pn", normalize_adjacency(negative_edges(N, P), self_loops=False))
-            buffer("A_vn", normalize_adjacency(negative_edges(N, V), self_loops=False))
+            buffer("A_np", edges("np", negative_edges(P, N), self_loops=False))
+            buffer("A_pn", edges("pn", negative_edges(N, P), self_loops=False))
+            buffer("A_vn", edges("vn", negative_edges(N, V), self_loops=False))
 
         # Aggregations of the fixed nodes P and V are constants too: fuse them with their β and s_W once
         # here, so that a training step only multiplies them by the W's. Only N' changes with the parameters.
@@ -221,18 +302,22 @@ class HeGraphAdapter(nn.Module):
         return (f"classes={C}, dim={d}, cache={self.cache_keys.shape[0]}, variant={self.config.variant!r}, "
                 f"negatives={self.has_negatives}")
 
+    def sigma(self, message):
+        """σ of (1)-(3) on a projected message [C, d]: the identity, or tanh (design E5)."""
+        return torch.tanh(message) if self.config.message_activation == "tanh" else message
+
     def propagate(self):
         """The three aggregation steps. Returns P' [C, d] and the visual bias Δ [C, d] (None if text-only)."""
         s_W, s_b = self.config.weight_scale, self.config.bias_scale
         messages = self.msg_to_pos                                               # [C, d], s_W folded in
         if self.has_negatives:
-            neg = normalize(self.N + self.msg_to_neg @ self.W_n + s_b * self.b_n)  # (1) N' [C, d]
+            neg = normalize(self.N + self.sigma(self.msg_to_neg @ self.W_n) + s_b * self.b_n)  # (1) N' [C, d]
             beta_np = self.config.beta_np if self.training else self.config.beta_np_test
             messages = messages + s_W * beta_np * (self.A_np @ neg)              # uses the updated N'
-        pos = normalize(self.P + messages @ self.W_p + s_b * self.b_p)           # (2) P' [C, d]
+        pos = normalize(self.P + self.sigma(messages @ self.W_p) + s_b * self.b_p)  # (2) P' [C, d]
         if self.text_only:
             return pos, None
-        return pos, self.msg_to_vis @ self.W_v + s_b * self.b_v                  # (3) Δ [C, d]
+        return pos, self.sigma(self.msg_to_vis @ self.W_v) + s_b * self.b_v     # (3) Δ [C, d]
 
     def cache_similarity(self, f, delta):
         """cos(f, K') with K' = norm(K + Δ[y_K]), without materialising the refined keys. [B, M].

@@ -77,34 +77,75 @@ def ref_normalise(A, self_loops):
     return inv(r)[:, None] * A * inv(c)[None, :]
 
 
+def ref_design_edges(raw, self_loops, cfg=HeGraphConfig(), path=""):
+    """Â of one meta-path with the docstring's designs E1-E4, one entry at a time, then ref_normalise.
+
+    E1: only the diagonal on the paths in cfg.own_class_paths. E2: row i keeps (i, i) and the ν largest
+    raw[i, j], j != i, found by sorting. E3: exp((raw - the largest kept raw) / τ) on the kept entries.
+    E4: every row minus the mean of the rows.
+    """
+    C = raw.shape[0]
+    own_only = path in cfg.own_class_paths.split(",")
+    keep = [[not own_only or i == j for j in range(C)] for i in range(C)]
+    if cfg.neighbours > 0 and not own_only:
+        for i in range(C):
+            ranked = sorted((j for j in range(C) if j != i), key=lambda j: float(raw[i, j]), reverse=True)
+            chosen = {i, *ranked[:cfg.neighbours]}
+            keep[i] = [j in chosen for j in range(C)]
+    top = max(float(raw[i, j]) for i in range(C) for j in range(C) if keep[i][j])
+    A = torch.zeros(C, C, dtype=raw.dtype)
+    for i in range(C):
+        for j in range(C):
+            if keep[i][j]:
+                w = float(raw[i, j])
+                A[i, j] = math.exp((w - top) / cfg.edge_temperature) if cfg.edge_temperature > 0 else w
+    A = ref_normalise(A, self_loops)
+    if cfg.centre_messages:
+        mean_row = sum(A[i] for i in range(C)) / C
+        A = torch.stack([A[i] - mean_row for i in range(C)])
+    return A
+
+
+def ref_all_edges(pos, neg, feats, labels, cfg=HeGraphConfig()):
+    """{name: Â} of the six meta-paths (three without negatives), from the features, with cfg's designs."""
+    P, V = unit(pos), ref_class_means(feats, labels, pos.shape[0])
+    edges = {"A_pp": ref_design_edges(ref_raw_edges(P, P, False), True, cfg, "pp"),
+             "A_vv": ref_design_edges(ref_raw_edges(V, V, False), True, cfg, "vv"),
+             "A_vp": ref_design_edges(ref_raw_edges(P, V, False), False, cfg, "vp")}
+    if neg is not None:
+        N = unit(neg)
+        edges.update(A_np=ref_design_edges(ref_raw_edges(P, N, True), False, cfg, "np"),
+                     A_pn=ref_design_edges(ref_raw_edges(N, P, True), False, cfg, "pn"),
+                     A_vn=ref_design_edges(ref_raw_edges(N, V, True), False, cfg, "vn"))
+    return edges
+
+
 def ref_logits(pos, neg, feats, labels, x, params, cfg, training):
-    """logits_t, logits_v from the module docstring's equations (1)-(5), unfused, variant-aware.
+    """logits_t, logits_v from the module docstring's equations (1)-(5), unfused, variant-aware, with the
+    graph designs E1-E5 of cfg.
 
     params: {"W_n", "W_p", "W_v", "b_n", "b_p", "b_v"} (those a variant lacks may be NaN: they must be unused).
     """
     C = pos.shape[0]
     v, s_W, s_b = cfg.variant, cfg.weight_scale, cfg.bias_scale
+    sigma = torch.tanh if cfg.message_activation == "tanh" else (lambda m: m)
     P, Fk, f = unit(pos), unit(feats), unit(x)
     V = ref_class_means(feats, labels, C)
+    A = ref_all_edges(pos, neg, feats, labels, cfg)
     b_vp, b_pp = (0.0, 0.0) if v == "tn" else (cfg.beta_vp, cfg.beta_pp)
-    A_pp = ref_normalise(ref_raw_edges(P, P, False), True)
-    A_vp = ref_normalise(ref_raw_edges(P, V, False), False)
     Wp = s_W * params["W_p"]
-    messages = b_vp * (A_vp @ V @ Wp) + b_pp * (A_pp @ P @ Wp)
+    messages = b_vp * (A["A_vp"] @ V @ Wp) + b_pp * (A["A_pp"] @ P @ Wp)
     if neg is not None and v != "tp":
         N, Wn = unit(neg), s_W * params["W_n"]
-        A_pn = ref_normalise(ref_raw_edges(N, P, True), False)
-        A_vn = ref_normalise(ref_raw_edges(N, V, True), False)
-        A_np = ref_normalise(ref_raw_edges(P, N, True), False)
-        N2 = unit(N + cfg.beta_pn * (A_pn @ P @ Wn) + cfg.beta_vn * (A_vn @ V @ Wn) + s_b * params["b_n"])  # (1)
+        N2 = unit(N + sigma(cfg.beta_pn * (A["A_pn"] @ P @ Wn) + cfg.beta_vn * (A["A_vn"] @ V @ Wn))
+                  + s_b * params["b_n"])                                                          # (1)
         b_np = cfg.beta_np if training else cfg.beta_np_test
-        messages = messages + b_np * (A_np @ N2 @ Wp)
-    P2 = unit(P + messages + s_b * params["b_p"])                                              # (2)
+        messages = messages + b_np * (A["A_np"] @ N2 @ Wp)
+    P2 = unit(P + sigma(messages) + s_b * params["b_p"])                                       # (2)
     logits_t = S * f @ P2.T
     if v != "full":
         return logits_t, None
-    A_vv = ref_normalise(ref_raw_edges(V, V, False), True)
-    delta = cfg.beta_vv * (A_vv @ V @ (s_W * params["W_v"])) + s_b * params["b_v"]                     # (3)
+    delta = sigma(cfg.beta_vv * (A["A_vv"] @ V @ (s_W * params["W_v"]))) + s_b * params["b_v"]          # (3)
     K = unit(Fk + delta[labels])
     L = F.one_hot(labels, C).to(x.dtype)
     logits_v = torch.exp(-cfg.gamma * (1.0 - f @ K.T)) @ L
@@ -492,6 +533,157 @@ def test_leave_one_out_removes_exactly_the_own_key():
     assert torch.allclose(loss, F.cross_entropy(lt_ref, y) + cfg.lam * F.cross_entropy(lv_loo, y), atol=1e-10)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# graph designs E1-E5 (module docstring)
+
+DESIGNS = {  # id -> HeGraphConfig fields: each moves designs off their defaults
+    "own-vp": dict(own_class_paths="vp"),
+    "own-all": dict(own_class_paths="pp,vv,vp,np,pn,vn"),
+    "neighbours": dict(neighbours=2),
+    "temperature": dict(edge_temperature=0.1),
+    "neighbours+temperature": dict(neighbours=3, edge_temperature=0.05),
+    "centre": dict(centre_messages=True),
+    "tanh": dict(message_activation="tanh"),
+    "all": dict(own_class_paths="vn,vv", neighbours=2, edge_temperature=0.2, centre_messages=True,
+                message_activation="tanh"),
+}
+EDGES = ("A_pp", "A_vv", "A_vp", "A_np", "A_pn", "A_vn")
+MESSAGES = ("msg_to_pos", "msg_to_neg", "msg_to_vis")
+CHANGED = {  # the buffers each design must change (all others must stay bit for bit)
+    "own-vp": {"A_vp", "msg_to_pos"},
+    "tanh": set(),
+}
+
+
+@pytest.mark.parametrize("neighbours", [1, 2, 4, 7])
+def test_sparse_edges_match_a_loop_reference(neighbours):
+    """E2 on all six meta-paths: each target row keeps its own class and its ν most similar other sources."""
+    C = 9
+    pos, neg, feats, labels, _, _ = make_data(C, 6, [2, 1, 3, 1, 2, 2, 1, 3, 1], seed=12)
+    cfg = HeGraphConfig(neighbours=neighbours)
+    model = HeGraphAdapter(pos, neg, feats, labels, config=cfg)
+    for name, expected in ref_all_edges(pos, neg, feats, labels, cfg).items():
+        A = getattr(model, name)
+        assert torch.allclose(A, expected, atol=1e-12), name
+        assert (A.ne(0).sum(1) <= neighbours + 1).all(), name                # at most ν + the own class
+    dense = ref_all_edges(pos, neg, feats, labels)
+    assert sum(not torch.allclose(getattr(model, n), dense[n], atol=1e-6) for n in EDGES) >= 3  # not dense
+
+
+def test_sparse_edges_keep_the_own_class_negative_edge():
+    """Negative prompts close to the positive ones (as CLIP's are) make 1 - cos(P_i, N_i) one of the
+    smallest weights of row i; E2 keeps it all the same, and drops other-class edges larger than it."""
+    C = 9
+    pos, _, feats, labels, _, _ = make_data(C, 6, [2, 1, 3, 1, 2, 2, 1, 3, 1], seed=12)
+    neg = pos + 0.3 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(1), dtype=pos.dtype)
+    model = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(neighbours=2))
+    for name, raw in (("A_np", ref_raw_edges(unit(pos), unit(neg), True)),
+                      ("A_pn", ref_raw_edges(unit(neg), unit(pos), True))):
+        A = getattr(model, name)
+        outranked = [i for i in range(C) if 0 < raw[i, i] < raw[i].sort().values[-3]]  # not in the top 2 + 1
+        assert len(outranked) >= C // 2, name                                # the data does what it should
+        for i in outranked:
+            assert A[i, i] > 0, (name, i)
+            dropped = [j for j in range(C) if j != i and A[i, j] == 0 and raw[i, j] > raw[i, i]]
+            assert dropped, (name, i)
+
+
+@pytest.mark.parametrize("neighbours", [8, 30])
+def test_neighbours_c_minus_1_or_more_is_the_dense_model_bit_for_bit(neighbours):
+    """The sparse code path with every edge kept changes no bit of today's model (C = 9, so C - 1 = 8)."""
+    pos, neg, feats, labels, x, y = make_data(9, 6, [2, 1, 3, 1, 2, 2, 1, 3, 1], seed=12)
+    dense = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig())
+    sparse = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(neighbours=neighbours))
+    for (name, a), (_, b) in zip(dense.named_buffers(), sparse.named_buffers()):
+        assert torch.equal(a, b), name
+    params = set_params(dense, seed=4)
+    with torch.no_grad():
+        for name, p in sparse.named_parameters():
+            p.copy_(params[name])
+    assert torch.equal(dense(x), sparse(x)) and torch.equal(dense.loss(x, y), sparse.loss(x, y))
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_each_design_matches_the_reference(design):
+    """Every edge matrix, the forward and the loss against the loop / explicit references, in train and eval."""
+    for variant, negatives in (("full", True), ("tp", False)):
+        cfg = HeGraphConfig(variant=variant, beta_vv=0.4, weight_scale=0.6, bias_scale=0.3, **DESIGNS[design])
+        pos, neg, feats, labels, x, y = make_data(6, 7, [2, 4, 1, 3, 2, 1], seed=7, B=5)
+        neg = neg if negatives else None
+        model = HeGraphAdapter(pos, neg, feats, labels, config=cfg)
+        for name, expected in ref_all_edges(pos, neg, feats, labels, cfg).items():
+            assert torch.allclose(getattr(model, name), expected, atol=1e-12), name
+        params = all_params(model, set_params(model, seed=20, scale=0.5))
+        for training in (True, False):
+            model.train(training)
+            lt, lv = ref_logits(pos, neg, feats, labels, x, params, cfg, training)
+            expected = lt if lv is None else lt + cfg.alpha * lv
+            assert torch.allclose(model(x), expected, atol=1e-10), (variant, training)
+            ref_loss = F.cross_entropy(lt, y) + (0 if lv is None else cfg.lam * F.cross_entropy(lv, y))
+            assert torch.allclose(model.loss(x, y), ref_loss, atol=1e-10), (variant, training)
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_each_design_changes_what_it_should_and_nothing_else(design):
+    """Against today's model on the same features: the design changes its own buffers and no other; with
+    every W at zero it changes no output bit (so the bias-only ablation is one model under every design);
+    with W != 0 it changes the outputs."""
+    pos, neg, feats, labels, x, y = make_data(6, 7, [2, 4, 1, 3, 2, 1], seed=7, B=5)
+    today = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(beta_vv=0.4))
+    model = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(beta_vv=0.4, **DESIGNS[design]))
+    changed = {n for (n, a), (_, b) in zip(today.named_buffers(), model.named_buffers()) if not torch.equal(a, b)}
+    assert changed == CHANGED.get(design, set(EDGES + MESSAGES))
+    params = set_params(today, seed=6, scale=0.5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name] if name.startswith("b_") else torch.zeros_like(p))
+        for name, p in today.named_parameters():
+            if name.startswith("W_"):
+                p.zero_()
+    for training in (True, False):
+        today.train(training), model.train(training)
+        assert torch.equal(today(x), model(x)) and torch.equal(today.loss(x, y), model.loss(x, y))
+    with torch.no_grad():
+        for module in (today, model):
+            for name, p in module.named_parameters():
+                p.copy_(params[name])
+    assert not torch.allclose(today(x), model(x), atol=1e-6)
+    if DESIGNS[design].get("centre_messages"):  # E4: every message has zero mean over the classes
+        for name in MESSAGES:
+            assert getattr(model, name).mean(0).abs().max() < 1e-12, name
+        assert (model.A_np @ torch.randn(6, 7, dtype=torch.float64)).mean(0).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_gradcheck_with_each_design(design):
+    model, (_, _, feats, labels, x, y) = small_model(beta_vv=0.5, **DESIGNS[design])
+    Ws = set_params(model, seed=10)
+    names = sorted(Ws)
+    inputs = tuple(Ws[n].clone().requires_grad_(True) for n in names)
+    wrapped = LossCall(model)
+
+    def logits(*ws):
+        return functional_call(model, dict(zip(names, ws)), (x,))
+
+    def loss(*ws):
+        return functional_call(wrapped, {f"model.{n}": w for n, w in zip(names, ws)}, (x, y))
+
+    assert torch.autograd.gradcheck(logits, inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
+
+
+def test_design_options_are_checked():
+    for bad, match in ((dict(own_class_paths="vp,xy"), "unknown meta-path 'xy'"),
+                       (dict(own_class_paths="V->P"), "unknown meta-path 'V->P'"),
+                       (dict(neighbours=-1), "must be >= 0"), (dict(edge_temperature=-0.1), "must be >= 0"),
+                       (dict(message_activation="relu"), "unknown message_activation 'relu'")):
+        with pytest.raises(ValueError, match=match):
+            HeGraphConfig(**bad)
+    assert HeGraphConfig(own_class_paths="vp,vn").own_class_only("vn")
+    assert not HeGraphConfig(own_class_paths="vp,vn").own_class_only("pn")
+    assert not HeGraphConfig().own_class_only("")
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """train.py end to end on small synthetic features files (CPU, seconds), and once from images."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,6 +132,29 @@ def test_epochs_0_evaluates_the_starting_point_which_is_tip_adapter(feats, run):
     assert hg["seeds"] == tip["seeds"] and hg["recipe"]["epochs"] == 0
     trained = run("--features", feats, "--method", "hegraph", "--shots", 2, "--epochs", 3, "--lr", 0.03)
     assert trained["seeds"] != hg["seeds"]
+
+
+def test_each_hegraph_config_field_is_a_flag_of_its_type():
+    """One flag per HeGraphConfig field, parsed as the field's type: an int stays an int, a str a str, and a
+    bool is --x / --no-x."""
+    strings = {"own_class_paths": "vp,vv", "message_activation": "tanh"}   # values the str fields accept
+    argv, expected = ["--features", "x"], {}
+    for f in dataclasses.fields(HeGraphConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "variant":                                           # set by --method, not a flag
+            continue
+        if f.type is bool:
+            argv, expected[f.name] = argv + [flag], True
+        elif f.type is str:
+            argv, expected[f.name] = argv + [flag, strings[f.name]], strings[f.name]
+        else:
+            argv, expected[f.name] = argv + [flag, "3"], f.type(3)
+    assert {type(v) for v in expected.values()} == {bool, int, float, str}
+    config = train.config_from_flags("hegraph", "synthetic", train.parse_args(argv))
+    for name, value in expected.items():
+        assert getattr(config, name) == value and type(getattr(config, name)) is type(value), name
+    assert train.parse_args(["--features", "x", "--no-centre-messages"]).centre_messages is False
+    assert train.parse_args(["--features", "x"]).centre_messages is None               # None: the method's default
 
 
 def test_hegraph_at_zero_has_the_tip_adapter_logits_through_train_py(feats):
