@@ -17,9 +17,9 @@ import dataclasses
 import logging
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -115,7 +115,7 @@ def read_checkpoint(path) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")         # torch.jit.load is deprecated, not gone
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        except Exception as e:  # noqa: BLE001 - whatever TorchScript raises on a broken archive
+        except Exception as e:
             raise DataError(f"--clip-checkpoint {path} is a TorchScript archive that cannot be read "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     state = load_torch_file(path, "--clip-checkpoint", mmap=True)
@@ -245,7 +245,7 @@ def _create(oc, name: str, pretrained: str | None, shown: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return oc.create_model(name, pretrained=None if schema else pretrained, force_quick_gelu=quick_gelu)
-    except Exception as e:  # noqa: BLE001 - no network, a missing or broken file, a hub error
+    except Exception as e:
         first = str(e).strip().splitlines()[0].split(". Last error")[0] if str(e).strip() else type(e).__name__
         local = ("--clip-checkpoint PATH to a local copy of OpenAI's file" if pretrained == OPENAI_TAG else
                  "--backbone local-dir:FOLDER holding a copy of the repository" if schema else

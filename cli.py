@@ -47,7 +47,7 @@ def guarded(prog, body):
         fail(f"cannot use{where}: {e.strerror or e}; check the path, its permissions and the free space")
     except KeyboardInterrupt:
         fail("interrupted; files are written whole or not at all, so the same command can run again")
-    except Exception as e:  # noqa: BLE001 - the last resort: a bug, reported in one line with its log
+    except Exception as e:
         fd, log = tempfile.mkstemp(prefix=f"hegraphadapter-{Path(prog).stem}-", suffix=".log")
         with os.fdopen(fd, "w") as f:
             f.write(f"python {prog} {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")

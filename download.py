@@ -266,7 +266,7 @@ def _fetch(remote: Remote, staging: Path) -> Path:
     print(f"downloading {remote.url}", flush=True)
     try:
         download_url(remote.url, str(partial), remote.name)
-    except Exception as e:  # noqa: BLE001 - URLError, HTTPError, OSError, socket.timeout, http.client's, gdown's
+    except Exception as e:
         raise DataError(f"--download: cannot download {remote.url} ({_reason(e)}); check the connection and rerun, "
                         f"or download it by hand to {path} and rerun") from None
     got = partial / remote.name
@@ -296,7 +296,7 @@ def _unpack(plan: DatasetDownload, files: list[Path], staging: Path) -> Path:
             else:
                 print(f"unpacking {path.name}", flush=True)
                 extract_archive(str(path), str(into), remove_finished=inner)  # an inner archive: done with
-        except Exception as e:  # noqa: BLE001 - tarfile, zipfile, gzip, lzma, EOFError, OSError
+        except Exception as e:
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS):
                 raise DataError(f"--download: cannot unpack {path.name} into {into} ({_reason(e)}); free some space "
                                 f"or choose another --root, then rerun") from None

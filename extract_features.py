@@ -29,12 +29,33 @@ from tqdm import tqdm
 import backbones
 from cli import RANGES, Parser, dataset_arg, guarded, number_arg, path_arg, resolve_device
 from download import cupl_prompts, download_dataset
-from features_file import (FORMAT, Settings, acquire, check_served, existing, features_path, file_lock, reusable,
-                           write_atomic)
-from fewshot_data import (CUPL, LAYOUT_HINT, VAL_SHOTS, DataError, Splits, dataset_folder, dataset_name,
-                          dataset_spec, dataset_template, fewshot_rows, is_folder, load_prompts, load_splits,
-                          resolve_dataset)
-
+from features_file import (
+    FORMAT,
+    Settings,
+    acquire,
+    check_served,
+    existing,
+    features_path,
+    file_lock,
+    reusable,
+    write_atomic,
+)
+from fewshot_data import (
+    CUPL,
+    LAYOUT_HINT,
+    VAL_SHOTS,
+    DataError,
+    Splits,
+    dataset_folder,
+    dataset_name,
+    dataset_spec,
+    dataset_template,
+    fewshot_rows,
+    is_folder,
+    load_prompts,
+    load_splits,
+    resolve_dataset,
+)
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -121,7 +142,7 @@ def check_images(folder: Path, paths: list[str]):
             return f"{folder / rel} (missing)"
         except UnidentifiedImageError:
             return f"{folder / rel} (not an image)"
-        except Exception as e:  # noqa: BLE001 - IsADirectoryError, PermissionError, DecompressionBombError, ...
+        except Exception as e:
             return f"{folder / rel} ({type(e).__name__})"
     # threads overlap the waits on a slow (network) file system; chunks keep the pool's overhead off a fast one
     chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
@@ -205,7 +226,7 @@ def plan_encoding(splits: Splits, seeds: list[int], max_shots: int, views: int, 
     """What to encode, {split: ((path, label) items, views)}, and the few-shot subsets as rows into them:
     {"fewshot": {seed: [C, max_shots]}, "val_fewshot": {seed: [C, min(max_shots, 4)]}} (those that exist)."""
     jobs, subsets = {"test": (splits.test, 1)}, {}
-    labels = lambda items: [y for _, y in items]  # noqa: E731
+    labels = lambda items: [y for _, y in items]
     if splits.train:
         rows, subsets["fewshot"] = fewshot_rows(labels(splits.train), splits.classnames, max_shots, seeds,
                                                 allow_repeats, "training")

@@ -17,9 +17,9 @@ import dataclasses
 import glob
 import math
 import os
-import shutil
 import pickle
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -119,7 +119,7 @@ def load_torch_file(path, what: str, mmap: bool = False):
         if e.errno is not None:  # the file system's fault (permissions, an I/O error), not the file's
             raise DataError(f"cannot read {what} {path}: {e.strerror}; check its permissions") from None
         raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({type(e).__name__})") from None
-    except Exception as e:  # noqa: BLE001 - torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
+    except Exception as e:
         first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
         reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
         if is_zip and isinstance(e, pickle.UnpicklingError):
@@ -272,7 +272,7 @@ def check_served(path: Path, recorded, wanted: dict, absent: Path | None = None)
             raise DataError(f"{why}, and the dataset folder {absent} is absent: train on it with --features {path}, "
                             f"or put the dataset under --root and pass --overwrite to extract it again")
         raise DataError(f"{why}: pass --overwrite to extract it again, or choose another --features-dir")
-    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v  # noqa: E731
+    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v
     differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in wanted.items()
               if k not in ("seeds", "max_shots") and recorded.get(k) != v]
     old_seeds, old_shots = recorded.get("seeds", []), recorded.get("max_shots", 0)

@@ -9,9 +9,9 @@ loads CLIP or writes a file.
 """
 import hashlib
 import json
-import posixpath
 import math
 import os
+import posixpath
 import sys
 import unicodedata
 from dataclasses import dataclass

@@ -6,12 +6,24 @@ values its authors tune or expose), which train.py's --search-val scores on the 
 subset and bench/real_features.py on its dev folds. Adding a method means adding its row here.
 """
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
-                       LinearProbeConfig, NoConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
-                       fit_linear_probe)
+from baselines import (
+    CLIPAdapter,
+    CLIPAdapterConfig,
+    GraphAdapter,
+    GraphAdapterConfig,
+    LinearProbe,
+    LinearProbeConfig,
+    NoConfig,
+    TaskRes,
+    TaskResConfig,
+    TipAdapter,
+    TipConfig,
+    ZeroShot,
+    fit_linear_probe,
+)
 from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
 TUNING_BUDGET = 12   # grid points per method, the same for all

@@ -43,10 +43,10 @@ import sys
 import tempfile
 import termios
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import extract_features as ef  # noqa: E402  (after the path is set)
 import fewshot_data as fd  # noqa: E402
+import train  # noqa: E402
 from features_file import Settings, load_features  # noqa: E402
 from fixtures import TINY_NAMES, synthetic_features, tiny_clip, write_dataset  # noqa: E402
-import train  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in the tests
 SENTINEL = b"previous results\n"             # what --out (and features/previous.pt) hold before each case
@@ -486,13 +486,13 @@ def complete(path):
         elif path.suffix == ".json":
             json.loads(path.read_text())
         return True
-    except Exception:  # noqa: BLE001 - any failure to read means half-written
+    except Exception:
         return False
 
 
 def files_lost(before, after, root):
     """Pre-existing files changed or deleted, hidden .tmp left, new files that are half-written or stray."""
-    name = lambda p: str(p.relative_to(root))  # noqa: E731
+    name = lambda p: str(p.relative_to(root))
     lost = [f"changed {name(p)}" if p in after else f"deleted {name(p)}"
             for p, digest in before.items() if after.get(p) != digest]
     for p in after.keys() - before.keys():
@@ -626,7 +626,7 @@ def judge_processes(scenario, labels, procs, outputs, path):
         scenario.problems.append(f"written by {len(writers)} processes ({writers})")
     try:
         load_features(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         scenario.problems.append(f"the features file is not complete: {e}")
     leftovers = [p.name for p in path.parent.glob(".*.tmp")]
     if leftovers:

@@ -38,8 +38,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
 from baselines import TipAdapter, TipConfig  # noqa: E402
+from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
 
 METHODS = ("full", "tipf")
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts at the repository root
-import fewshot_data as fd  # noqa: E402
-from features_file import FORMAT  # noqa: E402
+import fewshot_data as fd
+from features_file import FORMAT
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _draw(key: str, shape: tuple) -> torch.Tensor:
     """One tensor of a random CLIP, drawn from a generator seeded by its key alone, at a scale that keeps the
     activations of every layer near unit size (what a trained model has, so float16 neither under- nor overflows)."""
     g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-    randn = lambda: torch.randn(shape, generator=g)  # noqa: E731
+    randn = lambda: torch.randn(shape, generator=g)
     name = key.rsplit(".", 1)[-1]
     if key == "logit_scale":
         return torch.tensor(math.log(1 / 0.07))        # CLIP's initial temperature: exp() = 14.29, not 100

@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (after the path is set)
-from fewshot_data import DATASETS, DataError  # noqa: E402
 from checkpoints import read_checkpoint  # noqa: E402
 from cli import Parser, guarded  # noqa: E402
 from features_file import load_features, write_atomic  # noqa: E402
+from fewshot_data import DATASETS, DataError  # noqa: E402
 from hegraphadapter import HeGraphConfig  # noqa: E402
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")

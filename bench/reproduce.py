@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402  (after the path is set)
 import train  # noqa: E402
-from fewshot_data import DataError, dataset_folder, dataset_name, is_folder, load_splits  # noqa: E402
 from cli import Parser, dataset_arg, fail, guarded, path_arg  # noqa: E402
 from download import DOWNLOADS  # noqa: E402
 from extract_features import add_extraction_args, backbone_name  # noqa: E402
 from features_file import check_output, features_path, file_lock, write_atomic  # noqa: E402
+from fewshot_data import DataError, dataset_folder, dataset_name, is_folder, load_splits  # noqa: E402
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
 SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",

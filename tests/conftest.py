@@ -16,8 +16,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # the scripts at the repository root, and bench/
-from fixtures import synthetic_features, tiny_clip, tiny_open_clip, write_dataset  # noqa: E402
 import train  # noqa: E402
+from fixtures import synthetic_features, tiny_clip, tiny_open_clip, write_dataset  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads made a
 # 32-px ResNet forward 100x slower (1 s instead of 10 ms).

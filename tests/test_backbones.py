@@ -19,8 +19,18 @@ import backbones
 import extract_features as ef
 import features_file as ff
 import fewshot_data as fd
-from fixtures import (TINY_CLIPS, TINY_NAMES, TINY_OPEN_CLIP, TINY_OPEN_CLIP_SCALE, OpenAIArch, openai_shapes,
-                      openai_state_dict, state_dict_sha256, tiny_clip, write_dataset)
+from fixtures import (
+    TINY_CLIPS,
+    TINY_NAMES,
+    TINY_OPEN_CLIP,
+    TINY_OPEN_CLIP_SCALE,
+    OpenAIArch,
+    openai_shapes,
+    openai_state_dict,
+    state_dict_sha256,
+    tiny_clip,
+    write_dataset,
+)
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "openai_reference.json").read_text())
 

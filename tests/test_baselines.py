@@ -5,9 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines import (CLIPAdapter, CLIPAdapterConfig, GraphAdapter, GraphAdapterConfig, LinearProbe,
-                       LinearProbeConfig, TaskRes, TaskResConfig, TipAdapter, TipConfig, ZeroShot,
-                       fit_linear_probe, query_node_weights)
+from baselines import (
+    CLIPAdapter,
+    CLIPAdapterConfig,
+    GraphAdapter,
+    GraphAdapterConfig,
+    LinearProbe,
+    LinearProbeConfig,
+    TaskRes,
+    TaskResConfig,
+    TipAdapter,
+    TipConfig,
+    ZeroShot,
+    fit_linear_probe,
+    query_node_weights,
+)
 from fixtures import unit
 
 S = 100.0

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bad_inputs  # noqa: E402
+import bad_inputs
 
 
 def cells(table):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import real_features  # noqa: E402
-import train  # noqa: E402
+import real_features
+import train
 
 
 def fake_real(C=6, per_class=7, d=16):

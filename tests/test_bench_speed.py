@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_speed  # noqa: E402
+import bench_speed
 
 
 def test_time_pair_steps_both_models_and_they_learn():

@@ -7,13 +7,13 @@ import http.server
 import importlib.machinery
 import io
 import json
-import sys
-import types
-import urllib.request
 import socket
+import sys
 import tarfile
 import threading
 import time
+import types
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ class Server:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 fault, body = server.faults.get(self.path), server.files.get(self.path)
                 if fault == "stall":  # a connection that stays silent
@@ -297,7 +297,7 @@ def test_a_google_drive_file_goes_to_gdown_and_is_checked_like_the_others(server
     gdown.__spec__ = importlib.machinery.ModuleSpec("gdown", None)
     asked = []
 
-    def fetch(id, output, quiet, user_agent):  # noqa: A002 - gdown's keyword
+    def fetch(id, output, quiet, user_agent):
         asked.append(id)
         with urllib.request.urlopen(f"{server.url}/drive/{id}") as response, open(output, "wb") as f:
             f.write(response.read())

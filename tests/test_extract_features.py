@@ -228,7 +228,7 @@ def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_
                                                                                      tmp_path, capsys):
     _, path, _, _ = cli                    # seeds 1 2, max-shots 5, views 3, DTD's template, tiny_vit_checkpoint
     stamp, absent = path.stat().st_mtime_ns, tmp_path / "no-data"
-    again = lambda **kw: extract("dtd", absent, path.parent, **{  # noqa: E731
+    again = lambda **kw: extract("dtd", absent, path.parent, **{
         "clip_checkpoint": tiny_vit_checkpoint, "views": 3, "workers": 0, "device": "cpu", **kw})
     capsys.readouterr()
     assert again(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset

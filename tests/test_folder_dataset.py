@@ -75,7 +75,7 @@ def test_the_split_is_50_20_30_per_class_by_file_name_alone(tmp_path):
           *[f"z/{f}" for f in class_files(4)])           # created in another order
     sa, sb = fd.load_splits(str(a), None), fd.load_splits(str(b), None)
     assert sa.coop_split() == sb.coop_split() and sa.sha256() == sb.sha256()
-    count = lambda s, y: sum(label == y for _, label in getattr(sa, s))  # noqa: E731
+    count = lambda s, y: sum(label == y for _, label in getattr(sa, s))
     assert [[count(s, y) for s in ("train", "val", "test")] for y in range(3)] == [[5, 2, 3], [1, 1, 1], [2, 1, 1]]
     # the order is the sha256 of the path within the class: val first, then test, then train
     order = sorted(names, key=lambda f: hashlib.sha256(f.encode()).hexdigest())
@@ -83,7 +83,7 @@ def test_the_split_is_50_20_30_per_class_by_file_name_alone(tmp_path):
     assert [p for p, y in sa.test if y == 0] == sorted(f"x/{f}" for f in order[2:5])
     # one more image moves few others: every image of the 10 keeps its split but at most 2
     touch(a, "x/img10.jpg")
-    where = lambda s: {p: k for k in ("train", "val", "test") for p, y in getattr(s, k) if y == 0}  # noqa: E731
+    where = lambda s: {p: k for k in ("train", "val", "test") for p, y in getattr(s, k) if y == 0}
     before, after = where(sa), where(fd.load_splits(str(a), None))
     assert sum(before[p] != after[p] for p in before) <= 2
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-import reproduce  # noqa: E402
 import report  # noqa: E402
+import reproduce  # noqa: E402
 import train  # noqa: E402
 from fixtures import TINY_NAMES  # noqa: E402
 

@@ -16,8 +16,8 @@ import torch
 
 import train
 from baselines import TipAdapter, TipConfig
-from hegraphadapter import HeGraphConfig
 from fixtures import synthetic_features
+from hegraphadapter import HeGraphConfig
 
 
 def edit(path, change, out=None):
@@ -383,7 +383,7 @@ def test_outputs_that_are_not_files_where_files_go_are_refused(feats, tmp_path, 
 def test_a_name_too_long_or_a_full_disk_is_refused_before_training(feats, tmp_path, monkeypatch, fail):
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     assert "the name is too long" in fail("--features", feats, "--out", tmp_path / ("r" * 250 + ".json"))
-    full = lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000)   # noqa: E731  (1000 bytes free)
+    full = lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000)
     monkeypatch.setattr(shutil, "disk_usage", full)
     assert "MiB free on its disk" in fail("--features", feats, "--out", tmp_path / "r.json")
 
