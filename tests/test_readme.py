@@ -1,0 +1,30 @@
+"""The README as a user reads it: every Python block runs as written, every link to a file of the repository
+points to one, and it stays a guide (at most 300 lines)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_the_readme_is_a_guide_not_a_notebook():
+    assert len(README.splitlines()) <= 300 and BLOCKS
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_every_python_block_runs_as_written(block, tmp_path):
+    """In a fresh interpreter, from an empty folder, with the repository on the path as after a clone."""
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_local_link_points_to_a_file():
+    links = [link for link in re.findall(r"\]\(([^)#]+)\)", README) if not link.startswith("http")]
+    assert links and all((REPO / link).exists() for link in links), [link for link in links
+                                                                      if not (REPO / link).exists()]
