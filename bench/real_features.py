@@ -153,10 +153,11 @@ class Cache:
                     entry = json.loads(line)
                     self.done[json.dumps(entry["key"])] = entry["value"]
 
-    def get(self, key, compute):
+    def get(self, key, compute, *args):
+        """The value of `key`: from the file, or compute(*args), then kept."""
         k = json.dumps(key)
         if k not in self.done:
-            self.done[k] = compute()
+            self.done[k] = compute(*args)
             if self.path:
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"key": key, "value": self.done[k]}) + "\n")
@@ -203,8 +204,8 @@ def tune(cache, real, task_name, row):
     units = [(k, s, f) for k in DEV_SHOTS for s in SEEDS for f in range(DEV_FOLDS)]
     for shots, seed, fold in units:
         key = ["dev", task_name, row, shots, seed, fold, points]
-        totals += torch.tensor(cache.get(key, lambda: dev_scores(row, task_data(real, shots, seed, True, fold),
-                                                                   shots, seed)), dtype=torch.float64)
+        scores = cache.get(key, dev_scores, row, task_data(real, shots, seed, True, fold), shots, seed)
+        totals += torch.tensor(scores, dtype=torch.float64)
     means = (totals / len(units)).tolist()
     best = max(range(len(points)), key=lambda i: (means[i], -i))
     return points[best], list(zip(points, means))
@@ -219,7 +220,7 @@ def block(cache, real, task_name, rows, tuned):
         for shots in TEST_SHOTS:
             for seed in SEEDS:
                 key = ["test", task_name, row, shots, seed, point]
-                r = cache.get(key, lambda: test_accuracy(row, task_data(real, shots, seed), shots, seed, point))
+                r = cache.get(key, test_accuracy, row, task_data(real, shots, seed), shots, seed, point)
                 accs.setdefault(shots, []).append(r["acc"])
                 seconds.append(r["epoch_seconds"])
                 params = r["params"]
@@ -270,6 +271,35 @@ def markdown_differences(results, ours, title):
     return "\n".join(lines)
 
 
+def plot(blocks, path):
+    """One panel per task: each method's test accuracy vs K (mean ± std over seeds) in the tuned block (the
+    published defaults where a task has no tuned block), in report.py's styles. blocks: {(task, tuned): results}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import report
+
+    tasks = list(dict.fromkeys(task for task, _ in blocks))
+    rows = list(dict.fromkeys(row for results in blocks.values() for row in results))
+    styles = report.method_styles(rows)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 0.6, 4.2), squeeze=False,
+                             layout="constrained")
+    for ax, task in zip(axes[0], tasks):
+        results = blocks.get((task, True)) or blocks[task, False]
+        curves = {row: [(k, *report.mean_std(r["acc"][k])) for k in TEST_SHOTS] for row, r in results.items()}
+        report.clip_below_zeroshot(ax, {m: [(mean, std) for _, mean, std in c] for m, c in curves.items()})
+        report.draw_panel(ax, curves, styles, list(TEST_SHOTS))
+        ax.set_title(f"{task} ({'tuned' if (task, True) in blocks else 'published defaults'})")
+        ax.set_xlabel("shots per class (K)")
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", frameon=False, ncol=min(len(labels), 5))
+    fig.suptitle("Real CLIP ViT-B/32 features: test accuracy, mean ± std over seeds 1-3")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 # -----------------------------------------------------------------------------
 # the --dev mode: one setting of some rows on the dev folds (as the defaults were chosen)
 
@@ -315,7 +345,7 @@ def main(argv=None):
     if args.dev:
         return dev_table(real, args.rows, args.extra)
     args.cache.parent.mkdir(parents=True, exist_ok=True)
-    cache, sections, everything = Cache(args.cache), [], {}
+    cache, sections, everything, blocks = Cache(args.cache), [], {}, {}
     for task_name in args.tasks:
         classes = task_classes(real, task_name)
         sub = subtask(real, classes)
@@ -324,7 +354,7 @@ def main(argv=None):
         for tuned in blocks:
             results = block(cache, sub, task_name, args.rows, tuned)
             name = "tuned on the dev folds" if tuned else "published defaults"
-            everything[f"{task_name} {name}"] = results
+            everything[f"{task_name} {name}"], blocks[task_name, tuned] = results, results
             sections.append(markdown_block(results, f"{title}, {name}", tuned))
             if "hegraph" in results:
                 sections.append(markdown_differences(results, "hegraph", f"{task_name}, {name}"))
@@ -334,6 +364,7 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "real_features.md").write_text(text + "\n")
         (args.out / "real_features.json").write_text(json.dumps(everything, indent=1))
+        plot(blocks, args.out / "real_features.png")
 
 
 if __name__ == "__main__":
