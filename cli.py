@@ -36,8 +36,8 @@ def fail(message):
 
 def guarded(prog, body):
     """Run a command's body; every exception ends in one line. What the user can fix (DataError and the models'
-    ValueErrors, an OSError: permissions, a full disk, a name too long, ...) says so; anything else is a bug of ours, whose traceback
-    goes to a log file that the line names, so that nothing reaches the user as a traceback."""
+    ValueErrors, an OSError: permissions, a full disk, a name too long, ...) says so; anything else is a bug of
+    ours, whose traceback goes to a log file that the line names, so that nothing reaches the user as a traceback."""
     try:
         return body()
     except ValueError as e:  # DataError, and the models' checks of their inputs (a ValueError naming the input)

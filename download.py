@@ -103,8 +103,9 @@ DOWNLOADS = {
     "oxford_pets": DatasetDownload((
         Remote(_drive("1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs"), "fadad0caba06c4d0d2baf192015f50b4", "oxford_pets",
                "split_zhou_OxfordPets.json"),                                                     # [coop]
+        # [tv] oxford_iiit_pet.py
         Remote("https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
-               "5c4f3ee8e5d25df40f4fd59a7f44e54c", "oxford_pets"),                                # [tv] oxford_iiit_pet.py
+               "5c4f3ee8e5d25df40f4fd59a7f44e54c", "oxford_pets"),
     )),
     "oxford_flowers": DatasetDownload((
         Remote(_drive("1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT"), "cfeaf0508c398ca993bf48ca5f034569", "oxford_flowers",
@@ -117,8 +118,8 @@ DOWNLOADS = {
         Remote("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "85eeb15f3717b99a5da872d97d918f87", ""),  # [tv]
     )),
     "fgvc_aircraft": DatasetDownload((
-        Remote("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz", None,
-               ""),                                                                               # [tv] fgvc_aircraft.py
+        # [tv] fgvc_aircraft.py
+        Remote("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz", None, ""),
     ), rename=(("fgvc-aircraft-2013b/data", "fgvc_aircraft"),)),  # CoOp: "keep only data/, rename it"
     "sun397": DatasetDownload((
         Remote(_drive("1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq"), None, "sun397", "split_zhou_SUN397.json"),  # [coop]
@@ -145,7 +146,8 @@ DOWNLOADS = {
     )),
 }
 
-_SHIFT_STEPS = """  1. Set up imagenet first (python train.py --dataset imagenet --download prints how): its classnames.txt is needed.
+_SHIFT_STEPS = """  1. Set up imagenet first (python train.py --dataset imagenet --download prints how): its
+     classnames.txt is needed.
   2. {get}
   3. cp {root}/imagenet/classnames.txt {root}/{folder}/
   (CoOp's DATASETS.md, section {section}, has the same steps.)"""
@@ -155,17 +157,21 @@ MANUAL = {  # dataset -> the steps that put it under --root ({root}), for the da
      (ILSVRC2012_img_train.tar, 138 GB), the validation images (ILSVRC2012_img_val.tar, 6.3 GB) and the
      development kit (ILSVRC2012_devkit_t12.tar.gz); put the three files in {root}/imagenet/images/
   2. Unpack them into images/train/<wnid>/ and images/val/<wnid>/ with torchvision (it checks their md5 too):
-     python -c "import torchvision.datasets as d; [d.ImageNet('{root}/imagenet/images', split=s) for s in ('train', 'val')]"
+     python -c "import torchvision.datasets as d; \
+[d.ImageNet('{root}/imagenet/images', split=s) for s in ('train', 'val')]"
      then delete the three archives.
   3. Download CoOp's class names (CLIP's) to {root}/imagenet/classnames.txt:
-     https://drive.google.com/file/d/1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF/view (or: gdown 1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF -O {root}/imagenet/classnames.txt)""",
-    "stanford_cars": """Stanford Cars' original host (ai.stanford.edu/~jkrause/cars) is gone, and torchvision no longer downloads it.
+     https://drive.google.com/file/d/1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF/view
+     (or: gdown 1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF -O {root}/imagenet/classnames.txt)""",
+    "stanford_cars": """Stanford Cars' original host (ai.stanford.edu/~jkrause/cars) is gone,
+and torchvision no longer downloads it.
   1. Find a copy of the original archives cars_train.tgz and cars_test.tgz (e.g. the Kaggle dataset
      jessicali9530/stanford-cars-dataset, which needs an account) and unpack them so that the 8,144 training
      images are in {root}/stanford_cars/cars_train/ and the 8,041 test images in {root}/stanford_cars/cars_test/
      (00001.jpg, 00002.jpg, ...).
   2. Download CoOp's split to {root}/stanford_cars/split_zhou_StanfordCars.json:
-     https://drive.google.com/file/d/1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT/view (or: gdown 1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT -O {root}/stanford_cars/split_zhou_StanfordCars.json)""",
+     https://drive.google.com/file/d/1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT/view
+     (or: gdown 1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT -O {root}/stanford_cars/split_zhou_StanfordCars.json)""",
     "imagenetv2": _SHIFT_STEPS.format(
         get="Download imagenetv2-matched-frequency.tar.gz as https://github.com/modestyachts/ImageNetV2 says and "
             "unpack it into {root}/imagenetv2/ (it holds imagenetv2-matched-frequency-format-val/)",
@@ -226,7 +232,8 @@ def _check_present(dataset: str, root, target: Path) -> Path:
 
 
 def _check_gdown(dataset: str, plan: DatasetDownload):
-    """One line before any transfer if a file is on Google Drive and gdown, which torchvision fetches it with, is absent."""
+    """One line before any transfer if a file is on Google Drive and gdown, which torchvision fetches it with, is
+    absent."""
     drive = [r for r in plan.files if r.url.startswith("https://drive.google.com/")]
     if drive and importlib.util.find_spec("gdown") is None:
         raise DataError(f"--download: {dataset}'s {drive[0].name} is on Google Drive ({drive[0].url}), which needs the "

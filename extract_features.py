@@ -381,14 +381,16 @@ def add_extraction_args(parser):
                    "(default: the dataset's, CoOp's; 'a photo of a {}.' for a folder of your own)")
     g.add_argument("--negative-template", default="a photo of no {}.",
                    help="template of the negative prompts (default 'a photo of no {}.')")
-    g.add_argument("--seeds", type=number_arg("seeds", int), nargs="+", default=[1, 2, 3], help="few-shot seeds (default 1 2 3)")
+    g.add_argument("--seeds", type=number_arg("seeds", int), nargs="+", default=[1, 2, 3],
+                   help="few-shot seeds (default 1 2 3)")
     g.add_argument("--max-shots", type=number_arg("max_shots", int), default=16,
                    help="training images per class sampled per seed; K shots are the first K (default 16)")
     g.add_argument("--views", type=number_arg("views", int), default=10,
                    help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
     g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int), default=256,
                    help="images (views) per CLIP forward pass (default 256)")
-    g.add_argument("--workers", type=number_arg("workers", int), help="data loading processes (default: CPU count, at most 8)")
+    g.add_argument("--workers", type=number_arg("workers", int),
+                   help="data loading processes (default: CPU count, at most 8)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--allow-repeats", action="store_true",
                    help="let a class with fewer images than --max-shots repeat its images instead of failing")

@@ -118,7 +118,8 @@ def load_torch_file(path, what: str, mmap: bool = False):
     except OSError as e:
         if e.errno is not None:  # the file system's fault (permissions, an I/O error), not the file's
             raise DataError(f"cannot read {what} {path}: {e.strerror}; check its permissions") from None
-        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({type(e).__name__})") from None
+        raise DataError(f"{what} {path} is truncated or not a file written by torch.save "
+                        f"({type(e).__name__})") from None
     except Exception as e:
         first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
         reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -400,8 +401,8 @@ def check_output(flag, path, inputs, folder=False, needed_bytes=1 << 20):
             raise DataError(f"{flag} {path} is {what} {source}, an input of this run, which writing there would "
                             f"destroy; choose another path")
     if path.exists() and not (path.is_dir() if folder else path.is_file()):
-        kind = "a folder" if path.is_dir() else "a file" if path.is_file() else "not a regular file (a device, a pipe " \
-            "or a socket)"
+        kind = ("a folder" if path.is_dir() else "a file" if path.is_file()
+                else "not a regular file (a device, a pipe or a socket)")
         raise DataError(f"{flag} {path} is {kind}; give {'a folder' if folder else 'a file name'} there instead")
     target = path if folder else path.parent
     blocking = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)

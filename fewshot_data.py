@@ -3,9 +3,9 @@
 The data layouts, split files, templates and few-shot protocol are CoOp's (Zhou et al., "Learning to Prompt
 for Vision-Language Models", DATASETS.md): load_splits reads a dataset under --root, or a folder of class
 subfolders (torchvision's ImageFolder convention) split 50 / 20 / 30 % per class as CoOp split its own
-datasets; sample_fewshot draws a seed's K-shot subset. The prompts are the dataset's template, a json file of sentences, or CuPL's class
-descriptions, pinned by commit and sha256 in CUPL_PROMPTS (extract_features.py downloads them). Nothing here
-loads CLIP or writes a file.
+datasets; sample_fewshot draws a seed's K-shot subset. The prompts are the dataset's template, a json file of
+sentences, or CuPL's class descriptions, pinned by commit and sha256 in CUPL_PROMPTS (extract_features.py
+downloads them). Nothing here loads CLIP or writes a file.
 """
 import hashlib
 import json
@@ -102,7 +102,8 @@ def _scan(images: Path, sub: str, labels: dict[str, int]) -> list[tuple[str, int
 
 
 def _read_split_file(path: Path, images: Path, dataset: str) -> Splits:
-    """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}, paths relative to `images`."""
+    """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}, paths relative to
+    `images`."""
     _require(path, "split file", dataset)
     try:
         split = json.loads(path.read_text())
@@ -114,7 +115,8 @@ def _read_split_file(path: Path, images: Path, dataset: str) -> Splits:
     if bad:
         raise DataError(f"split file {path} has {len(bad)} labels that are not integers, e.g. {bad[0]!r}; "
                         f"labels must be class indices 0..C-1 ({LAYOUT_HINT})")
-    odd = [(p, c) for _, p, _, c in entries if type(p) is not str or not p.strip() or type(c) is not str or not c.strip()]
+    odd = [(p, c) for _, p, _, c in entries
+           if type(p) is not str or not p.strip() or type(c) is not str or not c.strip()]
     if odd:
         raise DataError(f"split file {path} has {len(odd)} entries whose image path or class name is not a name, e.g. "
                         f"{list(odd[0])!r}; each entry is [relative image path, label, class name] ({LAYOUT_HINT})")

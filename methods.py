@@ -166,7 +166,8 @@ def hegraph(variant, about, frozen=()):
 
 
 METHODS = {
-    "zeroshot": Method(ZeroShot, lambda dataset: NoConfig(), "CLIP zero-shot with the positive prompts (the paper's Base)"),
+    "zeroshot": Method(ZeroShot, lambda dataset: NoConfig(),
+                       "CLIP zero-shot with the positive prompts (the paper's Base)"),
     "linear-probe": Method(LinearProbe, lambda dataset: LinearProbeConfig(),
                            "CLIP's linear probe: L2 logistic regression, C searched on val", fit=fit_probe),
     "tip": Method(TipAdapter, tip_config(False), "Tip-Adapter, training-free", knobs=tip_knobs,

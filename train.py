@@ -565,7 +565,8 @@ def parse_args(argv=None):
     if args.dataset is None and args.features is None:
         p.error("give --dataset (features are extracted if needed) or --features FILE")
     if args.dataset in SHIFT_DATASETS:
-        p.error(f"--dataset {args.dataset} is a test-only set: train on imagenet and pass --eval-datasets {args.dataset}")
+        p.error(f"--dataset {args.dataset} is a test-only set: train on imagenet and pass "
+                f"--eval-datasets {args.dataset}")
     if args.eval_only != bool(args.load):
         p.error("--eval-only and --load DIR go together")
     return args

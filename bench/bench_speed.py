@@ -225,7 +225,8 @@ def print_header(device, d, K, warmup, repeats):
     print(f"torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
           f"d = {d}, K = {K}, warm-up {warmup}, median of {repeats} interleaved steps")
     if device.type == "cpu":  # other processes on the cores distort CPU timings (each parallel op waits)
-        print("load average before: %.2f %.2f %.2f on %d CPUs" % (*os.getloadavg(), os.cpu_count()))
+        load1, load5, load15 = os.getloadavg()
+        print(f"load average before: {load1:.2f} {load5:.2f} {load15:.2f} on {os.cpu_count():d} CPUs")
         if os.getloadavg()[0] > 0.5 and torch.get_num_threads() > 1:
             print("warning: the CPUs are busy; multi-threaded ops then wait for preempted threads and small "
                   "steps slow down many-fold. Compare with --threads 1.")
@@ -291,7 +292,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     for C in args.classes:
         time_class_count(C, args, device)
-    load = " load average after: %.2f" % os.getloadavg()[0] if device.type == "cpu" else ""
+    load = f" load average after: {os.getloadavg()[0]:.2f}" if device.type == "cpu" else ""
     print(f"total {time.perf_counter() - t_start:.0f} s.{load}")
 
 

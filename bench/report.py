@@ -92,9 +92,11 @@ def run_file_problem(run):
     checks = {"seeds": _numbers(run["seeds"]) and bool(run["seeds"]),
               "epoch_seconds": _numbers(run.get("epoch_seconds", {}), allow_none=True),
               "train_seconds": _numbers(run.get("train_seconds") or {}, allow_none=True),
-              "shift": isinstance(run.get("shift", {}), dict) and all(_numbers(v) for v in run.get("shift", {}).values()),
+              "shift": (isinstance(run.get("shift", {}), dict)
+                        and all(_numbers(v) for v in run.get("shift", {}).values())),
               "reproduce": isinstance(run.get("reproduce", {}), dict),
-              "params": run.get("params") is None or (isinstance(run["params"], int) and not isinstance(run["params"], bool))}
+              "params": (run.get("params") is None
+                         or (isinstance(run["params"], int) and not isinstance(run["params"], bool)))}
     bad = [key for key, fine in checks.items() if not fine]
     return f"its {bad[0]!r} is not what a run file holds" if bad else ""
 
@@ -298,7 +300,8 @@ def shift_section(runs, backbone, paper):
         cells = defaultdict(dict)
         for r in mine:
             if r["shots"] == shots:
-                cells[r["method"]] = {"imagenet": per_seed(r), **{t: per_seed(r, t) for t in targets if t in r["shift"]}}
+                cells[r["method"]] = {"imagenet": per_seed(r),
+                                      **{t: per_seed(r, t) for t in targets if t in r["shift"]}}
         rows, paper_bb, comparable = paper_rows(paper, ["Table 1"], backbone, 16)
         comparable = comparable and shots == 16
         out += [f"## C. Domain generalisation ({backbone}, ImageNet K = {shots} → shift sets)", ""]
@@ -497,7 +500,8 @@ def text_nodes_before_after(features_file, checkpoint, seed):
     ckpt = read_checkpoint(checkpoint)
     run = ckpt["run"]
     method = train.METHODS[run["method"]]
-    task = train.make_task(data, seed, run["shots"], "cpu", negatives=bool(method.negatives) and not run["no_negatives"])
+    task = train.make_task(data, seed, run["shots"], "cpu",
+                           negatives=bool(method.negatives) and not run["no_negatives"])
     model = train.build(method, task, HeGraphConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()

@@ -54,7 +54,7 @@ def rebuilt(tmp_path_factory):
     root = write_dataset(tmp / "data", "dtd")
     images = fd.load_splits("dtd", root).images
     out = {}
-    for kind, arch in TINY_CLIPS.items():
+    for kind, _arch in TINY_CLIPS.items():
         checkpoint = tiny_clip(tmp / f"{kind}.pt", kind)
         settings = ff.Settings("dtd", clip_checkpoint=str(checkpoint), seeds=(1,), max_shots=2, views=2)
         path = ef.extract_features(settings, root, tmp / "features", workers=0, device="cpu")

@@ -106,7 +106,8 @@ def test_graphadapter_reference_and_zero_weights_give_zero_shot():
     w_text, w_vis = graph_row0_by_hand(P, P), graph_row0_by_hand(P, V)
     agg_text = w_text[:, :1] * P + w_text[:, 1:] @ P
     agg_vis = w_vis[:, :1] * P + w_vis[:, 1:] @ V
-    g = 0.7 * torch.tanh(agg_text @ model.W_text + model.b_text) + 0.3 * torch.tanh(agg_vis @ model.W_visual + model.b_visual)
+    g = (0.7 * torch.tanh(agg_text @ model.W_text + model.b_text)
+         + 0.3 * torch.tanh(agg_vis @ model.W_visual + model.b_visual))
     assert torch.allclose(model(x), S * unit(x) @ unit(0.6 * P + 0.4 * g).T, atol=1e-10)
     assert model.W_text.abs().max() <= 1 / math.sqrt(5) and model.W_text.abs().sum() > 0   # its code's init
     with torch.no_grad():

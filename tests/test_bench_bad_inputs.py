@@ -16,7 +16,7 @@ def test_two_cases_give_exactly_one_error_line_and_lose_nothing(tmp_path):
     outcomes, _ = bad_inputs.run_cases(["nan-test", "workers-negative"], tmp_path)   # two processes at once
     header = bad_inputs.table(outcomes).splitlines()[0]
     assert "`error:` lines | other stderr lines | files lost" in header
-    for number, command, bad, exit_code, errors, others, lost, verdict in cells(bad_inputs.table(outcomes)):
+    for _number, command, _bad, exit_code, errors, others, lost, verdict in cells(bad_inputs.table(outcomes)):
         assert exit_code != "0" and errors.startswith("1: error: ") and others == "0" and lost == "0", command
         assert verdict == "yes", command
     assert "'test.features'" in outcomes[0].errors[0] and "--workers" in outcomes[1].errors[0]

@@ -280,7 +280,8 @@ def test_datasets_without_a_public_download_print_the_steps(dataset, tmp_path, c
 def test_a_missing_gdown_is_named_before_any_transfer(server, dtd_files, monkeypatch, tmp_path):
     split, _ = serve_dtd(monkeypatch, server, dtd_files)
     drive = download.Remote(download._drive("an-id"), None, "dtd", split.filename)
-    monkeypatch.setitem(download.DOWNLOADS, "dtd", download.DatasetDownload((drive,) + download.DOWNLOADS["dtd"].files[1:]))
+    monkeypatch.setitem(download.DOWNLOADS, "dtd",
+                        download.DatasetDownload((drive,) + download.DOWNLOADS["dtd"].files[1:]))
     monkeypatch.setattr(download.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(fd.DataError, match=r"^--download: dtd's split_zhou_DescribableTextures.json is on Google Drive "
                                            r"\(https://drive.google.com/file/d/an-id/view\), which needs the gdown "
@@ -324,7 +325,8 @@ def test_the_pinned_table_lays_out_coops_layout():
     assert not set(download.DOWNLOADS) & set(download.MANUAL)
     for dataset, plan in download.DOWNLOADS.items():
         spec = fd.DATASETS[dataset]
-        assert all(r.url.startswith(("https://", "http://")) and (r.md5 is None or len(r.md5) == 32) for r in plan.files)
+        assert all(r.url.startswith(("https://", "http://")) and (r.md5 is None or len(r.md5) == 32)
+                   for r in plan.files)
         assert len({r.name for r in plan.files}) == len(plan.files)
         if spec.split:  # the split file: first (small, fetched before the images), into the dataset's folder
             assert (plan.files[0].name, plan.files[0].into) == (spec.split, spec.folder)
@@ -342,7 +344,8 @@ def test_train_py_downloads_extracts_and_trains_in_one_command(server, dtd_files
                            f"{tmp_path / 'data' / '.dtd.download' / archive.name} and rerun")
     del server.faults["/dtd-r1.0.1.tar.gz"]
     results = run(*argv)
-    assert results["dataset"] == "dtd" and torch.load(tmp_path / "features" / f"dtd_{VIT}.pt", weights_only=True)["test"]
+    assert results["dataset"] == "dtd" and torch.load(tmp_path / "features" / f"dtd_{VIT}.pt",
+                                                      weights_only=True)["test"]
 
 
 def test_a_dataset_there_already_is_not_fetched_whatever_its_size(tmp_path, monkeypatch):

@@ -148,7 +148,8 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkp
     assert torch.equal(eight, sixteen)
     assert F.cosine_similarity(sixteen, white, dim=0) < 0.99
     # the other wide modes: big-endian 16-bit, 32-bit integers holding 16-bit values, floats in 0..1
-    for wide in (gray.astype(np.uint16) * 257).astype(">u2"), gray.astype(np.int32) * 257, gray.astype(np.float32) / 255:
+    for wide in ((gray.astype(np.uint16) * 257).astype(">u2"), gray.astype(np.int32) * 257,
+                 gray.astype(np.float32) / 255):
         image = Image.fromarray(wide)                                                   # I;16B, I, F
         assert np.array_equal(np.asarray(ef.to_rgb(image))[..., 0], gray), image.mode
     # values outside the mode's range are scaled by the image's own min..max
@@ -499,7 +500,8 @@ def cupl_dtd(tmp_path, monkeypatch):
     # spelt CuPL's way (case, spaces for underscores); "class c_2" has no sentences
     source.write_text(json.dumps({"Class A 0": ["a woven texture.", "threads."], "class_b_1": ["spots."]}))
     # patched in extract_features, where cupl_prompts looks the table up (fewshot_data.py defines it)
-    monkeypatch.setattr(download, "CUPL_PROMPTS", {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
+    monkeypatch.setattr(download, "CUPL_PROMPTS",
+                        {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return source
 
@@ -553,7 +555,8 @@ def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
     for argv, words in ((["--dataset", "dtd", "--root", str(tmp_path)], "error: dataset folder not found"),
-                        (["--dataset", "fgvc"], "error: argument --dataset: unknown dataset 'fgvc'; choose one of: imagenet,"),
+                        (["--dataset", "fgvc"],
+                         "error: argument --dataset: unknown dataset 'fgvc'; choose one of: imagenet,"),
                         (["--dataset", "dtd", "--views", "two"], "error: argument --views: must be an integer"),
                         (["--dataset", "dtd", "--seeds", str(2**64)], "error: argument --seeds: must be between 0 and"),
                         (["--dataset", "dtd", "--views", "0"], "error: argument --views: must be at least 1")):
@@ -566,8 +569,9 @@ def test_main_prints_one_error_line_and_help(tmp_path, capsys):
         ef.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds", "--max-shots", "--views",
-                   "--encode-batch-size", "--workers", "--device", "--allow-repeats", "--overwrite"):
+    for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds",
+                   "--max-shots", "--views", "--encode-batch-size", "--workers", "--device", "--allow-repeats",
+                   "--overwrite"):
         assert option in text
 
 

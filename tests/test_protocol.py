@@ -23,7 +23,8 @@ def spied_training(feats, monkeypatch, seed, epochs=3, batch_size=16, method="he
     model = train.build(row, task, row.config("synthetic"))
     batches, lrs = [], []
     original = model.loss
-    monkeypatch.setattr(model, "loss", lambda x, y, **kw: batches.append(kw["exclude"].tolist()) or original(x, y, **kw))
+    monkeypatch.setattr(model, "loss",
+                        lambda x, y, **kw: batches.append(kw["exclude"].tolist()) or original(x, y, **kw))
     make = train.make_optimizer
 
     def recording(params, r):
@@ -46,7 +47,8 @@ def test_the_test_split_is_scored_once_per_seed_after_training(feats, monkeypatc
     """Not once per epoch (a best-epoch pick would have to score every epoch)."""
     calls = []
     original = train.accuracy
-    monkeypatch.setattr(train, "accuracy", lambda model, f, y, **kw: calls.append(len(y)) or original(model, f, y, **kw))
+    monkeypatch.setattr(train, "accuracy",
+                        lambda model, f, y, **kw: calls.append(len(y)) or original(model, f, y, **kw))
     run("--features", feats, "--shots", 2, "--epochs", 5, "--seeds", 1, 2)
     test_size = len(torch.load(feats, weights_only=True)["test"]["labels"])
     assert calls == [test_size, test_size]
@@ -97,7 +99,8 @@ def test_validation_uses_min_k_4_images_per_class(tmp_path):
     for shots, per_class in ((1, 1), (2, 2), (4, 4)):
         task = train.make_task(data, 1, shots, "cpu")
         assert torch.equal(task.val[1].bincount(minlength=5), torch.full((5,), per_class))
-        assert torch.equal(task.val[0], data["val"]["features"][data["val_fewshot"][1][:, :per_class].flatten()].float())
+        assert torch.equal(task.val[0],
+                           data["val"]["features"][data["val_fewshot"][1][:, :per_class].flatten()].float())
 
 
 @pytest.mark.parametrize("dataset, scale", [("oxford_flowers", 1.0), ("imagenet", 0.5), ("dtd", 0.5)])

@@ -219,7 +219,8 @@ def test_shift_runs_hegraph_t_and_the_baselines_on_imagenet(tiny_vit_checkpoint,
     output = main(["--shift", "--datasets", "--methods", "zeroshot", "tip", "hegraph", "hegraph-t", "--shots", "2",
                    "--seeds", "1", "--results", str(tmp_path / "results"), "--root", str(root),
                    "--clip-checkpoint", str(tiny_vit_checkpoint), "--features-dir",
-                   str(tmp_path / "features"), "--views", "1", "--workers", "0", "--device", "cpu", "--", "--epochs", "2"])
+                   str(tmp_path / "features"), "--views", "1", "--workers", "0", "--device", "cpu",
+                   "--", "--epochs", "2"])
     runs = [json.loads(f.read_text()) for f in run_files(tmp_path / "results")]
     assert sorted(r["method"] for r in runs) == ["hegraph-t", "tip", "zeroshot"] and len(ran(output)) == 3
     assert all(r["dataset"] == "imagenet" and set(r["shift"]) == set(report.SHIFT_DATASETS) for r in runs)
@@ -276,7 +277,8 @@ def test_report_puts_the_paper_beside_ours_with_the_difference(tmp_path):
     assert cells[(a16, "`hegraph`", "DTD")] == "71.00 ± 1.41"
     assert cells[(a16, "paper: HeGraphAdapter", "DTD")] == "69.15"
     assert cells[(a16, "paper: HeGraphAdapter", "Average")] == f"{(69.15 + 86.75) / 2:.2f}"  # over the same two
-    assert cells[(a16, "Δ `hegraph`", "DTD")] == "+1.85" and cells[(a16, "Δ `hegraph`", "Average")] == f"{76 - 77.95:+.2f}"
+    assert (cells[(a16, "Δ `hegraph`", "DTD")] == "+1.85"
+            and cells[(a16, "Δ `hegraph`", "Average")] == f"{76 - 77.95:+.2f}")
     assert cells[(a16, "Δ `graphadapter`", "DTD")] == "-7.90" and cells[(a16, "Δ `graphadapter`", "EuroSAT")] == ""
     assert cells[(a16, "paper: CoOp", "EuroSAT")] == "83.53"                          # a method we lack
     assert cells[(a16, "`graphadapter`", "Average")] == "–"                           # no eurosat run

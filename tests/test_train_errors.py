@@ -263,7 +263,8 @@ def test_leave_one_out_reaches_the_loss_and_views_are_drawn_at_random(feats, mon
     original = model.loss
     monkeypatch.setattr(model, "loss", lambda x, y, **kw: calls.append((x, y, kw)) or original(x, y, **kw))
     recipe = train.effective_recipe(train.METHODS["hegraph"], "synthetic", 4, train.parse_args(["--features", "x"]))
-    train.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=4, batch_size=16), seed=1)
+    train.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=4, batch_size=16),
+                seed=1)
     views = task.train_views                                                  # [V, n, d]
     drawn = torch.zeros(views.shape[0], dtype=torch.long)
     for x, y, kw in calls:

@@ -54,8 +54,8 @@ def reference(tmp: Path) -> dict:
         settings = ff.Settings("dtd", f"tiny-{kind}", clip_checkpoint=str(checkpoint), **SETTINGS)
         f = torch.load(ef.extract_features(settings, root, tmp / "features", workers=0, device="cpu"),
                        weights_only=True)
-        split = lambda name, feats: {"paths": f["paths"][name][:ROWS], "rows": rows(feats[:ROWS]),
-                                     "pixels_sha256": [pixels_sha256(images / p) for p in f["paths"][name][:ROWS]]}
+        split = lambda name, feats, f=f: {"paths": f["paths"][name][:ROWS], "rows": rows(feats[:ROWS]),
+                                          "pixels_sha256": [pixels_sha256(images / p) for p in f["paths"][name][:ROWS]]}
         out["models"][kind] = {
             "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(arch).items()},
             "state_dict_sha256": state_dict_sha256(openai_state_dict(arch)), "logit_scale": f["logit_scale"],
