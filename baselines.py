@@ -69,8 +69,8 @@ class ZeroShot(Adapter):
 
 @dataclass(frozen=True)
 class TipConfig:
-    alpha: float = 1.0        # residual ratio α of the cache logits
-    gamma: float = 5.0        # sharpness γ in exp(-γ (1 - cos)) (Tip-Adapter's "beta")
+    alpha: float = 1.0        # residual ratio α of the cache logits (methods.py: its config's per dataset)
+    gamma: float = 5.0        # sharpness γ in exp(-γ (1 - cos)) (Tip-Adapter's "beta"; its configs start at 1)
     learn_keys: bool = False  # Tip-Adapter-F: the cache keys are the parameters
 
 
@@ -80,9 +80,10 @@ class TipAdapter(Adapter):
     Tip-Adapter-F (learn_keys) fine-tunes K from their initial value, trained with CE on the sum.
     Where ours differs from the authors' code: the keys are the mean of the stored augmented views of each
     image (theirs: the mean over 10 augmented epochs, the same thing); each epoch draws one stored view per
-    image instead of a fresh augmentation; α and γ start at α = 1, γ = 5 for every dataset (theirs start at
-    a per-dataset α and γ = 1, then search both on the validation split) and are searched only with
-    train.py's --search-val; the test accuracy is the last epoch's, never the best epoch on test images.
+    image instead of a fresh augmentation; α and γ start where its configs start them (a per-dataset α,
+    γ = 1; methods.py) and are searched after training only with train.py's --search-val, over 12 points of
+    its configs' range instead of their 200 x 20 (the budget every method gets); the test accuracy is the
+    last epoch's, never the best epoch on test images.
     """
 
     def __init__(self, pos_text, cache_feats, cache_labels, *, config=TipConfig(), logit_scale=100.0):
@@ -144,8 +145,9 @@ class CLIPAdapter(Adapter):
 
     Where ours differs from the authors' code: its input f is the normalised image feature (theirs: raw;
     A has no bias, so this rescales A(f) and f alike and the prediction is the same); d follows the features
-    (theirs: hard-coded 1024); the recipe (SGD, lr 2e-3, batch 32, 200 epochs) is CoOp's, which its README
-    points to, with the epochs the Tip-Adapter paper reports for it: its own configs are not released.
+    (theirs: hard-coded 1024); the recipe (SGD, lr 2e-3, batch 32, 50 / 100 / 200 epochs by K) is CoOp's,
+    which its README points to: its own configs are not released. It trains on the stored views (theirs: a
+    fresh random crop each epoch), as every method here does.
     """
 
     def __init__(self, pos_text, *, config=CLIPAdapterConfig(), logit_scale=100.0):
@@ -203,7 +205,7 @@ class GraphAdapter(Adapter):
       W of size d x d.
     - β comes from a config key that does not exist (cfg.TRAINER.GRAPHADAPTER.BETA; the authors suggest a
       fixed value such as 0.2-0.4 in their issues): we use β = 0.7, chosen on the same tuning protocol as
-      HeGraphAdapter's defaults (see README).
+      HeGraphAdapter's defaults (docs/tuning.md).
     - Its nodes are raw CLIP features; ours are the normalised ones of the features file. W starts as in
       its code (uniform ±1/sqrt(d)), b at zero.
     - No training config is released: its issues name rn50_ep200, TaskRes's ImageNet config, so it trains
