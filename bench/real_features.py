@@ -31,6 +31,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # set before tqdm is imported: one table, no progress bars
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,17 @@ ROWS = {  # row name -> train.py arguments
     "hegraph-bias": ["--method", "hegraph-bias", "--no-negatives"],
     "hegraph": ["--method", "hegraph", "--no-negatives"],
     "hegraph-tp": ["--method", "hegraph-tp", "--no-negatives"],
+}
+# the graph designs of HeGraphConfig (hegraphadapter.py, E1-E5), each tuned with the same budget as every
+# method: 12 points, its own knob with s_b and α (post-hoc), or s_W where the design has no knob of its own
+_HEGRAPH = ["--method", "hegraph", "--no-negatives"]
+_TUNED = {"bias_scale": (0.1, 0.2), "alpha": (1.0, 2.0)}
+STUDY = {  # row -> (train.py arguments, knobs)
+    "E1 own-class edges": (_HEGRAPH, {"own_class_paths": ("vp", "vp,vv", "vp,vv,pp"), **_TUNED}),
+    "E2 sparse edges": (_HEGRAPH, {"neighbours": (5, 10, 20), **_TUNED}),
+    "E3 sharpened edges": (_HEGRAPH, {"edge_temperature": (0.03, 0.1, 0.3), **_TUNED}),
+    "E4 class-specific messages": (_HEGRAPH + ["--centre-messages"], {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
+    "E5 tanh messages": (_HEGRAPH + ["--message-activation", "tanh"], {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
 }
 TASKS = ("imagenet-500", "fine-grained-50", "random-50", "random-100")
 DEV_FOLDS = 4       # the tuning protocol rotates the 4-shot pool: each of its images validates in some fold
@@ -166,8 +178,17 @@ class Cache:
 
 def plan_for(row, data, shots, extra=()):
     """train.py's plan of the row on this data: its method, published config (with any extra flags), recipe."""
-    args = train.parse_args(["--features", "unused.pt", "--shots", str(shots), *ROWS[row], *extra])
+    argv = ROWS[row] if row in ROWS else STUDY[row][0]
+    args = train.parse_args(["--features", "unused.pt", "--shots", str(shots), *argv, *extra])
     return train.make_plan(args, data)
+
+
+def points_of(row, plan):
+    """The grid a row is tuned over: its method's knobs (methods.py), or a study row's own."""
+    if row not in STUDY:
+        return grid(METHODS[plan.method], plan.dataset, plan.recipe)
+    knobs = STUDY[row][1]
+    return [dict(zip(knobs, values)) for values in itertools.product(*knobs.values())]
 
 
 def test_accuracy(row, data, shots, seed, point, extra=()):
@@ -188,25 +209,28 @@ def dev_scores(row, data, shots, seed):
     method = METHODS[plan.method]
     task = train.make_task(data, seed, shots, "cpu", negatives=False)
     torch.manual_seed(seed)
-    points = grid(method, plan.dataset, plan.recipe)
+    points = points_of(row, plan)
     _, _, scores = train.score_grid(method, task, plan.config, plan.recipe, points, seed, *task.val)
     return [acc for _, acc in scores]
 
 
+def dev_units(cache, real, task_name, row):
+    """The row's grid, and every point's dev accuracy on every fold: {(K', seed, fold): [accuracy per point]}."""
+    points = points_of(row, plan_for(row, task_data(real, 1, SEEDS[0], dev=True), 1))
+    units = {}
+    for shots, seed, fold in itertools.product(DEV_SHOTS, SEEDS, range(DEV_FOLDS)):
+        key = ["dev", task_name, row, shots, seed, fold, points]
+        units[shots, seed, fold] = cache.get(key, dev_scores, row, task_data(real, shots, seed, True, fold), shots,
+                                             seed) if points else []
+    return points, units
+
+
 def tune(cache, real, task_name, row):
     """The row's grid point with the best mean dev accuracy (the first of equal ones), and every point's mean."""
-    data0 = task_data(real, 1, SEEDS[0], dev=True)
-    plan = plan_for(row, data0, 1)
-    points = grid(METHODS[plan.method], plan.dataset, plan.recipe)
+    points, units = dev_units(cache, real, task_name, row)
     if not points:
         return {}, []
-    totals = torch.zeros(len(points), dtype=torch.float64)
-    units = [(k, s, f) for k in DEV_SHOTS for s in SEEDS for f in range(DEV_FOLDS)]
-    for shots, seed, fold in units:
-        key = ["dev", task_name, row, shots, seed, fold, points]
-        scores = cache.get(key, dev_scores, row, task_data(real, shots, seed, True, fold), shots, seed)
-        totals += torch.tensor(scores, dtype=torch.float64)
-    means = (totals / len(units)).tolist()
+    means = torch.tensor(list(units.values()), dtype=torch.float64).mean(0).tolist()
     best = max(range(len(points)), key=lambda i: (means[i], -i))
     return points[best], list(zip(points, means))
 
@@ -228,6 +252,27 @@ def block(cache, real, task_name, rows, tuned):
                     "dev": dev}
         print(f"  {task_name} {'tuned' if tuned else 'defaults'} {row}: " +
               " ".join(f"K={k} {mean_std(a)}" for k, a in accs.items()), flush=True)
+    return out
+
+
+def _mean_where(scores, field, value):
+    """Mean of {(K', seed, fold): accuracy} over the units whose field-th entry is value."""
+    picked = [acc for unit, acc in scores.items() if unit[field] == value]
+    return sum(picked) / len(picked)
+
+
+def study(cache, real, task_name, rows):
+    """The graph study on the dev folds only: each row tuned on its grid, then its dev accuracy at the chosen
+    point, per K' and per seed (mean over the folds). {row: {"point", "per_k": {K': mean}, "per_seed": [...]}}."""
+    out = {}
+    for row in rows:
+        points, units = dev_units(cache, real, task_name, row)
+        point, _ = tune(cache, real, task_name, row)
+        chosen = {unit: scores[points.index(point)] for unit, scores in units.items()}  # (K', seed, fold) -> acc
+        out[row] = {"point": point, "per_k": {k: _mean_where(chosen, 0, k) for k in DEV_SHOTS},
+                    "per_seed": [_mean_where(chosen, 1, s) for s in SEEDS]}
+        print(f"  {task_name} study {row}: {shown(point)}: " + " ".join(f"K'={k} {v:.2f}" for k, v in
+                                                                      out[row]["per_k"].items()), flush=True)
     return out
 
 
@@ -300,6 +345,18 @@ def plot(blocks, path):
     plt.close(fig)
 
 
+def markdown_study(results, title, against="hegraph-bias"):
+    """Each design's dev accuracy at its tuned point, and its difference to `against` per seed (paired)."""
+    lines = [f"**{title}**", "", "| design | chosen on the dev folds | " + " | ".join(f"K' = {k}" for k in DEV_SHOTS)
+             + f" | mean | minus `{against}` (per seed) |", "|---" * (len(DEV_SHOTS) + 4) + "|"]
+    base = results[against]["per_seed"]
+    for row, r in results.items():
+        diff = [a - b for a, b in zip(r["per_seed"], base)]
+        lines.append(f"| `{row}` | {shown(r['point'])} | " + " | ".join(f"{r['per_k'][k]:.2f}" for k in DEV_SHOTS)
+                     + f" | {sum(r['per_seed']) / len(SEEDS):.2f} | {'–' if row == against else mean_std(diff)} |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # the --dev mode: one setting of some rows on the dev folds (as the defaults were chosen)
 
@@ -318,6 +375,22 @@ def dev_table(real, rows, extra):
               flush=True)
 
 
+def run_study(real, args):
+    """--study: the graph designs against the bias-only ablation on every task's dev folds."""
+    args.cache.parent.mkdir(parents=True, exist_ok=True)
+    cache, sections = Cache(args.cache), []
+    for task_name in args.tasks:
+        sub = subtask(real, task_classes(real, task_name))
+        results = study(cache, sub, task_name, ["hegraph-bias", "hegraph", *STUDY])
+        sections.append(markdown_study(results, f"{task_name} ({len(sub['classnames'])} classes): dev accuracy %, "
+                                       f"mean over seeds {', '.join(map(str, SEEDS))} and {DEV_FOLDS} folds"))
+    text = "\n\n".join(sections)
+    print("\n" + text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "graph_study.md").write_text(text + "\n")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--file", type=Path, default=DEFAULT_FILE, help="the real features (default %(default)s)")
@@ -331,6 +404,8 @@ def parse_args(argv=None):
                    help="finished units, reused by a rerun (default %(default)s)")
     p.add_argument("--out", type=Path, help="also write the tables (markdown) and the results (json) here")
     p.add_argument("--dev", action="store_true", help="only the dev-fold table of --rows with the flags after --")
+    p.add_argument("--study", action="store_true", help="the graph study on the dev folds: hegraph-bias, hegraph "
+                   "and each graph design of STUDY, each tuned with the same budget (no test image is used)")
     p.add_argument("extra", nargs="*", help="with --dev: train.py flags after --, e.g. -- --beta-vp 0.2")
     return p.parse_args(argv)
 
@@ -344,6 +419,8 @@ def main(argv=None):
     real = torch.load(args.file, weights_only=True)
     if args.dev:
         return dev_table(real, args.rows, args.extra)
+    if args.study:
+        return run_study(real, args)
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     cache, sections, everything, blocks = Cache(args.cache), [], {}, {}
     for task_name in args.tasks:

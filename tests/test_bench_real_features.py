@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -101,3 +102,19 @@ def test_tuned_block_scores_every_grid_point_on_dev_folds_only(tmp_path, monkeyp
     assert all(p == point for p in seen) and len(seen) == 9               # 3 K x 3 seeds, at the chosen point
     again = real_features.block(real_features.Cache(tmp_path / "c.jsonl"), real, "t", ["tip"], tuned=True)
     assert again["tip"]["acc"] == out["acc"] and len(seen) == 9           # the rerun reads the cache
+
+
+def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bias_only(tmp_path, monkeypatch):
+    real = fake_real(C=4, per_class=8, d=8)
+    monkeypatch.setattr(real_features, "STUDY", {"E2 sparse edges": real_features.STUDY["E2 sparse edges"]})
+    monkeypatch.setattr(real_features, "test_accuracy", lambda *a, **k: pytest.fail("the study read a test image"))
+    monkeypatch.setattr(train, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
+    cache = real_features.Cache(tmp_path / "c.jsonl")
+    out = real_features.study(cache, real, "t", ["hegraph-bias", "E2 sparse edges"])
+    points, units = real_features.dev_units(cache, real, "t", "E2 sparse edges")
+    assert len(points) == 12 and out["E2 sparse edges"]["point"]["neighbours"] in (5, 10, 20)
+    i = points.index(out["E2 sparse edges"]["point"])
+    seed2 = [v[i] for (k, s, f), v in units.items() if s == 2]
+    assert out["E2 sparse edges"]["per_seed"][1] == pytest.approx(sum(seed2) / len(seed2))
+    table = real_features.markdown_study(out, "t")
+    assert "| `hegraph-bias` |" in table and "| `E2 sparse edges` |" in table
