@@ -285,7 +285,7 @@ def mean_std(values):
 
 
 def shown(point):
-    return ", ".join(f"{k} {v:g}" for k, v in point.items()) or "–"
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in point.items()) or "–"
 
 
 def markdown_block(results, title, tuned):
