@@ -2,8 +2,8 @@
 HeGraphAdapter: tuning CLIP for few-shot classification with a heterogeneous graph adapter.
 
 One self-contained PyTorch file, on frozen L2-normalised CLIP features. It implements
-    B. Jiang et al., "HeGraphAdapter: Tuning Multi-Modal Vision-Language Models with Heterogeneous Graph
-    Adapter", 2024,
+    Y. Zhao, B. Jiang, X. Wang, Q. Xu, J. Tang, "HeGraphAdapter: Tuning Multi-Modal Vision-Language Models
+    with Heterogeneous Graph Adapter", arXiv:2410.07854, 2024,
 whose graph layer is GraphAdapter's (X. Li et al., "GraphAdapter: Tuning Vision-Language Models With Dual
 Knowledge Graph", NeurIPS 2023) and whose visual classifier is Tip-Adapter's cache (R. Zhang et al.,
 "Tip-Adapter: Training-free Adaption of CLIP for Few-shot Classification", ECCV 2022). The paper's text
@@ -78,7 +78,8 @@ negative path feeding P' (β_VP = β_PP = 0); "tp" is "t" without negative nodes
 features may be None: then the negative nodes and their meta-paths are absent.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -121,6 +122,11 @@ class HeGraphConfig:
         if self.neighbours < 0 or self.edge_temperature < 0:
             raise ValueError(f"neighbours and edge_temperature must be >= 0 (0 turns them off), got "
                              f"{self.neighbours} and {self.edge_temperature}")
+        numbers = {f.name: getattr(self, f.name) for f in fields(self) if f.type in (int, float)}
+        bad = [name for name, x in numbers.items() if not (math.isfinite(x) and x >= 0)] + \
+            ([] if self.gamma > 0 else ["gamma"])   # γ = 0 would give every cache key the same affinity
+        if bad:
+            raise ValueError(f"{bad[0]} must be a finite number >= 0 (gamma > 0), got {numbers[bad[0]]}")
         if self.message_activation not in ACTIVATIONS:
             raise ValueError(f"unknown message_activation {self.message_activation!r}: choose one of "
                              f"{', '.join(ACTIVATIONS)}")
@@ -239,7 +245,6 @@ class HeGraphAdapter(nn.Module):
         self.logit_scale = float(logit_scale)
         self.text_only = cfg.variant != "full"
         self.has_negatives = neg_text is not None and cfg.variant != "tp"
-        beta_vp, beta_pp = (0.0, 0.0) if cfg.variant == "tn" else (cfg.beta_vp, cfg.beta_pp)
 
         P = normalize(pos_text)                                                  # [C, d]
         C, d = P.shape
@@ -253,8 +258,25 @@ class HeGraphAdapter(nn.Module):
         buffer("cache_keys", keys)
         buffer("cache_sq_norms", keys.square().sum(-1))                          # [M], 1 up to rounding
         buffer("cache_labels", cache_labels)
+        self._build_graph(P, normalize(neg_text.to(**like)) if self.has_negatives else None, V)
 
-        # Edges, one normalised [C, C] matrix per meta-path (name = source, target), with the designs E1-E4.
+        # choice: every W and b starts at zero, so training starts exactly at zero-shot CLIP + Tip-Adapter
+        # and AdamW's weight decay pulls back towards it. On real CLIP features this beat starting W at the
+        # identity by 0.2-0.4 points (tuned on training images only, with s_W = 1).
+        zeros = lambda *shape: nn.Parameter(torch.zeros(*shape, **like))
+        if self.has_negatives:
+            self.W_n, self.b_n = zeros(d, d), zeros(C, d)  # [d, d], [C, d] layer of the negative nodes (1)
+        self.W_p, self.b_p = zeros(d, d), zeros(C, d)      # [d, d], [C, d] layer of the positive nodes (2)
+        if not self.text_only:
+            self.W_v, self.b_v = zeros(d, d), zeros(C, d)  # [d, d], [C, d] layer of the visual nodes (3)
+
+    def _build_graph(self, P, N, V):
+        """The constants of the graph from the nodes P, N (None without negatives) and V [C, d]: one normalised
+        [C, C] matrix per meta-path (name = source, target; designs E1-E4), and the aggregations of the fixed
+        nodes, fused with their β and s_W once. Buffers, rebuilt from the features (persistent=False)."""
+        cfg = self.config
+        buffer = lambda name, t: self.register_buffer(name, t, persistent=False)
+        beta_vp, beta_pp = (0.0, 0.0) if cfg.variant == "tn" else (cfg.beta_vp, cfg.beta_pp)
         edges = lambda path, a, self_loops: graph_adjacency(
             a, self_loops, own_class_only=cfg.own_class_only(path), neighbours=cfg.neighbours,
             temperature=cfg.edge_temperature, centre=cfg.centre_messages)
@@ -262,8 +284,7 @@ class HeGraphAdapter(nn.Module):
         buffer("A_vv", edges("vv", similarity_edges(V, V), self_loops=True))
         buffer("A_vp", edges("vp", similarity_edges(P, V), self_loops=False))
         if self.has_negatives:
-            N = normalize(neg_text.to(**like))                                   # [C, d]
-            buffer("N", N)
+            buffer("N", N)                                                       # [C, d]
             buffer("A_np", edges("np", negative_edges(P, N), self_loops=False))
             buffer("A_pn", edges("pn", negative_edges(N, P), self_loops=False))
             buffer("A_vn", edges("vn", negative_edges(N, V), self_loops=False))
@@ -277,16 +298,6 @@ class HeGraphAdapter(nn.Module):
             buffer("msg_to_neg", s_W * (cfg.beta_pn * self.A_pn @ P + cfg.beta_vn * self.A_vn @ V))  # [C, d]
         if not self.text_only:
             buffer("msg_to_vis", s_W * cfg.beta_vv * self.A_vv @ V)              # [C, d]
-
-        # choice: every W and b starts at zero, so training starts exactly at zero-shot CLIP + Tip-Adapter
-        # and AdamW's weight decay pulls back towards it. On real CLIP features this beat starting W at the
-        # identity by 0.2-0.4 points (tuned on training images only, with s_W = 1).
-        zeros = lambda *shape: nn.Parameter(torch.zeros(*shape, **like))
-        if self.has_negatives:
-            self.W_n, self.b_n = zeros(d, d), zeros(C, d)  # [d, d], [C, d] layer of the negative nodes (1)
-        self.W_p, self.b_p = zeros(d, d), zeros(C, d)      # [d, d], [C, d] layer of the positive nodes (2)
-        if not self.text_only:
-            self.W_v, self.b_v = zeros(d, d), zeros(C, d)  # [d, d], [C, d] layer of the visual nodes (3)
 
     @property
     def config(self):

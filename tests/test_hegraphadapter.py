@@ -6,18 +6,14 @@ matmuls, hand-computed numbers), never with the module's own helpers. CPU only, 
 
 import dataclasses
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fixtures import unit  # noqa: E402
-from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
+from fixtures import unit
+from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
 VARIANTS = ("full", "t", "tn", "tp")
 S = 100.0  # CLIP logit scale used throughout
@@ -452,7 +448,8 @@ def test_zero_parameters_give_zero_shot_plus_tip_adapter():
                                                if not (v == "tn" and not n)])  # tn needs negatives
 def test_forward_and_loss_match_reference(variant, negatives):
     cfg = HeGraphConfig(variant=variant, beta_pn=0.3, beta_vn=0.25, beta_np=0.6, beta_np_test=0.1,
-                        beta_vp=0.35, beta_pp=0.2, beta_vv=0.4, weight_scale=0.6, bias_scale=0.3, alpha=1.3, gamma=4.0, lam=0.3)
+                        beta_vp=0.35, beta_pp=0.2, beta_vv=0.4, weight_scale=0.6, bias_scale=0.3, alpha=1.3, gamma=4.0,
+                        lam=0.3)
     pos, neg, feats, labels, x, y = make_data(6, 7, [2, 4, 1, 3, 2, 1], seed=7, B=5)
     neg = neg if negatives else None
     model = HeGraphAdapter(pos, neg, feats, labels, config=cfg, logit_scale=S)
@@ -492,7 +489,8 @@ def test_permutation_equivariance():
 def test_beta_np_switches_with_train_and_eval():
     pos, neg, feats, labels, x, _ = make_data(5, 6, [2, 2, 1, 3, 2], seed=6)
     for beta_np, beta_np_test, differ in ((0.6, 0.1, True), (0.3, 0.3, False)):
-        model = HeGraphAdapter(pos, neg, feats, labels, config=HeGraphConfig(beta_np=beta_np, beta_np_test=beta_np_test))
+        config = HeGraphConfig(beta_np=beta_np, beta_np_test=beta_np_test)
+        model = HeGraphAdapter(pos, neg, feats, labels, config=config)
         set_params(model, seed=2)
         train_out = model.train()(x)
         eval_out = model.eval()(x)
@@ -759,3 +757,11 @@ def test_config_is_a_keyword_with_a_default_and_cannot_change_after_construction
     with pytest.raises(AttributeError):
         model.config = HeGraphConfig(beta_vp=0.9)
     assert model.config == HeGraphConfig()
+
+
+@pytest.mark.parametrize("field, value", [("alpha", float("nan")), ("beta_vp", float("inf")), ("bias_scale", -0.1),
+                                          ("gamma", 0.0), ("lam", -1.0)])
+def test_a_config_refuses_numbers_no_formula_can_use(field, value):
+    """The file is copied alone: its config checks its own numbers, with one line naming the field."""
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number >= 0"):
+        HeGraphConfig(**{field: value})
