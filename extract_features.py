@@ -165,7 +165,7 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
     loader = DataLoader(files, batch_size=max(1, batch_size // views), num_workers=workers,
                         pin_memory=device.type == "cuda")
     chunks = []
-    with tqdm(total=len(files) * views, desc=desc, unit="img") as bar:
+    with tqdm(total=len(files) * views, desc=desc, unit="img", disable=None) as bar:  # a bar on a terminal only
         for x, errors in loader:
             if any(errors):
                 raise DataError(f"{next(e for e in errors if e)}; replace the file or remove it from the split")

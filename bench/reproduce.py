@@ -307,7 +307,8 @@ def sweep(runs, args):
     print(f"{len(runs)} runs: skipped {len(finished_before)} finished already, {len(todo)} to do "
           f"(results in {args.results})")
     counts = {"ran": 0, "skipped": len(finished_before), "by_others": 0}
-    bar = tqdm(total=len(runs), initial=len(finished_before), desc="sweep", unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(runs), initial=len(finished_before), desc="sweep", unit="run", dynamic_ncols=True,
+               disable=None)  # on a terminal only: a log gets the one line per run above
     deferred = []
     try:
         for run in todo:

@@ -363,3 +363,17 @@ def test_results_that_is_a_file_is_refused_before_the_sweep(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "--results" in err[0] and "is a file; give a folder" in err[0]
     assert (tmp_path / "results").read_text() == "a file"
+
+
+def test_a_logged_sweep_has_one_line_per_run_and_no_progress_bars(tiny_vit_checkpoint, make_dataset, tmp_path):
+    """Redirected to a file, a sweep writes no progress bar, only what happened, one line per run."""
+    root = make_dataset("dtd")
+    argv = sweep_argv(root, tiny_vit_checkpoint, tmp_path / "features", tmp_path / "results", datasets=["dtd"],
+                      methods=["zeroshot", "tip"], shots=[1], seeds=[1], epochs=1)
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), *argv], stdout=f, stderr=f,
+                       cwd=tmp_path, timeout=300, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert "\r" not in text and "it/s" not in text and "run/s" not in text, text[-2000:]
+    assert len([line for line in text.splitlines() if line.startswith("ran ")]) == 2
