@@ -1,5 +1,5 @@
 """
-Bad inputs: the "bad inputs" table of issue 8, measured on the real commands.
+Bad inputs: what every bad input gets (docs/bad-inputs.md), measured on the real commands.
 
 Each case runs `python train.py ...` or `python extract_features.py ...` as a real subprocess (OMP_NUM_THREADS=1,
 --device cpu --workers 0) on tiny fixtures built in a temporary folder (bench/fixtures.py's random CLIP, CoOp-layout
