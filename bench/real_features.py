@@ -427,8 +427,7 @@ def main(argv=None):
         classes = task_classes(real, task_name)
         sub = subtask(real, classes)
         title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images)"
-        blocks = {"defaults": [False], "tuned": [True], "both": [False, True]}[args.block]
-        for tuned in blocks:
+        for tuned in {"defaults": [False], "tuned": [True], "both": [False, True]}[args.block]:
             results = block(cache, sub, task_name, args.rows, tuned)
             name = "tuned on the dev folds" if tuned else "published defaults"
             everything[f"{task_name} {name}"], blocks[task_name, tuned] = results, results
