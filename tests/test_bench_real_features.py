@@ -1,4 +1,5 @@
 """bench/real_features.py: the per-K, per-seed features files it builds, and its skip when the data is absent."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,18 @@ def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bi
     assert out["E2 sparse edges"]["per_seed"][1] == pytest.approx(sum(seed2) / len(seed2))
     table = real_features.markdown_study(out, "t")
     assert "| `hegraph-bias` |" in table and "| `E2 sparse edges` |" in table
+
+
+def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypatch):
+    """The whole command: two tasks x both blocks -> one markdown, one json and one figure panel per task."""
+    path = tmp_path / "real.pt"
+    torch.save(fake_real(C=6, per_class=8, d=8), path)
+    real_features.main(["--file", str(path), "--tasks", "all", "random-4", "--rows", "zeroshot", "tip",
+                        "--cache", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "real_features.md").read_text()
+    for title in ("all (6 classes, 48 images), published defaults", "all (6 classes, 48 images), tuned on the dev",
+                  "random-4 (4 classes, 32 images), published defaults", "random-4 (4 classes, 32 images), tuned"):
+        assert title in text
+    results = json.loads((tmp_path / "out" / "real_features.json").read_text())
+    assert len(results) == 4 and all(set(r) == {"zeroshot", "tip"} for r in results.values())
+    assert (tmp_path / "out" / "real_features.png").stat().st_size > 10_000
