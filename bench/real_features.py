@@ -22,6 +22,7 @@ folds and K'), and the best (the first of equal scores) is run on the test proto
     python bench/real_features.py                                     # every task, both blocks
     python bench/real_features.py --tasks imagenet-500 --block defaults --rows tip-f hegraph
     python bench/real_features.py --dev --rows hegraph -- --bias-scale 0.2   # one setting on the dev folds
+    python bench/real_features.py --study --tasks random-50 --designs E1 E4  # graph designs vs the bias-only
 
 Finished units are kept in --cache (a jsonl file), so an interrupted run resumes where it stopped.
 """
@@ -381,7 +382,8 @@ def run_study(real, args):
     cache, sections = Cache(args.cache), []
     for task_name in args.tasks:
         sub = subtask(real, task_classes(real, task_name))
-        results = study(cache, sub, task_name, ["hegraph-bias", "hegraph", *STUDY])
+        designs = [row for row in STUDY if row.split()[0] in args.designs]
+        results = study(cache, sub, task_name, ["hegraph-bias", "hegraph", *designs])
         sections.append(markdown_study(results, f"{task_name} ({len(sub['classnames'])} classes): dev accuracy %, "
                                        f"mean over seeds {', '.join(map(str, SEEDS))} and {DEV_FOLDS} folds"))
     text = "\n\n".join(sections)
@@ -406,6 +408,8 @@ def parse_args(argv=None):
     p.add_argument("--dev", action="store_true", help="only the dev-fold table of --rows with the flags after --")
     p.add_argument("--study", action="store_true", help="the graph study on the dev folds: hegraph-bias, hegraph "
                    "and each graph design of STUDY, each tuned with the same budget (no test image is used)")
+    p.add_argument("--designs", nargs="+", default=[row.split()[0] for row in STUDY], metavar="E",
+                   choices=[row.split()[0] for row in STUDY], help="with --study: the designs to run (default all)")
     p.add_argument("extra", nargs="*", help="with --dev: train.py flags after --, e.g. -- --beta-vp 0.2")
     return p.parse_args(argv)
 
