@@ -382,7 +382,7 @@ def run_study(real, args):
     cache, sections = Cache(args.cache), []
     for task_name in args.tasks:
         sub = subtask(real, task_classes(real, task_name))
-        designs = [row for row in STUDY if row.split()[0] in args.designs]
+        designs = [row for name in dict.fromkeys(args.designs) for row in STUDY if row.split()[0] == name]
         results = study(cache, sub, task_name, ["hegraph-bias", "hegraph", *designs])
         sections.append(markdown_study(results, f"{task_name} ({len(sub['classnames'])} classes): dev accuracy %, "
                                        f"mean over seeds {', '.join(map(str, SEEDS))} and {DEV_FOLDS} folds"))
@@ -409,7 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--study", action="store_true", help="the graph study on the dev folds: hegraph-bias, hegraph "
                    "and each graph design of STUDY, each tuned with the same budget (no test image is used)")
     p.add_argument("--designs", nargs="+", default=[row.split()[0] for row in STUDY], metavar="E",
-                   choices=[row.split()[0] for row in STUDY], help="with --study: the designs to run (default all)")
+                   choices=[row.split()[0] for row in STUDY],
+                   help="with --study: the designs to run, in this order (default all)")
     p.add_argument("extra", nargs="*", help="with --dev: train.py flags after --, e.g. -- --beta-vp 0.2")
     return p.parse_args(argv)
 

@@ -140,8 +140,8 @@ def test_study_command_runs_the_designs_named(tmp_path, monkeypatch):
     path = tmp_path / "real.pt"
     torch.save(fake_real(C=4, per_class=8, d=8), path)
     monkeypatch.setattr(train, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
-    real_features.main(["--file", str(path), "--study", "--tasks", "all", "--designs", "E2",
+    real_features.main(["--file", str(path), "--study", "--tasks", "all", "--designs", "E2", "E1",
                         "--cache", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out")])
     rows = [line.split("|")[1].strip() for line in (tmp_path / "out" / "graph_study.md").read_text().splitlines()
             if line.startswith("| `")]
-    assert rows == ["`hegraph-bias`", "`hegraph`", "`E2 sparse edges`"]
+    assert rows == ["`hegraph-bias`", "`hegraph`", "`E2 sparse edges`", "`E1 own-class edges`"]
