@@ -317,6 +317,40 @@ def markdown_differences(results, ours, title):
     return "\n".join(lines)
 
 
+def seed_means(r):
+    """Each seed's accuracy averaged over K = 1, 2, 4 (the seeds stay paired across methods)."""
+    return [sum(r["acc"][k][i] for k in TEST_SHOTS) / len(TEST_SHOTS) for i in range(len(SEEDS))]
+
+
+def markdown_summary(blocks, ours="hegraph"):
+    """Two small tables over every task: each method's accuracy (mean over K, both blocks), and in the tuned
+    block `ours` minus each method (per seed, then mean ± std). blocks: {(task, tuned): results}."""
+    tasks = list(dict.fromkeys(task for task, _ in blocks))
+    columns = [(task, tuned) for task in tasks for tuned in (False, True) if (task, tuned) in blocks]
+    rows = list(dict.fromkeys(row for results in blocks.values() for row in results))
+    names = {False: "defaults", True: "tuned"}
+    lines = ["**Test accuracy %, mean over K = 1, 2, 4 (± std over seeds 1-3 of each seed's mean over K)**", "",
+             "| method | " + " | ".join(f"{task} {names[tuned]}" for task, tuned in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| `{row}` | " + " | ".join(mean_std(seed_means(blocks[c][row])) if row in blocks[c] else "–"
+                                                   for c in columns) + " |")
+    tuned = [task for task in tasks if (task, True) in blocks and ours in blocks[task, True]]
+    if tuned:
+        lines += ["", f"**Tuned block: `{ours}` minus each method, mean over K, per seed (mean ± std over seeds)**",
+                  "", "| against | " + " | ".join(tuned) + " |", "|---" * (len(tuned) + 1) + "|"]
+        for row in rows:
+            if row == ours:
+                continue
+            cells = []
+            for task in tuned:
+                results = blocks[task, True]
+                cells.append(mean_std([a - b for a, b in zip(seed_means(results[ours]), seed_means(results[row]))])
+                             if row in results else "–")
+            lines.append(f"| `{row}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(blocks, path):
     """One panel per task: each method's test accuracy vs K (mean ± std over seeds) in the tuned block (the
     published defaults where a task has no tuned block), in report.py's styles. blocks: {(task, tuned): results}."""
@@ -439,7 +473,7 @@ def main(argv=None):
             sections.append(markdown_block(results, f"{title}, {name}", tuned))
             if "hegraph" in results:
                 sections.append(markdown_differences(results, "hegraph", f"{task_name}, {name}"))
-    text = "\n\n".join(sections)
+    text = "\n\n".join([markdown_summary(blocks), *sections])
     print("\n" + text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -125,15 +125,21 @@ def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypa
     """The whole command: two tasks x both blocks -> one markdown, one json and one figure panel per task."""
     path = tmp_path / "real.pt"
     torch.save(fake_real(C=6, per_class=8, d=8), path)
-    real_features.main(["--file", str(path), "--tasks", "all", "random-4", "--rows", "zeroshot", "tip",
+    monkeypatch.setattr(train, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
+    real_features.main(["--file", str(path), "--tasks", "all", "random-4", "--rows", "zeroshot", "tip", "hegraph",
                         "--cache", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "real_features.md").read_text()
     for title in ("all (6 classes, 48 images), published defaults", "all (6 classes, 48 images), tuned on the dev",
                   "random-4 (4 classes, 32 images), published defaults", "random-4 (4 classes, 32 images), tuned"):
         assert title in text
     results = json.loads((tmp_path / "out" / "real_features.json").read_text())
-    assert len(results) == 4 and all(set(r) == {"zeroshot", "tip"} for r in results.values())
+    assert len(results) == 4 and all(set(r) == {"zeroshot", "tip", "hegraph"} for r in results.values())
     assert (tmp_path / "out" / "real_features.png").stat().st_size > 10_000
+    tip = results["random-4 tuned on the dev folds"]["tip"]["acc"]                  # {K: [per seed]}
+    per_seed = [sum(tip[k][i] for k in tip) / 3 for i in range(3)]
+    summary = next(line for line in text.splitlines() if line.startswith("| `tip` |"))  # the first table
+    assert summary.split("|")[5].strip() == real_features.mean_std(per_seed)       # random-4 tuned column
+    assert "| against | all | random-4 |" in text
 
 
 def test_study_command_runs_the_designs_named(tmp_path, monkeypatch):
