@@ -363,16 +363,20 @@ def plot(blocks, path):
     tasks = list(dict.fromkeys(task for task, _ in blocks))
     rows = list(dict.fromkeys(row for results in blocks.values() for row in results))
     styles = report.method_styles(rows)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 0.6, 4.2), squeeze=False,
-                             layout="constrained")
-    for ax, task in zip(axes[0], tasks):
+    cols = min(len(tasks), 2)                              # two panels a row: readable at a page's width
+    rows_of_panels = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.2 * cols + 0.4, 3.9 * rows_of_panels + 0.9),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         results = blocks.get((task, True)) or blocks[task, False]
         curves = {row: [(k, *report.mean_std(r["acc"][k])) for k in TEST_SHOTS] for row, r in results.items()}
         report.clip_below_zeroshot(ax, {m: [(mean, std) for _, mean, std in c] for m, c in curves.items()})
         report.draw_panel(ax, curves, styles, list(TEST_SHOTS))
         ax.set_title(f"{task} ({'tuned' if (task, True) in blocks else 'published defaults'})")
         ax.set_xlabel("shots per class (K)")
-    axes[0, 0].set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", frameon=False, ncol=min(len(labels), 5))
     fig.suptitle("Real CLIP ViT-B/32 features: test accuracy, mean ± std over seeds 1-3")
