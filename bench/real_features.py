@@ -329,7 +329,8 @@ def markdown_summary(blocks, ours="hegraph"):
     columns = [(task, tuned) for task in tasks for tuned in (False, True) if (task, tuned) in blocks]
     rows = list(dict.fromkeys(row for results in blocks.values() for row in results))
     names = {False: "defaults", True: "tuned"}
-    lines = ["**Test accuracy %, mean over K = 1, 2, 4 (± std over seeds 1-3 of each seed's mean over K)**", "",
+    lines = [f"**Test accuracy %, mean over K = {', '.join(map(str, TEST_SHOTS))} (± std over seeds "
+             f"{', '.join(map(str, SEEDS))} of each seed's mean over K)**", "",
              "| method | " + " | ".join(f"{task} {names[tuned]}" for task, tuned in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for row in rows:
@@ -351,7 +352,7 @@ def markdown_summary(blocks, ours="hegraph"):
     return "\n".join(lines)
 
 
-def plot(blocks, path):
+def plot(blocks, path, backbone):
     """One panel per task: each method's test accuracy vs K (mean ± std over seeds) in the tuned block (the
     published defaults where a task has no tuned block), in report.py's styles. blocks: {(task, tuned): results}."""
     import matplotlib
@@ -379,7 +380,7 @@ def plot(blocks, path):
         ax.set_ylabel("test accuracy (%)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", frameon=False, ncol=min(len(labels), 5))
-    fig.suptitle("Real CLIP ViT-B/32 features: test accuracy, mean ± std over seeds 1-3")
+    fig.suptitle(f"Real CLIP {backbone} features: test accuracy, mean ± std over seeds {', '.join(map(str, SEEDS))}")
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -483,7 +484,7 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "real_features.md").write_text(text + "\n")
         (args.out / "real_features.json").write_text(json.dumps(everything, indent=1))
-        plot(blocks, args.out / "real_features.png")
+        plot(blocks, args.out / "real_features.png", real["backbone"])
 
 
 if __name__ == "__main__":
