@@ -204,8 +204,9 @@ def test_accuracy(row, data, shots, seed, point, extra=()):
             "params": train.tunable_parameters(model)}
 
 
-def dev_scores(row, data, shots, seed):
+def dev_scores(row, real, shots, seed, fold):
     """Every grid point of the row scored on one dev fold's validation images: [accuracy per point]."""
+    data = task_data(real, shots, seed, True, fold)
     plan = plan_for(row, data, shots)
     method = METHODS[plan.method]
     task = train.make_task(data, seed, shots, "cpu", negatives=False)
@@ -221,14 +222,17 @@ def dev_units(cache, real, task_name, row):
     units = {}
     for shots, seed, fold in itertools.product(DEV_SHOTS, SEEDS, range(DEV_FOLDS)):
         key = ["dev", task_name, row, shots, seed, fold, points]
-        units[shots, seed, fold] = cache.get(key, dev_scores, row, task_data(real, shots, seed, True, fold), shots,
-                                             seed) if points else []
+        units[shots, seed, fold] = cache.get(key, dev_scores, row, real, shots, seed, fold) if points else []
     return points, units
 
 
 def tune(cache, real, task_name, row):
     """The row's grid point with the best mean dev accuracy (the first of equal ones), and every point's mean."""
-    points, units = dev_units(cache, real, task_name, row)
+    return best_point(*dev_units(cache, real, task_name, row))
+
+
+def best_point(points, units):
+    """The point with the best mean over the dev units (the first of equal ones), and every point's mean."""
     if not points:
         return {}, []
     means = torch.tensor(list(units.values()), dtype=torch.float64).mean(0).tolist()
@@ -268,7 +272,7 @@ def study(cache, real, task_name, rows):
     out = {}
     for row in rows:
         points, units = dev_units(cache, real, task_name, row)
-        point, _ = tune(cache, real, task_name, row)
+        point, _ = best_point(points, units)
         chosen = {unit: scores[points.index(point)] for unit, scores in units.items()}  # (K', seed, fold) -> acc
         out[row] = {"point": point, "per_k": {k: _mean_where(chosen, 0, k) for k in DEV_SHOTS},
                     "per_seed": [_mean_where(chosen, 1, s) for s in SEEDS]}
