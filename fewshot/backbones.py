@@ -12,6 +12,8 @@ The encoder library is open_clip (Ilharco et al., "OpenCLIP", 2021), which loads
 resolve() turns the flags into the (backbone, pretrained) pair a features file records; load() builds the model.
 Importing this module is cheap: open_clip (seconds to import) is imported when a model is read or loaded.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import logging
@@ -20,11 +22,22 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from features_file import OPENAI_NAMES, OPENAI_TAG, SCHEMAS, Settings, load_torch_file
-from fewshot_data import DataError
+from fewshot.errors import DataError
+from fewshot.files import load_torch_file
+
+if TYPE_CHECKING:  # the features file's Settings name the model; that module imports this one
+    from fewshot.features import Settings
+
+OPENAI_NAMES = {  # OpenAI's names of its CLIP models (clip.available_models()) -> open_clip's names of them
+    "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
+}
+OPENAI_TAG = "openai"                   # open_clip's tag of OpenAI's weights
+SCHEMAS = ("hf-hub:", "local-dir:")     # open_clip's model folders: on the Hugging Face hub, on disk
 
 
 @contextlib.contextmanager

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from cli import RANGES
-from features_file import load_torch_file, write_atomic
-from fewshot_data import DataError
+from fewshot.errors import DataError
+from fewshot.files import load_torch_file, write_atomic
+from fewshot.ranges import RANGES
 
 
 def read_checkpoint(path):

@@ -1,24 +1,27 @@
-"""What every command shares: its argument parser, the ranges of its numbers, its one-line errors, path flags
-and the torch device.
+"""The command line: what every command shares (its argument parser, one-line errors, the types of its flags,
+the extraction flags) and the flags of extract_features.py and train.py, turned into plain values.
 
-Each command (extract_features.py, train.py, bench/reproduce.py, bench/report.py) builds its flags with Parser,
-so that a bad command line gets one line, not argparse's whole usage; every number a flag feeds into a formula
-is checked once, where it enters, against its row of RANGES; and each command runs inside guarded(), which
-turns every error into one line: the user's (DataError, OSError) with what to do, and an unforeseen one with
-the path of a log holding its traceback.
+Each command builds its flags with Parser, so that a bad command line gets one line, not argparse's whole usage;
+every number a flag feeds into a formula is checked once, where it enters, against its row of ranges.RANGES;
+and each command runs inside guarded(), which turns every error into one line: the user's (a UserError, an
+OSError) with what to do, and an unforeseen one with the path of a log holding its traceback. train.py's flags
+become a runs.RunRequest and the extraction flags an extraction.Extraction: the library never sees argparse.
 """
 import argparse
-import math
 import os
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from fewshot_data import DataError, resolve_dataset
+from fewshot.datasets import SHIFT_DATASETS, resolve_dataset
+from fewshot.errors import DataError
+from fewshot.extraction import Extraction
+from fewshot.features import Settings
+from fewshot.methods import METHODS, RECIPE_FIELDS, config_fields
+from fewshot.prompts import CUPL
+from fewshot.ranges import RANGES
+from fewshot.runs import RunRequest, run
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,45 +58,6 @@ def guarded(prog, body):
              f"bug: the full traceback is in {log}, please report it with the command you ran")
 
 
-# ----------------------------------------------------------------------------- numbers: one table of ranges
-
-@dataclass(frozen=True)
-class Range:
-    """Where a number may lie: finite, at least `low` (above it if `open_low`), at most `high`."""
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-
-    def holds(self, x) -> bool:
-        above = self.low is None or (x > self.low if self.open_low else x >= self.low)
-        return math.isfinite(x) and above and (self.high is None or x <= self.high)
-
-    def describe(self) -> str:
-        shown = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # 2^63 - 1 in full, 0.5 as 0.5
-        if self.high is not None:
-            return f"between {shown(self.low)} and {shown(self.high)}"
-        if self.open_low:
-            return "positive" if self.low == 0 else f"above {shown(self.low)}"
-        return f"at least {shown(self.low)}"
-
-
-FINITE = Range()  # any finite number
-RANGES = {  # every number a flag feeds into a formula, by its destination (a config field, a recipe field, ...)
-    # the few-shot task and its recipe
-    "shots": Range(1), "epochs": Range(0), "lr": Range(0, open_low=True), "batch_size": Range(1),
-    # the extraction
-    "seeds": Range(0, 2**63 - 1), "max_shots": Range(1), "views": Range(1), "encode_batch_size": Range(1),
-    "workers": Range(0),
-    # HeGraphAdapter (HeGraphConfig) and the cache of Tip-Adapter (TipConfig)
-    "alpha": Range(0), "gamma": Range(0, open_low=True), "lam": Range(0), "weight_scale": Range(0),
-    "bias_scale": Range(0), **{f"beta_{path}": Range(0) for path in ("pn", "vn", "np", "np_test", "vp", "pp", "vv")},
-    "neighbours": Range(0), "edge_temperature": Range(0),   # HeGraphConfig's graph designs: 0 turns them off
-    # TaskRes, CLIP-Adapter, GraphAdapter, the linear probe
-    "scale": Range(0), "ratio": Range(0, 1), "reduction": Range(1), "beta": Range(0, 1), "fusion": Range(0, 1),
-    "inverse_l2": Range(0, open_low=True), "max_iter": Range(1),
-}
-
-
 def number_arg(name, kind=float):
     """argparse type of the flag of RANGES[name]: a `kind` number within its range, or one line saying which."""
     bounds = RANGES[name]
@@ -123,22 +87,149 @@ def dataset_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device as a torch.device (default: cuda if available, else cpu); one clear line if it cannot be used."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"--device {name} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"--device {name}: Apple's MPS is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):  # meta holds no data; xpu, hpu, ...: not what this code runs on
-        raise DataError(f"--device {name}: this code runs on cpu, cuda or mps, not on {device.type}; use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                        f"use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"numbered from 0")
-    return device
+
+def prompts_arg(text: str):
+    """argparse type of --prompts: "cupl" (CuPL's descriptions, downloaded) or a json file's path."""
+    return CUPL if text == CUPL else path_arg(text)
+
+
+def add_extraction_args(parser):
+    """The extraction flags, declared once for every command that may extract (extract_features.py, train.py,
+    bench/reproduce.py), so that an error naming one of them names a flag of the command that was run."""
+    g = parser.add_argument_group("feature extraction (when the features file does not exist yet)")
+    g.add_argument("--root", type=path_arg, default=Path("data"),
+                   help="folder holding the dataset folders in CoOp's layout (default data/)")
+    g.add_argument("--download", action="store_true", help="first download the dataset into --root if it is not "
+                   "there: its images from their official location and CoOp's split file, each checked "
+                   "(docs/datasets.md); for ImageNet, Stanford Cars and the shift sets, print the steps to take")
+    g.add_argument("--backbone", help="the CLIP (docs/backbones.md): one of OpenAI's names (RN50, RN101, "
+                   "ViT-B/32, ViT-B/16, ViT-L/14, ...) for OpenAI's weights, an open_clip model name with "
+                   "--pretrained, hf-hub:ORG/REPO or local-dir:FOLDER; its name is in the features file's name "
+                   "(default RN50, or with --clip-checkpoint the architecture read from its weights)")
+    g.add_argument("--pretrained", help="the weights of an open_clip --backbone: a tag (e.g. laion2b_s34b_b88k; "
+                   "default openai for OpenAI's names) or a weights file")
+    g.add_argument("--features-dir", type=path_arg, default=Path("features"),
+                   help="where features files are written and looked up (default features/)")
+    g.add_argument("--clip-checkpoint", type=path_arg, help="a local OpenAI-format CLIP checkpoint (a state dict or "
+                   "TorchScript file, as clip.load caches them) instead of downloading weights; named from its "
+                   "weights")
+    g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
+                   "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
+                   "file {classname: [sentence, ...]}; a class without sentences keeps the template")
+    g.add_argument("--template", help="template of the positive prompts, e.g. 'a photo of a {}, a type of bird.' "
+                   "(default: the dataset's, CoOp's; 'a photo of a {}.' for a folder of your own)")
+    g.add_argument("--negative-template", default="a photo of no {}.",
+                   help="template of the negative prompts (default 'a photo of no {}.')")
+    g.add_argument("--seeds", type=number_arg("seeds", int), nargs="+", default=[1, 2, 3],
+                   help="few-shot seeds (default 1 2 3)")
+    g.add_argument("--max-shots", type=number_arg("max_shots", int), default=16,
+                   help="training images per class sampled per seed; K shots are the first K (default 16)")
+    g.add_argument("--views", type=number_arg("views", int), default=10,
+                   help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
+    g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int), default=256,
+                   help="images (views) per CLIP forward pass (default 256)")
+    g.add_argument("--workers", type=number_arg("workers", int),
+                   help="data loading processes (default: CPU count, at most 8)")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--allow-repeats", action="store_true",
+                   help="let a class with fewer images than --max-shots repeat its images instead of failing")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing features file made with "
+                   "other settings (train.py: also another run's checkpoints in --save)")
+    return g
+
+
+def extraction_from_args(args) -> Extraction:
+    """The Extraction that the flags of add_extraction_args ask for (the settings not resolved yet)."""
+    settings = Settings(dataset="", backbone=args.backbone, pretrained=args.pretrained,
+                        clip_checkpoint=str(args.clip_checkpoint.resolve()) if args.clip_checkpoint else None,
+                        prompts=None if args.prompts is None else str(args.prompts), template=args.template,
+                        negative_template=args.negative_template, seeds=tuple(args.seeds),
+                        max_shots=args.max_shots, views=args.views, allow_repeats=args.allow_repeats)
+    return Extraction(settings, args.root, args.features_dir, args.encode_batch_size, args.workers, args.download)
+
+
+# ----------------------------------------------------------------------------- extract_features.py
+
+def extract_command(argv=None, description=None):
+    """extract_features.py: parse the flags, extract (or reuse) the dataset's features file."""
+    p = Parser(prog="extract_features.py", description=description or "Extract frozen CLIP features of a few-shot "
+               "dataset into one file (its layout: docs/features-file.md).",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, type=dataset_arg, help="a dataset key (e.g. dtd; docs/datasets.md "
+                   "lists them) or a folder holding one subfolder of images per class")
+    add_extraction_args(p)
+    args = p.parse_args(argv)
+    guarded("extract_features.py", lambda: extraction_from_args(args).extract(args.dataset, args.seeds, args.device,
+                                                                             args.overwrite))
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def add_config_flags(parser):
+    """One flag per setting of the methods' configs (default: the method's published value for the dataset)."""
+    g = parser.add_argument_group("method settings (default: each method's published value; see fewshot/methods.py)")
+    for name, (kind, owners) in config_fields().items():
+        where = ", ".join(owners) if len(owners) < 4 else f"{owners[0]}, ... ({len(owners)} methods)"
+        number = kind in (int, float)  # every number has its row in RANGES: checked here, where it enters
+        extra = ({"action": argparse.BooleanOptionalAction} if kind is bool else
+                 {"type": number_arg(name, kind) if number else kind})
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{name} of {where}", **extra)
+
+
+def train_parser(description=None) -> Parser:
+    """train.py's flags."""
+    methods = "\n".join(f"  {name:<14} {m.about}" for name, m in METHODS.items())
+    p = Parser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"methods:\n{methods}")
+    p.add_argument("--dataset", type=dataset_arg, help="a dataset key, e.g. dtd, or a folder holding one subfolder "
+                   "of images per class (docs/datasets.md); optional with --features")
+    p.add_argument("--shots", type=number_arg("shots", int), help="K, training images per class (default 16)")
+    p.add_argument("--method", choices=list(METHODS), help="default hegraph (the full model); list below")
+    p.add_argument("--no-negatives", action="store_true", help="run without the negative text nodes")
+    p.add_argument("--features", type=path_arg, help="train on this features file instead of extracting one")
+    add_extraction_args(p)
+    g = p.add_argument_group("recipe (default: each method's published one; see fewshot/methods.py)")
+    g.add_argument("--epochs", type=number_arg("epochs", int), help="training epochs; 0 evaluates the model as built")
+    g.add_argument("--lr", type=number_arg("lr"), help="peak learning rate")
+    g.add_argument("--batch-size", type=number_arg("batch_size", int), help="training images per step")
+    g.add_argument("--search-val", action="store_true", help="tune the method's knobs (fewshot/methods.py, at most "
+                   "12 settings) on the min(K, 4)-shot validation subset, never on test images")
+    add_config_flags(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=path_arg, help="write the results json here")
+    g.add_argument("--save", type=path_arg, help="write the learned parameters and configuration to DIR/seed<N>.pt")
+    g.add_argument("--eval-only", action="store_true", help="evaluate checkpoints from --load, no training")
+    g.add_argument("--load", type=path_arg, help="checkpoint folder written by --save (with --eval-only)")
+    g.add_argument("--eval-datasets", nargs="+", default=[], choices=SHIFT_DATASETS,
+                   help="also evaluate on these ImageNet shift sets, restricted to their classes")
+    return p
+
+
+def overrides_from_args(args) -> tuple[dict, dict]:
+    """The recipe and config settings the flags give: ({epochs | lr | batch_size: value}, {field: value})."""
+    given = lambda names: {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return given(RECIPE_FIELDS), given(config_fields())
+
+
+def train_request(argv=None, description=None) -> RunRequest:
+    """train.py's flags as a RunRequest, or one line (SystemExit) for a command line that cannot be one."""
+    p = train_parser(description)
+    args = p.parse_args(argv)
+    if args.dataset is None and args.features is None:
+        p.error("give --dataset (features are extracted if needed) or --features FILE")
+    if args.dataset in SHIFT_DATASETS:
+        p.error(f"--dataset {args.dataset} is a test-only set: train on imagenet and pass "
+                f"--eval-datasets {args.dataset}")
+    if args.eval_only != bool(args.load):
+        p.error("--eval-only and --load DIR go together")
+    recipe, config = overrides_from_args(args)
+    return RunRequest(features=args.features, dataset=args.dataset, extraction=extraction_from_args(args),
+                      method=args.method, shots=args.shots, seeds=tuple(args.seeds), no_negatives=args.no_negatives,
+                      recipe=recipe, config=config, search_val=args.search_val, out=args.out, save=args.save,
+                      load=args.load, eval_datasets=tuple(args.eval_datasets), device=args.device,
+                      overwrite=args.overwrite)
+
+
+def train_command(argv=None, description=None):
+    """train.py: parse the flags into a RunRequest and run it."""
+    guarded("train.py", lambda: run(train_request(argv, description)))

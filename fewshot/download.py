@@ -21,8 +21,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from features_file import acquire, file_lock, write_atomic
-from fewshot_data import CUPL_PROMPTS, DataError, dataset_spec, load_splits
+from fewshot.datasets import dataset_spec, load_splits
+from fewshot.errors import DataError
+from fewshot.files import acquire, file_lock, write_atomic
+from fewshot.prompts import CUPL_PROMPTS
 
 TIMEOUT_S = 60  # a transfer that receives nothing for this long fails, instead of hanging on a dead connection
 

@@ -1,14 +1,10 @@
-"""Extract frozen CLIP features of a few-shot dataset into one file (its contract: features_file.py).
+"""Frozen CLIP features of a few-shot dataset, extracted into one file (its contract: features.py).
 
-    python extract_features.py --dataset dtd --root DATA --backbone RN50 --features-dir features/
-    python extract_features.py --dataset path/to/my_images     # a folder of class subfolders (docs/datasets.md)
-    python extract_features.py --dataset dtd --root DATA --backbone ViT-B-16 --pretrained laion2b_s34b_b88k
-
-The datasets (CoOp's layouts, split files, templates and few-shot protocol) and the prompts are read by
-fewshot_data.py, the CLIP is named and loaded by backbones.py; the augmented training views are Tip-Adapter's
-(Zhang et al., 2022). Here: decoding the images, encoding images and prompts with CLIP, and this command's
-flags, which train.py and bench/reproduce.py share. All features are L2-normalised float16. Only the images
-some seed needs are encoded, plus the test split.
+The datasets (CoOp's layouts, split files, templates and few-shot protocol) are read by datasets.py, the prompts
+by prompts.py, the CLIP is named and loaded by backbones.py; the augmented training views are Tip-Adapter's
+(Zhang et al., 2022). Here: decoding the images, encoding images and prompts with CLIP, and extract_features(),
+which writes the file or reuses one made with the same settings. All features are L2-normalised float16. Only
+the images some seed needs are encoded, plus the test split.
 """
 import dataclasses
 import hashlib
@@ -17,6 +13,7 @@ import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,25 +23,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import backbones
-from cli import RANGES, Parser, dataset_arg, guarded, number_arg, path_arg, resolve_device
-from download import cupl_prompts, download_dataset
-from features_file import (
-    FORMAT,
-    Settings,
-    acquire,
-    check_served,
-    existing,
-    features_path,
-    file_lock,
-    reusable,
-    write_atomic,
-)
-from fewshot_data import (
-    CUPL,
+from fewshot import backbones
+from fewshot.datasets import (
     LAYOUT_HINT,
     VAL_SHOTS,
-    DataError,
     Splits,
     dataset_folder,
     dataset_name,
@@ -52,10 +34,16 @@ from fewshot_data import (
     dataset_template,
     fewshot_rows,
     is_folder,
-    load_prompts,
     load_splits,
     resolve_dataset,
 )
+from fewshot.devices import resolve_device
+from fewshot.download import cupl_prompts, download_dataset
+from fewshot.errors import DataError
+from fewshot.features import FORMAT, Settings, check_served, existing, features_path, reusable
+from fewshot.files import acquire, file_lock, write_atomic
+from fewshot.prompts import CUPL, load_prompts
+from fewshot.ranges import RANGES
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -84,7 +72,7 @@ class Views:
     with its resampling, mean and std."""
 
     def __init__(self, transform, preprocess: backbones.Preprocess, views: int):
-        import torchvision.transforms as T  # here: train.py imports this module and never augments (1.5 s saved)
+        import torchvision.transforms as T  # here: training imports this module and never augments (1.5 s saved)
         self.transform, self.size, self.views = transform, preprocess.size, views
         resample = T.InterpolationMode.BILINEAR if preprocess.interpolation == "bilinear" else \
             T.InterpolationMode.BICUBIC
@@ -349,92 +337,38 @@ def extract_features(settings: Settings, root, out_dir="features", *, batch_size
     return path
 
 
-def prompts_arg(text: str):
-    """argparse type of --prompts: "cupl" (CuPL's descriptions, downloaded) or a json file's path."""
-    return CUPL if text == CUPL else path_arg(text)
+@dataclass(frozen=True)
+class Extraction:
+    """How a command extracts features when it needs them: what determines them (the settings; the dataset and
+    the seeds are the run's), where the datasets and the features files are, and how fast to encode."""
+    settings: Settings = Settings("")      # dataset and seeds are filled in by extract()
+    root: Path = Path("data")              # the folder holding the dataset folders in CoOp's layout
+    features_dir: Path = Path("features")  # where features files are written and looked up
+    batch_size: int = 256                  # images (views) per CLIP forward pass
+    workers: int | None = None             # data loading processes; None: CPU count, at most 8
+    download: bool = False                 # fetch a benchmark dataset into root first if it is not there
 
+    def extract(self, dataset: str, seeds, device=None, overwrite: bool = False, like: dict | None = None) -> Path:
+        """extract_features of `dataset` with these settings and `seeds`. like: a features file's dict whose CLIP
+        is used instead of the one the settings name (its recorded model, or for a file without settings its
+        backbone's name)."""
+        settings = dataclasses.replace(self.settings, dataset=dataset, seeds=tuple(seeds))
+        if like is not None:
+            made = like.get("settings") if isinstance(like.get("settings"), dict) else {}
+            settings = dataclasses.replace(settings, backbone=made.get("backbone", like.get("backbone")),
+                                           pretrained=made.get("pretrained"),
+                                           clip_checkpoint=made.get("clip_checkpoint"))
+        return extract_features(settings, self.root, self.features_dir, batch_size=self.batch_size,
+                                workers=self.workers, device=device, overwrite=overwrite, download=self.download)
 
-def add_extraction_args(parser):
-    """The extraction flags, declared once for every command that may extract (this script, train.py,
-    bench/reproduce.py), so that an error naming one of them names a flag of the command that was run."""
-    g = parser.add_argument_group("feature extraction (when the features file does not exist yet)")
-    g.add_argument("--root", type=path_arg, default=Path("data"),
-                   help="folder holding the dataset folders in CoOp's layout (default data/)")
-    g.add_argument("--download", action="store_true", help="first download the dataset into --root if it is not "
-                   "there: its images from their official location and CoOp's split file, each checked "
-                   "(docs/datasets.md); for ImageNet, Stanford Cars and the shift sets, print the steps to take")
-    g.add_argument("--backbone", help="the CLIP (docs/backbones.md): one of OpenAI's names (RN50, RN101, "
-                   "ViT-B/32, ViT-B/16, ViT-L/14, ...) for OpenAI's weights, an open_clip model name with "
-                   "--pretrained, hf-hub:ORG/REPO or local-dir:FOLDER; its name is in the features file's name "
-                   "(default RN50, or with --clip-checkpoint the architecture read from its weights)")
-    g.add_argument("--pretrained", help="the weights of an open_clip --backbone: a tag (e.g. laion2b_s34b_b88k; "
-                   "default openai for OpenAI's names) or a weights file")
-    g.add_argument("--features-dir", type=path_arg, default=Path("features"),
-                   help="where features files are written and looked up (default features/)")
-    g.add_argument("--clip-checkpoint", type=path_arg, help="a local OpenAI-format CLIP checkpoint (a state dict or "
-                   "TorchScript file, as clip.load caches them) instead of downloading weights; named from its "
-                   "weights")
-    g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
-                   "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
-                   "file {classname: [sentence, ...]}; a class without sentences keeps the template")
-    g.add_argument("--template", help="template of the positive prompts, e.g. 'a photo of a {}, a type of bird.' "
-                   "(default: the dataset's, CoOp's; 'a photo of a {}.' for a folder of your own)")
-    g.add_argument("--negative-template", default="a photo of no {}.",
-                   help="template of the negative prompts (default 'a photo of no {}.')")
-    g.add_argument("--seeds", type=number_arg("seeds", int), nargs="+", default=[1, 2, 3],
-                   help="few-shot seeds (default 1 2 3)")
-    g.add_argument("--max-shots", type=number_arg("max_shots", int), default=16,
-                   help="training images per class sampled per seed; K shots are the first K (default 16)")
-    g.add_argument("--views", type=number_arg("views", int), default=10,
-                   help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
-    g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int), default=256,
-                   help="images (views) per CLIP forward pass (default 256)")
-    g.add_argument("--workers", type=number_arg("workers", int),
-                   help="data loading processes (default: CPU count, at most 8)")
-    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--allow-repeats", action="store_true",
-                   help="let a class with fewer images than --max-shots repeat its images instead of failing")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing features file made with "
-                   "other settings (train.py: also another run's checkpoints in --save)")
-    return g
+    def backbone_name(self) -> str:
+        """The name of the CLIP the settings ask for, as features files and results show it."""
+        return backbones.resolve(self.settings).name
 
-
-def settings_from_args(args, dataset: str) -> Settings:
-    """The Settings that the extraction flags of add_extraction_args ask for, for `dataset` (not resolved)."""
-    return Settings(dataset=dataset, backbone=args.backbone, pretrained=args.pretrained,
-                    clip_checkpoint=str(args.clip_checkpoint.resolve()) if args.clip_checkpoint else None,
-                    prompts=None if args.prompts is None else str(args.prompts), template=args.template,
-                    negative_template=args.negative_template, seeds=tuple(args.seeds), max_shots=args.max_shots,
-                    views=args.views, allow_repeats=args.allow_repeats)
-
-
-def backbone_name(args) -> str:
-    """The name of the CLIP the extraction flags ask for, as features files and results show it."""
-    return backbones.resolve(settings_from_args(args, "")).name
-
-
-def extract_from_args(args, dataset: str, like: dict | None = None) -> Path:
-    """extract_features with the flags of add_extraction_args. like: a features file's dict, whose CLIP is used
-    instead of the one the flags name (its recorded model, or for a file without settings its backbone's name)."""
-    settings = settings_from_args(args, dataset)
-    if like is not None:
-        made = like.get("settings") if isinstance(like.get("settings"), dict) else {}
-        settings = dataclasses.replace(settings, backbone=made.get("backbone", like.get("backbone")),
-                                       pretrained=made.get("pretrained"), clip_checkpoint=made.get("clip_checkpoint"))
-    return extract_features(settings, args.root, args.features_dir, batch_size=args.encode_batch_size,
-                            workers=args.workers, device=args.device, overwrite=args.overwrite,
-                            download=args.download)
-
-
-def main(argv=None):
-    p = Parser(prog="extract_features.py", description="Extract frozen CLIP features of a few-shot dataset into "
-               "one file (its layout: docs/features-file.md).")
-    p.add_argument("--dataset", required=True, type=dataset_arg, help="a dataset key (e.g. dtd; docs/datasets.md "
-                   "lists them) or a folder holding one subfolder of images per class")
-    add_extraction_args(p)
-    args = p.parse_args(argv)
-    guarded("extract_features.py", lambda: extract_from_args(args, args.dataset))
-
-
-if __name__ == "__main__":
-    main()
+    def path(self, dataset: str) -> Path | None:
+        """The features file `dataset` is extracted into or reused from; None while its CLIP cannot be named (a
+        checkpoint that is not there yet): the extraction then says why, in its turn."""
+        try:
+            return features_path(self.features_dir, dataset_name(dataset), self.backbone_name())
+        except DataError:
+            return None

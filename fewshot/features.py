@@ -1,4 +1,4 @@
-"""The features file: the contract between extract_features.py, which writes it, and train.py, which reads it.
+"""The features file: the contract between the extraction, which writes it, and training, which reads it.
 
 One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.md has the full layout):
 
@@ -9,36 +9,22 @@ One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.m
     plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths, and
     settings: the Settings it was extracted with.
 
-Here: the Settings (what a file records and what its reuse compares), reading a file with weights_only and
-checking every tensor train.py uses, atomic writes, the lock that makes parallel writers take turns, and the
-removal of temporary files that killed writers left behind.
+Here: the Settings (what a file records and what its reuse compares), reading a file and checking every
+tensor training uses, and whether an existing file serves the settings asked for.
 """
 import dataclasses
-import glob
 import math
-import os
-import pickle
-import re
-import shutil
-import socket
-import time
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 
-from fewshot_data import DataError, dataset_name
+from fewshot.backbones import OPENAI_NAMES, OPENAI_TAG
+from fewshot.datasets import dataset_name
+from fewshot.errors import DataError
+from fewshot.files import load_torch_file
 
 FORMAT = "hegraphadapter-features-v1"
-OPENAI_NAMES = {  # OpenAI's names of its CLIP models (clip.available_models()) -> open_clip's names of them
-    "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
-    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
-}
-OPENAI_TAG = "openai"                   # open_clip's tag of OpenAI's weights
-SCHEMAS = ("hf-hub:", "local-dir:")     # open_clip's model folders: on the Hugging Face hub, on disk
 
 
 # ----------------------------------------------------------------------------- what a file was made with
@@ -94,39 +80,6 @@ def features_path(out_dir, dataset: str, backbone: str) -> Path:
     """The file a dataset's features are written to, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32); a folder
     dataset's is named after the folder (path/to/my_images -> features/my_images_RN50.pt)."""
     return Path(out_dir) / f"{dataset_name(dataset)}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
-
-
-# ----------------------------------------------------------------------------- reading
-
-def load_torch_file(path, what: str, mmap: bool = False):
-    """torch.load(path) on the CPU with weights_only=True, or one DataError line naming `what` and `path`.
-
-    For any file a user hands over (a features file, a checkpoint): a missing path, an empty or truncated
-    file, or one torch.save did not write (text, an image, a plain pickle) each end in one line, e.g.
-    "checkpoint runs/seed1.pt is truncated or not a file written by torch.save (...)", not a traceback.
-    mmap=True maps the tensors instead of reading them (for files in torch.save's default zip format; others
-    are read), so a large file's small entries are cheap to look at.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist" + (" as a file (it is a folder)" if path.is_dir() else ""))
-    is_zip = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; False for a truncated one
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
-    except OSError as e:
-        if e.errno is not None:  # the file system's fault (permissions, an I/O error), not the file's
-            raise DataError(f"cannot read {what} {path}: {e.strerror}; check its permissions") from None
-        raise DataError(f"{what} {path} is truncated or not a file written by torch.save "
-                        f"({type(e).__name__})") from None
-    except Exception as e:
-        first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
-        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
-        if is_zip and isinstance(e, pickle.UnpicklingError):
-            raise DataError(f"{what} {path} holds objects other than tensors and plain Python containers, "
-                            f"which are not loaded (torch.load weights_only=True; {reason})") from None
-        raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
 
 
 def load_features(path) -> dict:
@@ -305,123 +258,4 @@ def reusable(path: Path, wanted: dict, overwrite: bool) -> bool:
     check_served(path, existing(path).get("settings"), wanted)
     return True
 
-
-# ----------------------------------------------------------------------------- writing safely
-
-def file_lock(path) -> FileLock:
-    """An exclusive lock on `path` across processes, held in a hidden `.<name>.lock` file beside it.
-
-    `with file_lock(path): check, then write` makes parallel jobs on one file (one per seed or per GPU on a
-    cluster) take turns, so that none replaces a file another has just checked or written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path.with_name(f".{path.name}.lock"))
-
-
-def acquire(lock: FileLock, path: Path):
-    """lock.acquire() for a `with`, saying what it waits for when another process holds the lock."""
-    try:
-        return lock.acquire(timeout=0)
-    except Timeout:
-        print(f"waiting for another process to finish writing {path}", flush=True)
-        return lock.acquire()
-
-
-STALE_TEMP_SECONDS = 24 * 3600  # a writer keeps writing its temporary file: one untouched for a day is dead
-
-
-def _alive(pid: int) -> bool:
-    """True if process `pid` of this host runs (or might: when it cannot be asked)."""
-    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path):
-    """Delete the temporary files that killed writes of `path` left (kill -9, power cut: no `finally` ran).
-
-    Only files of write_atomic's naming, .NAME.HOST.PID.tmp, and only a dead writer's: a process of this host
-    that no longer runs, or any file untouched for a day (the PID since reused, another host writing to a
-    shared folder). A live writer's file is never removed.
-    """
-    host, named = socket.gethostname(), re.compile(rf"\.{re.escape(path.name)}\.(?:(.+)\.)?(\d+)\.tmp")
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = named.fullmatch(tmp.name)
-        try:
-            if match and ((match[1] == host and not _alive(int(match[2])))
-                          or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS):
-                tmp.unlink()
-        except FileNotFoundError:  # another process cleaned it up first
-            pass
-
-
-def write_atomic(path, write):
-    """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched.
-
-    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _same_or_inside(path: Path, other: Path) -> bool:
-    """True if `path` is the file or folder `other` (through links too), or lies inside the folder `other`."""
-    a, b = Path(os.path.realpath(path)), Path(os.path.realpath(other))
-    if a == b or b in a.parents:
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)   # a hard link
-    except OSError:
-        return False
-
-
-def check_output(flag, path, inputs, folder=False, needed_bytes=1 << 20):
-    """Before any work: `path` (a file, or a folder with folder=True) can receive the output of `flag` without
-    destroying anything. It is none of the run's `inputs` ({description: path}; for a folder input, nothing
-    inside it), not a device, pipe or socket, not a folder where a file goes (or the reverse), writable, its
-    name (and write_atomic's temporary one) not too long, and its disk has `needed_bytes` free."""
-    path = Path(path)
-    for what, source in inputs.items():
-        if source is not None and _same_or_inside(path, source):
-            raise DataError(f"{flag} {path} is {what} {source}, an input of this run, which writing there would "
-                            f"destroy; choose another path")
-    if path.exists() and not (path.is_dir() if folder else path.is_file()):
-        kind = ("a folder" if path.is_dir() else "a file" if path.is_file()
-                else "not a regular file (a device, a pipe or a socket)")
-        raise DataError(f"{flag} {path} is {kind}; give {'a folder' if folder else 'a file name'} there instead")
-    target = path if folder else path.parent
-    blocking = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise DataError(f"{flag} {path} cannot be written: {blocking} is a file, not a folder; choose another path")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        longest = os.pathconf(target, "PC_NAME_MAX")
-        free = shutil.disk_usage(target).free
-    except OSError as e:
-        raise DataError(f"{flag} {path} cannot be written: {e.strerror}; choose another path") from None
-    temporary = f".{'seed000.pt' if folder else path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
-    if len(temporary.encode()) > longest:
-        raise DataError(f"{flag} {path}: the name is too long for this file system (at most {longest} bytes with "
-                        f"its temporary suffix); choose a shorter one")
-    if free < needed_bytes:
-        raise DataError(f"{flag} {path}: only {free / 2**20:.1f} MiB free on its disk, {needed_bytes / 2**20:.1f} MiB "
-                        f"needed; free some space or choose another path")
 

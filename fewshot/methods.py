@@ -5,11 +5,12 @@ The same tuning budget for every method: each row's knobs span a grid of at most
 values its authors tune or expose), which train.py's --search-val scores on the min(K, 4)-shot validation
 subset and bench/real_features.py on its dev folds. Adding a method means adding its row here.
 """
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from baselines import (
+from fewshot.baselines import (
     CLIPAdapter,
     CLIPAdapterConfig,
     GraphAdapter,
@@ -24,6 +25,7 @@ from baselines import (
     ZeroShot,
     fit_linear_probe,
 )
+from fewshot.errors import DataError
 from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
 TUNING_BUDGET = 12   # grid points per method, the same for all
@@ -142,12 +144,32 @@ def fit_probe(model, task, seed):
 
 
 # -----------------------------------------------------------------------------
+# how each model is built from a task (tasks.Task): the tensors it takes, then its config and CLIP's logit scale
+
+def text_model(model):
+    """A model of the text features alone (zero-shot, the linear probe, TaskRes, CLIP-Adapter)."""
+    return lambda task, config: model(task.pos_text, config=config, logit_scale=task.logit_scale)
+
+
+def cache_model(model):
+    """A model of the text features and the few-shot cache (Tip-Adapter, GraphAdapter)."""
+    return lambda task, config: model(task.pos_text, task.cache_feats, task.cache_labels, config=config,
+                                      logit_scale=task.logit_scale)
+
+
+def hegraph_model(task, config):
+    """HeGraphAdapter: the positive and negative text features (None without negatives) and the cache."""
+    return HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.cache_labels, config=config,
+                          logit_scale=task.logit_scale)
+
+
+# -----------------------------------------------------------------------------
 # the methods: one row each
 
 @dataclass(frozen=True)
 class Method:
     """One row of METHODS: how a method builds its model, configures it, trains and is tuned."""
-    model: type                      # nn.Module; its constructor names the task tensors it takes (pos_text, ...)
+    model: Callable                  # (task, config) -> the nn.Module, built from the task tensors it names
     config: Callable                 # dataset -> the model's published (default) frozen config
     about: str                       # one line for --help
     recipe: Callable | None = None   # (dataset, shots) -> Recipe; None: nothing to train by gradient steps
@@ -160,27 +182,27 @@ class Method:
 
 def hegraph(variant, about, frozen=()):
     """A row of HeGraphAdapter, the paper's recipe; frozen=("W_",) keeps every projection at zero."""
-    return Method(HeGraphAdapter, hegraph_config(variant), about, paper_recipe,
+    return Method(hegraph_model, hegraph_config(variant), about, paper_recipe,
                   knobs=hegraph_knobs(with_cache=variant == "full"), post_hoc=("alpha",) if variant == "full" else (),
                   negatives="required" if variant == "tn" else "" if variant == "tp" else "optional", frozen=frozen)
 
 
 METHODS = {
-    "zeroshot": Method(ZeroShot, lambda dataset: NoConfig(),
+    "zeroshot": Method(text_model(ZeroShot), lambda dataset: NoConfig(),
                        "CLIP zero-shot with the positive prompts (the paper's Base)"),
-    "linear-probe": Method(LinearProbe, lambda dataset: LinearProbeConfig(),
+    "linear-probe": Method(text_model(LinearProbe), lambda dataset: LinearProbeConfig(),
                            "CLIP's linear probe: L2 logistic regression, C searched on val", fit=fit_probe),
-    "tip": Method(TipAdapter, tip_config(False), "Tip-Adapter, training-free", knobs=tip_knobs,
+    "tip": Method(cache_model(TipAdapter), tip_config(False), "Tip-Adapter, training-free", knobs=tip_knobs,
                   post_hoc=("alpha", "gamma")),
-    "tip-f": Method(TipAdapter, tip_config(True), "Tip-Adapter-F: the cache keys are learned", tip_f_recipe,
+    "tip-f": Method(cache_model(TipAdapter), tip_config(True), "Tip-Adapter-F: the cache keys are learned", tip_f_recipe,
                     knobs=tip_f_knobs, post_hoc=("alpha", "gamma")),
-    "taskres": Method(TaskRes, lambda dataset: TaskResConfig(scale=1.0 if dataset == "oxford_flowers" else 0.5),
+    "taskres": Method(text_model(TaskRes), lambda dataset: TaskResConfig(scale=1.0 if dataset == "oxford_flowers" else 0.5),
                       "TaskRes: a learned per-class residual on the text classifier", taskres_recipe,
                       knobs=lr_and("scale", (0.25, 0.5, 1.0))),
-    "clip-adapter": Method(CLIPAdapter, lambda dataset: CLIPAdapterConfig(),
+    "clip-adapter": Method(text_model(CLIPAdapter), lambda dataset: CLIPAdapterConfig(),
                            "CLIP-Adapter: a residual bottleneck MLP on the image feature", coop_recipe,
                            knobs=lr_and("ratio", (0.2, 0.4, 0.6))),
-    "graphadapter": Method(GraphAdapter, lambda dataset: GraphAdapterConfig(),
+    "graphadapter": Method(cache_model(GraphAdapter), lambda dataset: GraphAdapterConfig(),
                            "GraphAdapter: textual and visual knowledge graphs refine the text classifier",
                            taskres_recipe, knobs=lr_and("beta", (0.5, 0.7, 0.9))),
     "hegraph": hegraph("full", "HeGraphAdapter, the full model"),
@@ -201,3 +223,50 @@ def grid(method, dataset, recipe):
     points = [dict(zip(knobs, values)) for values in itertools.product(*knobs.values())]
     assert len(points) <= TUNING_BUDGET, f"{len(points)} grid points: over the budget of {TUNING_BUDGET}"
     return points
+
+
+def build(method, task, config):
+    """The method's model for this task, with the parameters the row freezes kept at their initial value."""
+    model = method.model(task, config)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(method.frozen))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# settings a run may change: every field of every config, the recipe's epochs, lr and batch size
+
+RECIPE_FIELDS = ("epochs", "lr", "batch_size")  # what a run may change of a method's recipe
+
+
+def config_fields():
+    """Every field of every method's config, but those a row fixes: name -> (type, [methods it configures])."""
+    fields = {}
+    for name, method in METHODS.items():
+        for f in dataclasses.fields(method.config("")):
+            if f.name not in ROW_FIELDS:
+                fields.setdefault(f.name, (f.type, []))[1].append(name)
+    return fields
+
+
+def configure(name, dataset, overrides):
+    """The row's published config for this dataset with `overrides` ({field: value}) applied; a field that is
+    not this method's is refused rather than silently ignored."""
+    config = METHODS[name].config(dataset)
+    fields = {f.name for f in dataclasses.fields(config)}
+    for field in sorted(set(overrides) - fields):
+        owners = ", ".join(config_fields()[field][1]) if field in config_fields() else "no method"
+        raise DataError(f"--{field.replace('_', '-')} sets nothing of {name} (it configures {owners}); drop it")
+    return dataclasses.replace(config, **overrides)
+
+
+def effective_recipe(name, dataset, shots, overrides):
+    """The method's recipe for this dataset and K with `overrides` ({epochs, lr, batch_size: value}) applied;
+    None if it has nothing to train by gradient steps."""
+    method = METHODS[name]
+    if method.recipe is None:
+        return None
+    unknown = sorted(set(overrides) - set(RECIPE_FIELDS))
+    if unknown:
+        raise DataError(f"--{unknown[0].replace('_', '-')} is not a setting of a recipe ({', '.join(RECIPE_FIELDS)})")
+    return dataclasses.replace(method.recipe(dataset, shots), **overrides)

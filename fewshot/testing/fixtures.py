@@ -10,7 +10,6 @@ small image datasets in CoOp's layout, and synthetic features files. Nothing is 
 import hashlib
 import json
 import math
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts at the repository root
-import fewshot_data as fd
-from features_file import FORMAT
+import fewshot.datasets as fd
+from fewshot.features import FORMAT
 
 
 @dataclass(frozen=True)
