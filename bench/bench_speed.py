@@ -33,13 +33,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from baselines import TipAdapter, TipConfig  # noqa: E402
-from hegraphadapter import HeGraphAdapter, HeGraphConfig  # noqa: E402
+from fewshot.baselines import TipAdapter, TipConfig
+from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
 METHODS = ("full", "tipf")
 

@@ -1,21 +1,20 @@
 """
-Tunable parameters of every method of train.py, at a size given on the command line.
+Tunable parameters of every method of train.py (fewshot/methods.py), at a size given on the command line.
 
     python bench/parameters.py                       # RN50 on ImageNet: d = 1024, C = 1000, K = 16
     python bench/parameters.py --dim 512 --classes 47 --shots 16
 
-Each model is built by train.py's own METHODS row on random unit features of that size (the count does
-not depend on the values), with negative prompts, and counted by train.tunable_parameters.
+Each model is built by its own METHODS row on random unit features of that size (the count does
+not depend on the values), with negative prompts, and counted by training.tunable_parameters.
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train
+from fewshot.methods import METHODS, build
+from fewshot.tasks import Task
+from fewshot.training import tunable_parameters
 
 
 def random_task(dim, classes, shots):
@@ -24,7 +23,7 @@ def random_task(dim, classes, shots):
     unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)
     labels = torch.arange(classes).repeat_interleave(shots)
     views = unit(1, len(labels), dim)
-    return train.Task(pos_text=unit(classes, dim), neg_text=unit(classes, dim), train_views=views,
+    return Task(pos_text=unit(classes, dim), neg_text=unit(classes, dim), train_views=views,
                       train_labels=labels, cache_feats=views[0], val=None,
                       test=(unit(2, dim), torch.zeros(2, dtype=torch.long)), logit_scale=100.0)
 
@@ -38,9 +37,9 @@ def main():
     task = random_task(a.dim, a.classes, a.shots)
     print(f"tunable parameters, d = {a.dim}, C = {a.classes}, K = {a.shots}\n")
     print("| method | tunable parameters |\n|---|---:|")
-    for name, method in train.METHODS.items():
-        model = train.build(method, task, method.config("imagenet"))
-        print(f"| `{name}` | {train.tunable_parameters(model):,} |")
+    for name, method in METHODS.items():
+        model = build(method, task, method.config("imagenet"))
+        print(f"| `{name}` | {tunable_parameters(model):,} |")
 
 
 if __name__ == "__main__":

@@ -150,15 +150,20 @@ def extraction_from_args(args) -> Extraction:
 
 # ----------------------------------------------------------------------------- extract_features.py
 
-def extract_command(argv=None, description=None):
-    """extract_features.py: parse the flags, extract (or reuse) the dataset's features file."""
+def extract_parser(description=None) -> Parser:
+    """extract_features.py's flags."""
     p = Parser(prog="extract_features.py", description=description or "Extract frozen CLIP features of a few-shot "
                "dataset into one file (its layout: docs/features-file.md).",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, type=dataset_arg, help="a dataset key (e.g. dtd; docs/datasets.md "
                    "lists them) or a folder holding one subfolder of images per class")
     add_extraction_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def extract_command(argv=None, description=None):
+    """extract_features.py: parse the flags, extract (or reuse) the dataset's features file."""
+    args = extract_parser(description).parse_args(argv)
     guarded("extract_features.py", lambda: extraction_from_args(args).extract(args.dataset, args.seeds, args.device,
                                                                              args.overwrite))
 

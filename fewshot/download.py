@@ -21,10 +21,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fewshot.datasets import dataset_spec, load_splits
+from fewshot import datasets, prompts
 from fewshot.errors import DataError
 from fewshot.files import acquire, file_lock, write_atomic
-from fewshot.prompts import CUPL_PROMPTS
 
 TIMEOUT_S = 60  # a transfer that receives nothing for this long fails, instead of hanging on a dead connection
 
@@ -37,10 +36,11 @@ def cache_dir() -> Path:
 def cupl_prompts(dataset: str) -> Path:
     """The CuPL descriptions of `dataset`, downloaded once from CUPL_PROMPTS into cache_dir(); the file's sha256
     is checked before every use, so a download that is cut short or altered is never used."""
-    if dataset not in CUPL_PROMPTS:
+    if dataset not in prompts.CUPL_PROMPTS:
         raise DataError(f"--prompts cupl: no CuPL descriptions are pinned for '{dataset}' (there are for "
-                        f"{', '.join(CUPL_PROMPTS)}); pass --prompts FILE.json of {{classname: [sentence, ...]}}")
-    url, sha256 = CUPL_PROMPTS[dataset]
+                        f"{', '.join(prompts.CUPL_PROMPTS)}); pass --prompts FILE.json of "
+                        f"{{classname: [sentence, ...]}}")
+    url, sha256 = prompts.CUPL_PROMPTS[dataset]
     path = cache_dir() / url.rsplit("/", 1)[-1]
     if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
         return path
@@ -203,7 +203,7 @@ def download_dataset(dataset: str, root) -> Path:
     its split present. A failed, cut or interrupted download so leaves no dataset folder; a rerun reuses the
     files fetched and checked before and fetches the others again. Processes downloading it take turns.
     """
-    target = Path(root) / dataset_spec(dataset).folder
+    target = Path(root) / datasets.dataset_spec(dataset).folder
     with acquire(file_lock(target), target):
         if target.exists():  # (a manual dataset is only looked at when read: ImageNet's folders are large)
             return _check_present(dataset, root, target) if dataset in DOWNLOADS else target
@@ -226,7 +226,7 @@ def download_dataset(dataset: str, root) -> Path:
 def _check_present(dataset: str, root, target: Path) -> Path:
     """A dataset folder that is there is used if it loads; one that does not is never replaced or deleted."""
     try:
-        load_splits(dataset, root)
+        datasets.load_splits(dataset, root)
     except DataError as e:
         raise DataError(f"--download: {target} exists but does not load ({e}); move it away and rerun to download "
                         f"{dataset}, or complete it by hand") from None
@@ -321,7 +321,7 @@ def _verify(dataset: str, build: Path, plan: DatasetDownload, staging: Path):
     """The unpacked dataset loads and every image of its split is there; else the unpinned files, which nothing
     else has checked, are deleted (fetched again next run) and one line says so."""
     try:
-        splits = load_splits(dataset, build)
+        splits = datasets.load_splits(dataset, build)
         missing = [p for items in (splits.train, splits.val, splits.test) for p, _ in items
                    if not (splits.images / p).is_file()]
         if missing:

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fewshot import backbones
+from fewshot import backbones, files
 from fewshot.datasets import (
     LAYOUT_HINT,
     VAL_SHOTS,
@@ -41,7 +41,6 @@ from fewshot.devices import resolve_device
 from fewshot.download import cupl_prompts, download_dataset
 from fewshot.errors import DataError
 from fewshot.features import FORMAT, Settings, check_served, existing, features_path, reusable
-from fewshot.files import acquire, file_lock, write_atomic
 from fewshot.prompts import CUPL, load_prompts
 from fewshot.ranges import RANGES
 
@@ -328,11 +327,11 @@ def extract_features(settings: Settings, root, out_dir="features", *, batch_size
     if reusable(path, settings.record(), overwrite):  # reading needs no lock (a shared folder may be read-only)
         return path
     # held from the check to the write: a second process waits, then reuses or refuses what this one wrote
-    with acquire(file_lock(path), path):
+    with files.acquire(files.file_lock(path), path):
         if reusable(path, settings.record(), overwrite):  # another process wrote it while this one waited
             return path
         out = encode_dataset(settings, splits, (positive, negative), batch_size, workers, device)
-        write_atomic(path, lambda f: torch.save(out, f))
+        files.write_atomic(path, lambda f: torch.save(out, f))
     print(f"wrote {path}")
     return path
 

@@ -14,6 +14,7 @@ tensor training uses, and whether an existing file serves the settings asked for
 """
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -18,7 +18,6 @@ from filelock import FileLock, Timeout
 
 from fewshot.errors import DataError
 
-
 # ----------------------------------------------------------------------------- reading
 
 def load_torch_file(path, what: str, mmap: bool = False):

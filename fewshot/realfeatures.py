@@ -1,6 +1,7 @@
 """
-Accuracy on real CLIP features: every method through train.py's own code, once with its published defaults
-and once tuned on the dev folds with the same budget (methods.py: at most 12 settings per method).
+Accuracy on real CLIP features (bench/real_features.py): every method through train.py's own code, once with its
+published defaults and once tuned on the dev folds with the same budget (methods.py: at most 12 settings per
+method).
 
 Reads ../shared/realfeats/imagenet_vitb32_dev.pt (real OpenAI CLIP ViT-B/32 features of ImageNet training
 images, one row per image = the mean of 10 augmented views; see its README). It is never copied into the
@@ -27,48 +28,48 @@ folds and K'), and the best (the first of equal scores) is run on the test proto
 Finished units are kept in --cache (a jsonl file), so an interrupted run resumes where it stopped.
 """
 
-import os
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # set before tqdm is imported: one table, no progress bars
-
 import argparse
 import itertools
 import json
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (after the path is set)
-from features_file import FORMAT  # noqa: E402
-from methods import METHODS, grid  # noqa: E402
+from fewshot import training
+from fewshot.cli import overrides_from_args, train_parser
+from fewshot.features import FORMAT
+from fewshot.methods import METHODS, grid
+from fewshot.runs import make_plan
+from fewshot.tasks import make_task
 
-DEFAULT_FILE = ROOT.parent / "shared" / "realfeats" / "imagenet_vitb32_dev.pt"
-ROWS = {  # row name -> train.py arguments
-    "zeroshot": ["--method", "zeroshot"],
-    "linear-probe": ["--method", "linear-probe"],
-    "tip": ["--method", "tip"],
-    "tip-f": ["--method", "tip-f"],
-    "taskres": ["--method", "taskres"],
-    "clip-adapter": ["--method", "clip-adapter"],
-    "graphadapter": ["--method", "graphadapter"],
-    "hegraph-bias": ["--method", "hegraph-bias", "--no-negatives"],
-    "hegraph": ["--method", "hegraph", "--no-negatives"],
-    "hegraph-tp": ["--method", "hegraph-tp", "--no-negatives"],
-}
+DEFAULT_FILE = Path(__file__).resolve().parents[2] / "shared" / "realfeats" / "imagenet_vitb32_dev.pt"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the tables: a method, and how it runs here."""
+    method: str                                    # its row in METHODS
+    no_negatives: bool = False                     # the file has no negative prompts
+    config: dict = field(default_factory=dict)     # config settings over the method's published ones
+
+
+ROWS = {name: Row(name) for name in ("zeroshot", "linear-probe", "tip", "tip-f", "taskres", "clip-adapter",
+                                     "graphadapter")}
+ROWS |= {name: Row(name, no_negatives=True) for name in ("hegraph-bias", "hegraph", "hegraph-tp")}
 # the graph designs of HeGraphConfig (hegraphadapter.py, E1-E5), each tuned with the same budget as every
 # method: 12 points, its own knob with s_b and α (post-hoc), or s_W where the design has no knob of its own
-_HEGRAPH = ["--method", "hegraph", "--no-negatives"]
+_HEGRAPH = Row("hegraph", no_negatives=True)
 _TUNED = {"bias_scale": (0.1, 0.2), "alpha": (1.0, 2.0)}
-STUDY = {  # row -> (train.py arguments, knobs)
+STUDY = {  # row -> (how it runs, knobs)
     "E1 own-class edges": (_HEGRAPH, {"own_class_paths": ("vp", "vp,vv", "vp,vv,pp"), **_TUNED}),
     "E2 sparse edges": (_HEGRAPH, {"neighbours": (5, 10, 20), **_TUNED}),
     "E3 sharpened edges": (_HEGRAPH, {"edge_temperature": (0.03, 0.1, 0.3), **_TUNED}),
-    "E4 class-specific messages": (_HEGRAPH + ["--centre-messages"], {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
-    "E5 tanh messages": (_HEGRAPH + ["--message-activation", "tanh"], {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
+    "E4 class-specific messages": (Row("hegraph", True, {"centre_messages": True}),
+                                   {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
+    "E5 tanh messages": (Row("hegraph", True, {"message_activation": "tanh"}),
+                         {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
 }
 TASKS = ("imagenet-500", "fine-grained-50", "random-50", "random-100")
 DEV_FOLDS = 4       # the tuning protocol rotates the 4-shot pool: each of its images validates in some fold
@@ -177,11 +178,13 @@ class Cache:
         return self.done[k]
 
 
-def plan_for(row, data, shots, extra=()):
-    """train.py's plan of the row on this data: its method, published config (with any extra flags), recipe."""
-    argv = ROWS[row] if row in ROWS else STUDY[row][0]
-    args = train.parse_args(["--features", "unused.pt", "--shots", str(shots), *argv, *extra])
-    return train.make_plan(args, data)
+def plan_for(row, data, shots, overrides=({}, {})):
+    """train.py's plan of the row on this data: its method, published config and recipe, with the row's config
+    and any overrides (recipe settings, config settings) applied."""
+    spec = ROWS[row] if row in ROWS else STUDY[row][0]
+    recipe, config = overrides
+    return make_plan(data["dataset"], spec.method, shots, no_negatives=spec.no_negatives,
+                     config={**spec.config, **config}, recipe=recipe)
 
 
 def points_of(row, plan):
@@ -192,16 +195,16 @@ def points_of(row, plan):
     return [dict(zip(knobs, values)) for values in itertools.product(*knobs.values())]
 
 
-def test_accuracy(row, data, shots, seed, point, extra=()):
+def test_accuracy(row, data, shots, seed, point, overrides=({}, {})):
     """The row trained at a grid point ({} = its defaults) on one seed's task, scored on the test split."""
-    plan = plan_for(row, data, shots, extra)
+    plan = plan_for(row, data, shots, overrides)
     method = METHODS[plan.method]
-    task = train.make_task(data, seed, shots, "cpu", negatives=False)
+    task = make_task(data, seed, shots, "cpu", negatives=False)
     torch.manual_seed(seed)
-    model, info = train.fit_at(method, task, plan.config, plan.recipe, point, seed)
-    model = train.with_post_hoc(method, task, model, point)
-    return {"acc": train.accuracy(model, *task.test), "epoch_seconds": info.get("epoch_seconds", 0.0),
-            "params": train.tunable_parameters(model)}
+    model, info = training.fit_at(method, task, plan.config, plan.recipe, point, seed)
+    model = training.with_post_hoc(method, task, model, point)
+    return {"acc": training.accuracy(model, *task.test), "epoch_seconds": info.get("epoch_seconds", 0.0),
+            "params": training.tunable_parameters(model)}
 
 
 def dev_scores(row, real, shots, seed, fold):
@@ -209,10 +212,10 @@ def dev_scores(row, real, shots, seed, fold):
     data = task_data(real, shots, seed, True, fold)
     plan = plan_for(row, data, shots)
     method = METHODS[plan.method]
-    task = train.make_task(data, seed, shots, "cpu", negatives=False)
+    task = make_task(data, seed, shots, "cpu", negatives=False)
     torch.manual_seed(seed)
     points = points_of(row, plan)
-    _, _, scores = train.score_grid(method, task, plan.config, plan.recipe, points, seed, *task.val)
+    _, _, scores = training.score_grid(method, task, plan.config, plan.recipe, points, seed, *task.val)
     return [acc for _, acc in scores]
 
 
@@ -363,7 +366,7 @@ def plot(blocks, path, backbone):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import report
+    from fewshot import report
 
     tasks = list(dict.fromkeys(task for task, _ in blocks))
     rows = list(dict.fromkeys(row for results in blocks.values() for row in results))
@@ -405,13 +408,15 @@ def markdown_study(results, title, against="hegraph-bias"):
 # the --dev mode: one setting of some rows on the dev folds (as the defaults were chosen)
 
 def dev_table(real, rows, extra):
-    """Mean over folds of each seed's dev accuracy, then mean ± std over seeds, per K' (and their mean)."""
+    """Mean over folds of each seed's dev accuracy, then mean ± std over seeds, per K' (and their mean).
+    extra: train.py flags, read by train.py's own parser."""
+    overrides = overrides_from_args(train_parser().parse_args(extra))
     print(f"{'method':<16}" + "".join(f"{f'K={k}':>16}" for k in DEV_SHOTS) + f"{'mean':>10}")
     for row in rows:
         per_k = {}
         for shots in DEV_SHOTS:
             for seed in SEEDS:
-                folds = [test_accuracy(row, task_data(real, shots, seed, True, f), shots, seed, {}, extra)["acc"]
+                folds = [test_accuracy(row, task_data(real, shots, seed, True, f), shots, seed, {}, overrides)["acc"]
                          for f in range(DEV_FOLDS)]
                 per_k.setdefault(shots, []).append(sum(folds) / len(folds))
         overall = sum(sum(v) / len(v) for v in per_k.values()) / len(per_k)
@@ -489,7 +494,3 @@ def main(argv=None):
         (args.out / "real_features.md").write_text(text + "\n")
         (args.out / "real_features.json").write_text(json.dumps(everything, indent=1))
         plot(blocks, args.out / "real_features.png", real["backbone"])
-
-
-if __name__ == "__main__":
-    main()

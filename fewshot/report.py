@@ -1,11 +1,12 @@
 """
-bench/report.py: the outputs of bench/reproduce.py, rebuilt from its run files alone (no training).
+The outputs of the sweep (bench/reproduce.py), rebuilt from its run files alone (no training).
 
     python bench/report.py --results results/        # or: python bench/reproduce.py --report
 
 reads results/runs/*.json (one per run, written by the sweep) and writes
     results/README.md     Table A few-shot (one block per K), Table B ablation, Table C domain
-                          generalisation, cost; the paper's numbers (bench/paper_numbers.csv) beside ours
+                          generalisation, cost; the paper's numbers (paper_numbers.csv, beside this file)
+                          beside ours
     results/runs.csv      one row per (run, seed), for pandas
     results/fewshot.png   the paper's Fig. 2: accuracy vs shots, one panel per dataset and the average
     results/tsne.png      the paper's Fig. 3: t-SNE of the positive text nodes before and after adaptation
@@ -20,24 +21,23 @@ import json
 import math
 import re
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (after the path is set)
-from checkpoints import read_checkpoint  # noqa: E402
-from cli import Parser, guarded  # noqa: E402
-from features_file import load_features, write_atomic  # noqa: E402
-from fewshot_data import DATASETS, DataError  # noqa: E402
-from hegraphadapter import HeGraphConfig  # noqa: E402
+from fewshot.checkpoints import read_checkpoint
+from fewshot.cli import Parser, guarded
+from fewshot.datasets import DATASETS, SHIFT_DATASETS
+from fewshot.errors import DataError
+from fewshot.features import load_features
+from fewshot.files import write_atomic
+from fewshot.methods import METHODS, build
+from fewshot.tasks import make_task
+from hegraphadapter import HeGraphConfig
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
 FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]
-SHIFT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout == "shift"]
 PAPER_BACKBONE = "RN50"  # the paper's default: its rows are shown (without Δ) when ours differs
 TITLES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
           "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
@@ -176,7 +176,7 @@ def average_per_seed(seed_dicts):
 
 def method_order(methods):
     """train.py's order first (its METHODS), then any other name alphabetically."""
-    known = list(train.METHODS)
+    known = list(METHODS)
     return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
 
 
@@ -306,7 +306,7 @@ def shift_section(runs, backbone, paper):
         comparable = comparable and shots == 16
         out += [f"## C. Domain generalisation ({backbone}, ImageNet K = {shots} → shift sets)", ""]
         table, with_paper = accuracy_block(cells, columns, method_order(cells), lambda m: f"`{m}`", rows,
-                                           comparable, average_of=["imagenet"] + SHIFT_DATASETS)
+                                           comparable, average_of=["imagenet", *SHIFT_DATASETS])
         out += table + ["", "ImageNet = the source's own test set; the shift sets are scored with the text "
                         "classifier only. Average = of the source and the four targets, as the paper's Table 1."]
         out += (paper_note(backbone, shots, paper_bb, comparable)[1:] if with_paper else []) + [""]
@@ -499,10 +499,9 @@ def text_nodes_before_after(features_file, checkpoint, seed):
     data = load_features(features_file)
     ckpt = read_checkpoint(checkpoint)
     run = ckpt["run"]
-    method = train.METHODS[run["method"]]
-    task = train.make_task(data, seed, run["shots"], "cpu",
-                           negatives=bool(method.negatives) and not run["no_negatives"])
-    model = train.build(method, task, HeGraphConfig(**ckpt["model_config"]))
+    method = METHODS[run["method"]]
+    task = make_task(data, seed, run["shots"], "cpu", negatives=bool(method.negatives) and not run["no_negatives"])
+    model = build(method, task, HeGraphConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     with torch.no_grad():
@@ -607,7 +606,3 @@ def main(argv=None):
                    help="the dataset whose hegraph checkpoint the t-SNE figure is drawn from (default food101)")
     args = p.parse_args(argv)
     guarded("bench/report.py", lambda: print(f"wrote {write_report(args.results, args.tsne_dataset)}"))
-
-
-if __name__ == "__main__":
-    main()

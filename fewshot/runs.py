@@ -13,16 +13,14 @@ from pathlib import Path
 
 import torch
 
-from fewshot.checkpoints import classnames_sha256, load_checkpoints, load_state, other_runs, save_checkpoint, saved_config
+from fewshot import checkpoints, files, training
 from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
 from fewshot.extraction import Extraction
 from fewshot.features import load_features
-from fewshot.files import check_output, write_atomic
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
 from fewshot.tasks import make_task
-from fewshot.training import accuracy, fit_at, search, tunable_parameters
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ def run_id_of(plan, data, task):
     """What makes seeds one run (and checkpoints one folder): method, K, flags and recipe on the same features."""
     return dict(method=plan.method, shots=plan.shots, no_negatives=plan.no_negatives, dataset=plan.dataset,
                 backbone=data["backbone"], num_classes=task.pos_text.shape[0], dim=task.pos_text.shape[1],
-                classnames_sha256=classnames_sha256(data["classnames"]),
+                classnames_sha256=checkpoints.classnames_sha256(data["classnames"]),
                 config=dataclasses.asdict(plan.config), search_val=bool(plan.grid),
                 recipe=plan.recipe and dataclasses.asdict(plan.recipe))
 
@@ -105,20 +103,20 @@ def model_for_seed(plan, task, seed, ckpt=None, folder=None):
     Returns (model, info, search record or None)."""
     method = METHODS[plan.method]
     if ckpt is not None:
-        model = build(method, task, saved_config(plan.config, ckpt, folder))
-        return load_state(model, ckpt, Path(folder) / f"seed{seed}.pt").eval(), {}, None
+        model = build(method, task, checkpoints.saved_config(plan.config, ckpt, folder))
+        return checkpoints.load_state(model, ckpt, Path(folder) / f"seed{seed}.pt").eval(), {}, None
     if plan.grid:
-        return search(method, task, plan.config, plan.recipe, list(plan.grid), seed)
-    model, info = fit_at(method, task, plan.config, plan.recipe, {}, seed)
+        return training.search(method, task, plan.config, plan.recipe, list(plan.grid), seed)
+    model, info = training.fit_at(method, task, plan.config, plan.recipe, {}, seed)
     return model.eval(), info, None
 
 
 def evaluate(model, task, shifts, device):
     """Test accuracy %, and on each ImageNet shift set among its own classes."""
-    scores = {"test": accuracy(model, *task.test)}
+    scores = {"test": training.accuracy(model, *task.test)}
     for name, shift in shifts.items():
         feats = shift["test"]["features"].to(device, torch.float32)
-        scores[name] = accuracy(model, feats, shift["test"]["labels"], classes=shift["class_map"].to(device))
+        scores[name] = training.accuracy(model, feats, shift["test"]["labels"], classes=shift["class_map"].to(device))
     return scores
 
 
@@ -132,7 +130,7 @@ def new_record(plan, data, request, device, shifts):
 
 
 def record_seed(results, seed, model, info, searched, scores, seconds):
-    results["params"] = tunable_parameters(model)
+    results["params"] = training.tunable_parameters(model)
     results["seeds"][seed] = scores.pop("test")
     for name, acc in scores.items():
         results["shift"][name][seed] = acc
@@ -156,8 +154,8 @@ def run(request: RunRequest):
     device = prepare(request)
     data = load_features(request.features) if request.features else features_for(request, request.dataset)
     check_dataset(request, data)
-    ckpts, run_id = (load_checkpoints(request.load, request.seeds, data, request.method, request.shots,
-                                      request.no_negatives) if request.load else (None, None))
+    ckpts, run_id = (checkpoints.load_checkpoints(request.load, request.seeds, data, request.method, request.shots,
+                                                  request.no_negatives) if request.load else (None, None))
     plan = make_plan(data["dataset"], request.method, request.shots, no_negatives=request.no_negatives,
                      config=request.config, recipe=request.recipe, search_val=request.search_val,
                      has_val="val_fewshot" in data, checkpoints=run_id)
@@ -186,10 +184,10 @@ def write_outputs(request, results, trained, stale):
     try:
         for seed, (model, run_id) in trained.items():
             if request.save:
-                save_checkpoint(request.save, seed, run_id, model, stale)
+                checkpoints.save_checkpoint(request.save, seed, run_id, model, stale)
                 stale = []
         if request.out:
-            write_atomic(request.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
+            files.write_atomic(request.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
     except OSError as e:
         raise DataError(f"the results are printed above, but {e.filename or request.out or request.save} could not be "
                         f"written ({e.strerror}); free some space or choose another --out / --save") from None
@@ -262,14 +260,14 @@ def run_inputs(request):
 def check_outputs(request):
     """Fail now, before any work, if --out or --save would destroy an input or cannot be written (check_output)."""
     inputs = run_inputs(request)
-    checkpoints = {f"the --save checkpoint of seed {s}": Path(request.save) / f"seed{s}.pt" for s in request.seeds} \
+    seed_files = {f"the --save checkpoint of seed {s}": Path(request.save) / f"seed{s}.pt" for s in request.seeds} \
         if request.save and not request.load else {}
     if request.out:
-        check_output("--out", request.out, inputs | checkpoints)
-    if checkpoints:
-        check_output("--save", request.save, inputs, folder=True)
-    for path in checkpoints.values():
-        check_output("--save", path, inputs | {"the --out file": request.out})
+        files.check_output("--out", request.out, inputs | seed_files)
+    if seed_files:
+        files.check_output("--save", request.save, inputs, folder=True)
+    for path in seed_files.values():
+        files.check_output("--save", path, inputs | {"the --out file": request.out})
 
 
 def check_room(request, plan, data, task):
@@ -280,5 +278,5 @@ def check_room(request, plan, data, task):
     method = METHODS[plan.method]
     state = build(method, task, plan.config).state_dict()
     size = sum(t.numel() * t.element_size() for t in state.values()) * len(request.seeds) + (1 << 20)
-    check_output("--save", request.save, run_inputs(request), folder=True, needed_bytes=size)
-    return other_runs(request.save, run_id_of(plan, data, task), request.overwrite)
+    files.check_output("--save", request.save, run_inputs(request), folder=True, needed_bytes=size)
+    return checkpoints.other_runs(request.save, run_id_of(plan, data, task), request.overwrite)

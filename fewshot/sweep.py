@@ -1,6 +1,6 @@
 """
-bench/reproduce.py: the paper's protocol in one command: every dataset, K, method and seed, then the tables
-and figures (bench/report.py). Resumable, and safe to run several times at once on one results folder.
+The paper's protocol in one command (bench/reproduce.py): every dataset, K, method and seed, then the tables
+and figures (report.py). Resumable, and safe to run several times at once on one results folder.
 
     python bench/reproduce.py                        # 11 datasets x K 1 2 4 8 16 x every method, seeds 1 2 3
     python bench/reproduce.py --shift                # ... and Table 1: ImageNet 16-shot -> -V2/-Sketch/-A/-R
@@ -8,22 +8,24 @@ and figures (bench/report.py). Resumable, and safe to run several times at once 
     python bench/reproduce.py --features my.pt --shots 1 2 4                      # K over one features file
     python bench/reproduce.py --report               # the outputs again, from results/runs/*.json alone
 
-A run is one call of train.py's own code, in this process: train.run(train.parse_args(argv)) for one
-(dataset, method, K) over all --seeds. It writes results/runs/<dataset>_<backbone>_<method>_<K>shot_<hash>.json
-(train.py's results plus a "reproduce" record), the hash being that of the run's configuration (dataset,
-backbone, method, K, seeds, extraction settings, prompts, the train.py flags after --). A run whose file
+A run is one call of train.py's own code, in this process: runs.run(request) for one (dataset, method, K) over
+all --seeds, its RunRequest built from this command's flags and the train.py flags given after --. It writes
+results/runs/<dataset>_<backbone>_<method>_<K>shot_<hash>.json (train.py's results plus a "reproduce" record
+holding the request), the hash being that of the run's configuration (dataset, backbone, method, K, seeds,
+extraction settings, prompts, the train.py flags after --). A run whose file
 exists is skipped, so a rerun or an interrupted sweep continues where it stopped. Each run is checked, run
 and written under its own lock; a sweep that finds a run locked by another sweep leaves it, goes on, and
 at the end waits for it (and runs it if that sweep died). So sweeps on one results folder, e.g. one per
 GPU with --datasets split between them, never run a run twice.
 
 Features are extracted once per (dataset, backbone), with all --seeds and --max-shots = the largest --shots
-(the default here; a larger --max-shots is kept), and reused by every K and method. (train.run loads the
+(the default here; a larger --max-shots is kept), and reused by every K and method. (runs.run loads the
 file again in each run; that takes 0.2 s for 430 MB, so it is left as it is.)
 """
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -41,15 +43,24 @@ import torch
 from filelock import Timeout
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import report  # noqa: E402  (after the path is set)
-import train  # noqa: E402
-from cli import Parser, dataset_arg, fail, guarded, path_arg  # noqa: E402
-from download import DOWNLOADS  # noqa: E402
-from extract_features import add_extraction_args, backbone_name  # noqa: E402
-from features_file import check_output, features_path, file_lock, write_atomic  # noqa: E402
-from fewshot_data import DataError, dataset_folder, dataset_name, is_folder, load_splits  # noqa: E402
+from fewshot import report, runs
+from fewshot.cli import (
+    Parser,
+    add_extraction_args,
+    dataset_arg,
+    extraction_from_args,
+    fail,
+    guarded,
+    overrides_from_args,
+    path_arg,
+    train_parser,
+)
+from fewshot.datasets import SHIFT_DATASETS, dataset_folder, dataset_name, is_folder, load_splits
+from fewshot.download import DOWNLOADS
+from fewshot.errors import DataError
+from fewshot.features import features_path
+from fewshot.files import check_output, file_lock, write_atomic
+from fewshot.methods import METHODS, config_fields
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
 SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",
@@ -58,11 +69,11 @@ SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--sav
 
 @dataclass
 class Run:
-    """One train.run call: its arguments, its result file and what identifies it."""
+    """One runs.run call: its request, its result file and what identifies it."""
     dataset: str
     method: str
     shots: int
-    argv: list           # train.py's command line
+    request: runs.RunRequest  # what train.py's code runs
     key: dict            # the configuration; its hash names the result file
     path: Path           # results/runs/<name>.json
     features: Path       # the features file the run reads
@@ -73,33 +84,22 @@ class Run:
 # command line
 
 def extraction_defaults():
-    """{dest: default} of the extraction flags, as declared by extract_features.add_extraction_args."""
+    """{dest: default} of the extraction flags, as declared by cli.add_extraction_args."""
     probe = argparse.ArgumentParser(add_help=False)
     add_extraction_args(probe)
     return vars(probe.parse_args([]))
 
 
-def extraction_argv(args):
-    """The extraction flags of this sweep as train.py arguments (the same flags, declared by the same function)."""
-    argv = []
-    for dest in extraction_defaults():
-        value, flag = getattr(args, dest), f"--{dest.replace('_', '-')}"
-        if value is None or value is False:
-            continue
-        argv += [flag] if value is True else [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return argv
-
-
 def parse_args(argv=None):
-    """This script's flags, and the train.py flags given after --."""
+    """This script's flags, and the train.py flags given after -- (as written: they name the run files)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = Parser(prog="bench/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="*", type=dataset_arg, metavar="DATASET", help="few-shot datasets: keys, "
                    "or folders of class subfolders (default: the 11 of the paper; none with --shift: Table 1 alone)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default 1 2 4 8 16)")
-    p.add_argument("--methods", nargs="+", default=list(train.METHODS), choices=list(train.METHODS),
-                   metavar="METHOD", help=f"train.py methods (default all: {' '.join(train.METHODS)})")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   metavar="METHOD", help=f"train.py methods (default all: {' '.join(METHODS)})")
     p.add_argument("--results", type=path_arg, default=Path("results"), help="results folder (default results/)")
     p.add_argument("--shift", action="store_true", help="also Table 1: ImageNet at the largest K with hegraph-t "
                    "and the baselines, evaluated on the four ImageNet shift sets")
@@ -114,7 +114,7 @@ def parse_args(argv=None):
     clash = [a.split("=")[0] for a in extra if a.split("=")[0] in reserved]
     if clash:
         p.error(f"{clash[0]} is set by the sweep; give it before -- (the flags after -- go to every train.py run)")
-    shift = [d for d in args.datasets or [] if d in report.SHIFT_DATASETS]
+    shift = [d for d in args.datasets or [] if d in SHIFT_DATASETS]
     if shift:
         p.error(f"--datasets {shift[0]} is a test-only set: --shift evaluates on it")
     if args.features and (args.datasets is not None or args.shift):
@@ -170,26 +170,25 @@ def folder_split_sha256(folder: str) -> str:
     return load_splits(folder, None).sha256()
 
 
-def settings_of(method, extra):
-    """The flags after -- that apply to `method`: a method setting of another method's config (--beta-vp for
-    tip) is left out of its run, which would refuse it; every other flag goes to every run."""
-    flags, foreign = train.config_flags(), set()
-    for name, (_, owners) in flags.items():
-        if method not in owners:
-            foreign |= {f"--{name.replace('_', '-')}", f"--no-{name.replace('_', '-')}"}
-    kept, skip = [], False
-    for i, token in enumerate(extra):
-        if skip:
-            skip = False
-        elif token.split("=")[0] in foreign:
-            skip = "=" not in token and i + 1 < len(extra) and not extra[i + 1].startswith("--")
-        else:
-            kept.append(token)
-    return kept
+def run_template(args, extra):
+    """What every run of the sweep shares, as a RunRequest: the extraction flags of this command and the train.py
+    flags after -- (parsed by train.py's own parser, so a bad one gets train.py's one line before any run)."""
+    after = train_parser().parse_args(extra)
+    recipe, config = overrides_from_args(after)
+    return runs.RunRequest(extraction=extraction_from_args(args), seeds=tuple(args.seeds),
+                           no_negatives=after.no_negatives, recipe=recipe, config=config, search_val=after.search_val,
+                           device=args.device, overwrite=args.overwrite)
 
 
-def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
-    """A Run: train.py's arguments, the configuration and the file name derived from it."""
+def settings_of(method, config):
+    """The config settings after -- that apply to `method`: a setting of another method's config (--beta-vp
+    for tip) is left out of its run, which would refuse it; every other flag goes to every run."""
+    owners = config_fields()
+    return {name: value for name, value in config.items() if method in owners[name][1]}
+
+
+def make_run(args, shared, template, dataset, method, shots, backbone, eval_datasets=()):
+    """A Run: its request, the configuration and the file name derived from it."""
     key = {**shared, "dataset": dataset_name(dataset), "method": method, "shots": shots,
            "eval_datasets": list(eval_datasets)}
     if is_folder(dataset) and not args.features:  # its images are its identity, not where it is
@@ -198,14 +197,12 @@ def make_run(args, shared, dataset, method, shots, backbone, eval_datasets=()):
     name = features_path("", dataset, backbone).stem + f"_{method}_{shots}shot{'_shift' if eval_datasets else ''}"
     path = args.results / "runs" / f"{name}_{digest}.json"
     if args.features:
-        source, features = ["--features", str(args.features)], args.features
+        source, features = {"features": args.features}, args.features
     else:
-        source, features = ["--dataset", dataset], features_path(args.features_dir, dataset, backbone)
-    argv = [*source, "--method", method, "--shots", str(shots), *extraction_argv(args),
-            *settings_of(method, shared["train_args"])]
-    if eval_datasets:
-        argv += ["--eval-datasets", *eval_datasets]
-    return Run(dataset, method, shots, argv, key, path, features.resolve())
+        source, features = {"dataset": dataset}, features_path(args.features_dir, dataset, backbone)
+    request = dataclasses.replace(template, **source, method=method, shots=shots,
+                                  config=settings_of(method, template.config), eval_datasets=tuple(eval_datasets))
+    return Run(dataset, method, shots, request, key, path, features.resolve())
 
 
 def plan(args, extra):
@@ -217,35 +214,32 @@ def plan(args, extra):
         except Exception as e:  # torch raises many types for a file that is not a torch.save'd dict
             raise DataError(f"{args.features} is not a readable features file ({type(e).__name__})") from None
     else:  # the model's name, as train.py will record it (a --clip-checkpoint's is read from its weights)
-        datasets, backbone = args.datasets, backbone_name(args)
-    shared = shared_key(args, extra, backbone)
+        datasets, backbone = args.datasets, extraction_from_args(args).backbone_name()
+    shared, template = shared_key(args, extra, backbone), run_template(args, extra)
     tsne_dataset = args.tsne_dataset if args.tsne_dataset in datasets else (datasets or [None])[0]
-    runs = []
+    planned = []
     for dataset in datasets:
         for shots in args.shots:
             for method in args.methods:
-                run = make_run(args, shared, dataset, method, shots, backbone)
+                run = make_run(args, shared, template, dataset, method, shots, backbone)
                 if method == "hegraph" and dataset == tsne_dataset and shots == max(args.shots):
                     run.checkpoint = args.results / "checkpoints" / run.path.stem
-                    run.argv += ["--save", str(run.checkpoint)]
-                runs.append(run)
+                    run.request = dataclasses.replace(run.request, save=run.checkpoint)
+                planned.append(run)
     if args.shift:
         # Table 1: hegraph-t (the paper's HeGraphAdapter(T)) and the baselines, not the other variants
         methods = [m for m in args.methods if not m.startswith("hegraph") or m == "hegraph-t"]
-        runs += [make_run(args, shared, "imagenet", m, max(args.shots), backbone, report.SHIFT_DATASETS)
-                 for m in methods]
-    for run in runs:  # a bad flag after --, or a method that cannot run with the flags, stops the sweep here
-        parsed = train.parse_args(run.argv)
-        train.config_from_flags(parsed.method, dataset_name(run.dataset), parsed)
+        planned += [make_run(args, shared, template, "imagenet", m, max(args.shots), backbone, SHIFT_DATASETS)
+                    for m in methods]
     if not args.features:
-        needed = dict.fromkeys(r.dataset for r in runs) | dict.fromkeys(report.SHIFT_DATASETS if args.shift else [])
+        needed = dict.fromkeys(r.dataset for r in planned) | dict.fromkeys(SHIFT_DATASETS if args.shift else [])
         for dataset in needed:  # missing data stops the sweep now, not hours into it (unless it is downloaded)
             folder = dataset_folder(dataset, args.root)
             if not folder.exists() and not features_path(args.features_dir, dataset, backbone).exists() \
                     and not (args.download and dataset in DOWNLOADS):
                 raise DataError(f"dataset folder not found: expected {folder} for '{dataset}' (or its features "
                                 f"file in {args.features_dir}); pass --download, or see docs/datasets.md")
-    return runs
+    return planned
 
 
 # -----------------------------------------------------------------------------
@@ -259,12 +253,12 @@ def device_name(device):
 
 
 def execute(run):
-    """train.run on the run's arguments (its printed table kept back); the result with a "reproduce" record."""
+    """runs.run on the run's request (its printed table kept back); the result with a "reproduce" record."""
     start = time.perf_counter()
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            result = train.run(train.parse_args(run.argv))
+            result = runs.run(run.request)
     except ValueError as e:  # DataError, and the model's checks of its inputs: say which run
         raise DataError(f"{run.path.stem}: {e}") from None
     except BaseException:
@@ -272,12 +266,21 @@ def execute(run):
         raise
     device = result["device"]
     result["reproduce"] = {
-        "key": run.key, "train_argv": run.argv, "wall_seconds": time.perf_counter() - start,
+        "key": run.key, "request": plain(dataclasses.asdict(run.request)), "wall_seconds": time.perf_counter() - start,
         "device": device_name(device), "host": socket.gethostname(), "pid": os.getpid(),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"), "features": str(run.features),
         "checkpoint": run.checkpoint.relative_to(run.path.parents[1]).as_posix() if run.checkpoint else None,
     }
     return result
+
+
+def plain(value):
+    """A request's values as json has them: paths and other objects as strings, tuples as lists."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def attempt(run, args, wait):
@@ -300,14 +303,14 @@ def attempt(run, args, wait):
         lock.release()
 
 
-def sweep(runs, args):
+def sweep(planned, args):
     """Every run not finished yet; returns {"ran", "skipped", "by_others"} counts."""
-    finished_before = {r.path for r in runs if r.path.exists()}
-    todo = [r for r in runs if r.path not in finished_before]
-    print(f"{len(runs)} runs: skipped {len(finished_before)} finished already, {len(todo)} to do "
+    finished_before = {r.path for r in planned if r.path.exists()}
+    todo = [r for r in planned if r.path not in finished_before]
+    print(f"{len(planned)} runs: skipped {len(finished_before)} finished already, {len(todo)} to do "
           f"(results in {args.results})")
     counts = {"ran": 0, "skipped": len(finished_before), "by_others": 0}
-    bar = tqdm(total=len(runs), initial=len(finished_before), desc="sweep", unit="run", dynamic_ncols=True,
+    bar = tqdm(total=len(planned), initial=len(finished_before), desc="sweep", unit="run", dynamic_ncols=True,
                disable=None)  # on a terminal only: a log gets the one line per run above
     deferred = []
     try:
@@ -349,7 +352,3 @@ def main(argv=None):
                 fail("interrupted; the same command continues where this one stopped")
         print(f"wrote {report.write_report(args.results, args.tsne_dataset)}")
     guarded("bench/reproduce.py", body)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,23 +1,26 @@
-"""Shared test fixtures, built on disk by bench/fixtures.py: tiny random CLIP checkpoints, tiny datasets in
-CoOp's layout, synthetic features files; and `run` / `fail`, train.py's command line in this process.
+"""Shared test fixtures, built on disk by fewshot/testing/fixtures.py: tiny random CLIP checkpoints, tiny datasets
+in CoOp's layout, synthetic features files; and `run` / `fail`, train.py's command line in this process.
 
     def test_something(tiny_vit_checkpoint, make_dataset):
         root = make_dataset("dtd")                       # 3 classes, unequal counts
+
+This checkout's modules come first (pytest's pythonpath, pyproject.toml), here and in the commands the tests
+run (PYTHONPATH below), whatever copy of the package is installed.
 """
 import os
-import sys
 from pathlib import Path
-
-import pytest
-import torch
 
 # no test downloads: open_clip would ask the Hugging Face hub (read when huggingface_hub is imported; also
 # inherited by the commands the tests run)
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]  # the scripts at the repository root, and bench/
-import train  # noqa: E402
-from fixtures import synthetic_features, tiny_clip, tiny_open_clip, write_dataset  # noqa: E402
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+import pytest  # noqa: E402  (after the environment is set)
+import torch  # noqa: E402
+
+from fewshot import cli, runs  # noqa: E402
+from fewshot.testing.fixtures import synthetic_features, tiny_clip, tiny_open_clip, write_dataset  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads made a
 # 32-px ResNet forward 100x slower (1 s instead of 10 ms).
@@ -68,17 +71,17 @@ def feats(tmp_path):
 
 @pytest.fixture
 def run():
-    """run(*argv): train.run on the command-line arguments; returns the results dict."""
-    return lambda *argv: train.run(train.parse_args([*map(str, argv)]))
+    """run(*argv): train.py's run of the command-line arguments, in this process; returns the results dict."""
+    return lambda *argv: runs.run(cli.train_request([*map(str, argv)]))
 
 
 @pytest.fixture
 def fail(capsys):
-    """fail(*argv): train.main on bad arguments, which must exit non-zero with one 'error:' line; returns it."""
+    """fail(*argv): train.py's command on bad arguments, which must exit non-zero with one 'error:' line; returns it."""
     def fail(*argv):
         capsys.readouterr()                                       # forget what earlier runs printed
         with pytest.raises(SystemExit) as e:
-            train.main([*map(str, argv)])
+            cli.train_command([*map(str, argv)])
         assert e.value.code != 0
         # what a terminal shows: a progress bar redraws its line after "\r" and is cleared when closed
         err = [shown for line in capsys.readouterr().err.split("\n") if (shown := line.split("\r")[-1].strip())]

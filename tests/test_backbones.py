@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import backbones
-import extract_features as ef
-import features_file as ff
-import fewshot_data as fd
-from fixtures import (
+import fewshot.datasets as fd
+import fewshot.extraction as ef
+import fewshot.features as ff
+from fewshot import backbones
+from fewshot.errors import DataError
+from fewshot.testing.fixtures import (
     TINY_CLIPS,
     TINY_NAMES,
     TINY_OPEN_CLIP,
@@ -161,7 +162,7 @@ def test_local_files_are_recorded_by_absolute_path_and_shown_by_name(tmp_path, m
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"")
     (tmp_path / "my_clip").mkdir()
-    with pytest.raises(fd.DataError, match=f"^--backbone local-dir:my_clip: {tmp_path / 'my_clip'} holds no "
+    with pytest.raises(DataError, match=f"^--backbone local-dir:my_clip: {tmp_path / 'my_clip'} holds no "
                                            f"open_clip_config.json"):
         backbones.resolve(ff.Settings("dtd", "local-dir:my_clip"))
     (tmp_path / "my_clip" / "open_clip_config.json").write_text("{}")
@@ -182,7 +183,7 @@ def test_flags_that_contradict_each_other_get_one_line(tiny_vit_checkpoint):
         (ff.Settings("dtd", "hf-hub:org/repo", "laion2b_e16"),
          "--pretrained laion2b_e16: --backbone hf-hub:org/repo brings its own weights; drop --pretrained"),
     ]:
-        with pytest.raises(fd.DataError) as e:
+        with pytest.raises(DataError) as e:
             backbones.resolve(settings)
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
     # the name read from the weights may also be given
@@ -291,7 +292,7 @@ def test_extraction_and_training_on_each_kind_of_model(model, make_dataset, tiny
 def test_a_model_that_cannot_be_loaded_gets_one_line(backbone, pretrained, message, make_dataset, tmp_path,
                                                      monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))   # an empty cache, whatever this machine has downloaded
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         ef.extract_features(ff.Settings("dtd", backbone, pretrained, seeds=(1,), max_shots=2, views=1),
                             make_dataset("dtd"), tmp_path / "out", workers=0, device="cpu")
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
@@ -307,10 +308,10 @@ def test_a_file_extracted_with_openais_clip_package_is_not_reused_silently(rebui
     torch.save(data, path)
     settings = ff.Settings("dtd", clip_checkpoint=str(made["vit"]["checkpoint"]), seeds=(1,), max_shots=2, views=2)
     root = images.parents[1]
-    with pytest.raises(fd.DataError, match="extracted with OpenAI's clip package, before this project used "
+    with pytest.raises(DataError, match="extracted with OpenAI's clip package, before this project used "
                                            "open_clip: pass --overwrite"):
         ef.extract_features(settings, root, tmp_path, workers=0, device="cpu")
-    with pytest.raises(fd.DataError, match=f"the dataset folder .* is absent: train on it with --features {path}"):
+    with pytest.raises(DataError, match=f"the dataset folder .* is absent: train on it with --features {path}"):
         ef.extract_features(settings, tmp_path / "no-data", tmp_path, workers=0, device="cpu")
 
 
@@ -325,7 +326,7 @@ def test_open_clip_is_asked_for_the_activation_the_weights_were_trained_with(bac
     import open_clip
     asked = {}
     monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: asked.update(name=name, **kw) or 1 / 0)
-    with pytest.raises(fd.DataError, match="cannot load CLIP"):   # the patched create_model fails once asked
+    with pytest.raises(DataError, match="cannot load CLIP"):   # the patched create_model fails once asked
         backbones.load(backbones.resolve(ff.Settings("dtd", backbone, pretrained)), torch.device("cpu"))
     assert asked["name"] == backbone.replace("/", "-") and asked["force_quick_gelu"] is quick_gelu
     assert asked["pretrained"] == (pretrained or "openai")

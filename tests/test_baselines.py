@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines import (
+from fewshot.baselines import (
     CLIPAdapter,
     CLIPAdapterConfig,
     GraphAdapter,
@@ -20,7 +20,7 @@ from baselines import (
     fit_linear_probe,
     query_node_weights,
 )
-from fixtures import unit
+from fewshot.testing.fixtures import unit
 
 S = 100.0
 

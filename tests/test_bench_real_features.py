@@ -1,16 +1,14 @@
-"""bench/real_features.py: the per-K, per-seed features files it builds, the dev folds, the sub-tasks, the tuned
-block, the graph study, the whole command's outputs, and its skip when the data is absent."""
+"""bench/real_features.py (fewshot/realfeatures.py): the per-K, per-seed features files it builds, the dev folds,
+the sub-tasks, the tuned block, the graph study, the whole command's outputs, and its skip when the data is absent."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import real_features
-import train
+import fewshot.features as ff
+import fewshot.realfeatures as real_features
+from fewshot import tasks, training
 
 
 def fake_real(C=6, per_class=7, d=16):
@@ -26,8 +24,8 @@ def test_features_file_splits_k_per_class_and_the_rest(tmp_path):
     for shots in (1, 2, 4):
         path = tmp_path / f"{shots}.pt"
         real_features.features_file(real, shots, seed=1, path=path)
-        data = train.load_features(path)
-        task = train.make_task(data, 1, shots, "cpu", negatives=False)
+        data = ff.load_features(path)
+        task = tasks.make_task(data, 1, shots, "cpu", negatives=False)
         assert task.train_views.shape == (1, 6 * shots, 16)
         assert torch.equal(torch.bincount(task.train_labels), torch.full((6,), shots))
         assert task.test[0].shape[0] == 6 * (7 - shots)
@@ -35,7 +33,7 @@ def test_features_file_splits_k_per_class_and_the_rest(tmp_path):
         rows = {tuple(r.tolist()) for r in torch.cat([task.train_views[0], task.test[0]]).half()}
         assert len(rows) == 42
     # nested: the 1-shot image of each class is the first of its 4-shot images, for the same seed
-    one, four = (train.load_features(tmp_path / f"{k}.pt")["train"]["features"][0] for k in (1, 4))
+    one, four = (ff.load_features(tmp_path / f"{k}.pt")["train"]["features"][0] for k in (1, 4))
     assert torch.equal(one, four.view(6, 4, 16)[:, 0])
 
 
@@ -92,8 +90,8 @@ def test_tuned_block_scores_every_grid_point_on_dev_folds_only(tmp_path, monkeyp
     seen = []
     original = real_features.test_accuracy
     monkeypatch.setattr(real_features, "test_accuracy",
-                        lambda row, data, shots, seed, point, extra=(): seen.append(point) or
-                        original(row, data, shots, seed, point, extra))
+                        lambda row, data, shots, seed, point, **kw: seen.append(point) or
+                        original(row, data, shots, seed, point, **kw))
     cache = real_features.Cache(tmp_path / "c.jsonl")
     out = real_features.block(cache, real, "t", ["tip"], tuned=True)["tip"]
     point, dev = real_features.tune(cache, real, "t", "tip")
@@ -108,7 +106,7 @@ def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bi
     monkeypatch.setattr(real_features, "STUDY", {"E2 sparse edges": real_features.STUDY["E2 sparse edges"]})
     monkeypatch.setattr(real_features, "SEEDS", (1, 2))
     monkeypatch.setattr(real_features, "test_accuracy", lambda *a, **k: pytest.fail("the study read a test image"))
-    monkeypatch.setattr(train, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
+    monkeypatch.setattr(training, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
     cache = real_features.Cache(tmp_path / "c.jsonl")
     out = real_features.study(cache, real, "t", ["hegraph-bias", "E2 sparse edges"])
     points, units = real_features.dev_units(cache, real, "t", "E2 sparse edges")
@@ -124,7 +122,7 @@ def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypa
     """The whole command: two tasks x both blocks -> one markdown, one json and one figure panel per task."""
     path = tmp_path / "real.pt"
     torch.save(fake_real(C=6, per_class=8, d=8), path)
-    monkeypatch.setattr(train, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
+    monkeypatch.setattr(training, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
     monkeypatch.setattr(real_features, "SEEDS", (1, 2))
     monkeypatch.setattr(real_features, "DEV_FOLDS", 1)                    # the whole command, not its size
     real_features.main(["--file", str(path), "--tasks", "all", "random-4", "--rows", "zeroshot", "tip", "hegraph",
@@ -146,7 +144,7 @@ def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypa
 def test_study_command_runs_the_designs_named(tmp_path, monkeypatch):
     path = tmp_path / "real.pt"
     torch.save(fake_real(C=4, per_class=8, d=8), path)
-    monkeypatch.setattr(train, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
+    monkeypatch.setattr(training, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
     monkeypatch.setattr(real_features, "SEEDS", (1, 2))
     monkeypatch.setattr(real_features, "DEV_FOLDS", 1)                    # the whole command, not its size
     real_features.main(["--file", str(path), "--study", "--tasks", "all", "--designs", "E2", "E1",

@@ -1,19 +1,21 @@
-"""bench/bench_speed.py: its timing machinery runs both models' training steps (tiny sizes, no timing claims)."""
+"""bench/bench_speed.py as a command, at tiny sizes: it times both models' training steps, the batch and the
+whole few-shot set (no timing claims here; the memory subprocesses are skipped, 4 s each)."""
+import re
+import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_speed
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_speed.py"
 
 
-def test_time_pair_steps_both_models_and_they_learn():
-    feats = bench_speed.make_features(C=6, d=16, K=2, device=torch.device("cpu"))
-    seconds, repeats = bench_speed.time_pair(feats, B=8, device=torch.device("cpu"), warmup=1, repeats=2)
-    assert set(seconds) == {"full", "tipf"} and repeats == 2 and all(s > 0 for s in seconds.values())
-    for method in bench_speed.METHODS:
-        model, opt = bench_speed.build(method, feats)
-        before = [p.detach().clone() for p in model.parameters()]
-        bench_speed.train_step(model, opt, bench_speed.make_batch(feats, 8))
-        assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before)), method
+def test_it_times_and_measures_both_models_at_a_tiny_size():
+    out = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--classes", "6", "--dim", "16", "--shots",
+                          "2", "--batch", "8", "--warmup", "1", "--repeats", "2", "--threads", "1", "--no-memory"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    # C, N, batch, full ms, Tip-F ms, ratio, full MiB, Tip-F MiB: the batch row and the whole-set row
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+6\s+12\s", line)]
+    assert [r[2] for r in rows] == ["8", "12"], out
+    for r in rows:
+        full_ms, tipf_ms, ratio = map(float, r[3:6])
+        assert full_ms > 0 and tipf_ms > 0 and ratio > 0
+        assert r[6:8] == ["nan", "nan"]                                  # no memory measured

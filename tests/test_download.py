@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import download
-import fewshot_data as fd
-from fixtures import write_dataset
+import fewshot.datasets as fd
+from fewshot import datasets, download
+from fewshot.errors import DataError
+from fewshot.testing.fixtures import TINY_NAMES, write_dataset
 
 TINY = ["--device", "cpu", "--workers", "0", "--seeds", "1", "--views", "1"]
-from fixtures import TINY_NAMES  # noqa: E402
-
 VIT = TINY_NAMES["vit"]  # the name of the tiny ViT checkpoint, read from its weights
 
 
@@ -110,7 +109,7 @@ def serve_dtd(monkeypatch, server, files, md5s=None):
 def nothing_passes_for_the_dataset(root: Path):
     """No dataset folder, so load_splits finds nothing; what is left is hidden (the lock, the staging folder)."""
     assert not (root / "dtd").exists()
-    with pytest.raises(fd.DataError, match="dataset folder not found"):
+    with pytest.raises(DataError, match="dataset folder not found"):
         fd.load_splits("dtd", root)
     assert all(p.name.startswith(".") for p in root.iterdir())
 
@@ -144,7 +143,7 @@ def test_a_server_error_names_the_url_and_a_rerun_succeeds(server, dtd_files, mo
     _, archive = serve_dtd(monkeypatch, server, dtd_files)
     server.faults["/dtd-r1.0.1.tar.gz"] = fault
     root = tmp_path / "data"
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", root)
     assert one_line(e) == (f"--download: cannot download {archive.url} (HTTP Error {fault}: "
                            f"{'Not Found' if fault == 404 else 'Internal Server Error'}); check the connection and "
@@ -160,7 +159,7 @@ def test_a_server_error_names_the_url_and_a_rerun_succeeds(server, dtd_files, mo
 def test_a_wrong_checksum_keeps_nothing_of_that_file(server, dtd_files, monkeypatch, tmp_path):
     _, archive = serve_dtd(monkeypatch, server, dtd_files, md5s={"archive": "0" * 32})
     root = tmp_path / "data"
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", root)
     assert one_line(e).startswith(f"--download: {archive.url} has md5 {md5(dtd_files['/dtd-r1.0.1.tar.gz'])}, not "
                                   f"the pinned {'0' * 32} (a transfer cut short, or the file changed at its source); "
@@ -179,7 +178,7 @@ def test_a_transfer_cut_short_is_caught_by_the_checksum_or_by_unpacking(server, 
     _, archive = serve_dtd(monkeypatch, server, dtd_files, md5s=None if pinned else {"archive": None})
     server.faults["/dtd-r1.0.1.tar.gz"] = "short"
     root = tmp_path / "data"
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", root)
     if pinned:
         assert one_line(e).startswith(f"--download: {archive.url} has md5 ")
@@ -198,7 +197,7 @@ def test_an_unpinned_file_whose_dataset_is_incomplete_is_deleted(server, dtd_fil
     split["test"].append(["banded/not_in_the_archive.jpg", 0, split["test"][0][2]])
     serve_dtd(monkeypatch, server, {**dtd_files, "/split.json": json.dumps(split).encode()}, md5s={"split": None})
     root = tmp_path / "data"
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", root)
     assert one_line(e) == ("--download: the downloaded dtd is not complete (1 images of its split are not in the "
                            "downloaded files, e.g. banded/not_in_the_archive.jpg); split_zhou_DescribableTextures.json "
@@ -218,14 +217,14 @@ def test_no_network_stops_at_once_with_one_line(server, dtd_files, monkeypatch, 
         for r in download.DOWNLOADS["dtd"].files)))
     root = tmp_path / "data"
     start = time.perf_counter()
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", root)
     assert time.perf_counter() - start < 5
     assert one_line(e).startswith(f"--download: cannot download http://127.0.0.1:{port}/split.json (<urlopen error "
                                   f"[Errno 111] Connection refused>); check the connection and rerun")
     nothing_passes_for_the_dataset(root)
     # the command line: one line, no traceback, before CLIP or anything else is loaded
-    import backbones
+    from fewshot import backbones
     monkeypatch.setattr(backbones, "load", lambda *a: pytest.fail("CLIP was loaded before the download"))
     line = fail("--dataset", "dtd", "--root", root, "--download")
     assert line.startswith(f"error: --download: cannot download http://127.0.0.1:{port}/split.json")
@@ -237,7 +236,7 @@ def test_a_silent_connection_fails_after_the_timeout(server, dtd_files, monkeypa
     server.faults["/split.json"] = "stall"
     monkeypatch.setattr(download, "TIMEOUT_S", 0.5)
     start = time.perf_counter()
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", tmp_path / "data")
     assert time.perf_counter() - start < 2.5
     assert one_line(e).startswith(f"--download: cannot download {split.url} (") and "timed out" in one_line(e)
@@ -257,7 +256,7 @@ def test_what_an_interrupted_run_left_is_cleared_by_the_next(server, dtd_files, 
 
 def test_an_incomplete_dataset_folder_is_named_and_left_alone(tmp_path):
     (tmp_path / "dtd" / "images").mkdir(parents=True)     # images put there by hand, no split file
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", tmp_path)
     assert one_line(e).startswith(f"--download: {tmp_path / 'dtd'} exists but does not load (split file not found: "
                                   f"expected {tmp_path / 'dtd' / fd.DATASETS['dtd'].split}")
@@ -267,7 +266,7 @@ def test_an_incomplete_dataset_folder_is_named_and_left_alone(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["imagenet", "stanford_cars", "imagenet-sketch"])
 def test_datasets_without_a_public_download_print_the_steps(dataset, tmp_path, capsys):
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset(dataset, tmp_path)
     folder = tmp_path / fd.DATASETS[dataset].folder
     assert one_line(e) == (f"--download: {dataset} has no public download; put it in {folder} by the steps above, "
@@ -283,7 +282,7 @@ def test_a_missing_gdown_is_named_before_any_transfer(server, dtd_files, monkeyp
     monkeypatch.setitem(download.DOWNLOADS, "dtd",
                         download.DatasetDownload((drive,) + download.DOWNLOADS["dtd"].files[1:]))
     monkeypatch.setattr(download.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(fd.DataError, match=r"^--download: dtd's split_zhou_DescribableTextures.json is on Google Drive "
+    with pytest.raises(DataError, match=r"^--download: dtd's split_zhou_DescribableTextures.json is on Google Drive "
                                            r"\(https://drive.google.com/file/d/an-id/view\), which needs the gdown "
                                            r"package: pip install gdown"):
         download.download_dataset("dtd", tmp_path)
@@ -310,7 +309,7 @@ def test_a_google_drive_file_goes_to_gdown_and_is_checked_like_the_others(server
     drive = download.Remote(download._drive("the-split-id"), split.md5, "dtd", split.filename)
     monkeypatch.setitem(download.DOWNLOADS, "dtd", download.DatasetDownload((drive, archive)))
     server.faults["/drive/the-split-id"] = 500
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         download.download_dataset("dtd", tmp_path)
     assert one_line(e).startswith(f"--download: cannot download {drive.url} (HTTP Error 500: Internal Server Error)")
     nothing_passes_for_the_dataset(tmp_path)
@@ -352,5 +351,5 @@ def test_a_dataset_there_already_is_not_fetched_whatever_its_size(tmp_path, monk
     """A manual dataset that is there is returned without being read (ImageNet's 1.3M files); a downloadable one
     is loaded once to say, if it cannot be, that --download will not replace it."""
     root = write_dataset(tmp_path, "imagenet")
-    monkeypatch.setattr(download, "load_splits", lambda *a: pytest.fail("read"))
+    monkeypatch.setattr(datasets, "load_splits", lambda *a: pytest.fail("read"))
     assert download.download_dataset("imagenet", root) == root / "imagenet"

@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import backbones
-import download
-import extract_features as ef
-import features_file as ff
-import fewshot_data as fd
-from fixtures import TINY_NAMES
+import fewshot.datasets as fd
+import fewshot.extraction as ef
+import fewshot.features as ff
+import fewshot.files as files
+from fewshot import backbones, download, prompts
+from fewshot import cli as commands
+from fewshot.errors import DataError
+from fewshot.testing.fixtures import TINY_NAMES
 
 VIT, RESNET = TINY_NAMES["vit"], TINY_NAMES["resnet"]  # the tiny checkpoints' names, read from their weights
 
@@ -175,7 +177,7 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
                    max_shots=3, views=3, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
-        with pytest.raises(fd.DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
+        with pytest.raises(DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
                                                "it once for all the seeds"):
             extract("dtd", root, path.parent, clip_checkpoint=tiny_vit_checkpoint, views=3,
                     workers=0, device="cpu", **more)
@@ -185,7 +187,7 @@ def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_
 def test_reusing_a_file_takes_no_lock(cli, tiny_vit_checkpoint, monkeypatch, capsys):
     def no_lock(path):  # as in a read-only shared features folder, where no lock file can be made
         raise PermissionError(f"read-only: {path}")
-    monkeypatch.setattr(ef, "file_lock", no_lock)
+    monkeypatch.setattr(files, "file_lock", no_lock)
     root, path, _, _ = cli
     capsys.readouterr()
     run(root, path.parent, tiny_vit_checkpoint, max_shots=5)
@@ -207,7 +209,7 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
         try:
             run(root, tmp_path, tiny_vit_checkpoint, **kwargs)
             outcomes.put((name, "wrote"))
-        except fd.DataError as e:
+        except DataError as e:
             outcomes.put((name, str(e)))
     jobs = [context.Process(target=job, args=args) for args in (("first", first), ("second", second))]
     for p in jobs:
@@ -244,10 +246,10 @@ def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_
                             (dict(prompts=prompts), "prompts: "),
                             (dict(clip_checkpoint=other_checkpoint), "clip_checkpoint: "),
                             (dict(allow_repeats=True), "allow_repeats: ")):
-        with pytest.raises(fd.DataError) as e:
+        with pytest.raises(DataError) as e:
             again(**kwargs)
         assert setting in str(e.value) and f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
-    with pytest.raises(fd.DataError, match="dataset folder not found"):  # --overwrite cannot extract either
+    with pytest.raises(DataError, match="dataset folder not found"):  # --overwrite cannot extract either
         again(overwrite=True)
     assert path.stat().st_mtime_ns == stamp
     # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
@@ -260,7 +262,7 @@ def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_
     root = make_dataset("eurosat")
     f, path = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat")
     before = path.read_bytes()
-    with pytest.raises(fd.DataError, match="different settings.*views.*--overwrite"):
+    with pytest.raises(DataError, match="different settings.*views.*--overwrite"):
         run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2)
     assert path.read_bytes() == before
     g, _ = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2, overwrite=True)
@@ -279,7 +281,7 @@ def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp
 
 def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
     path = tmp_path / "f.pt"
-    killed = multiprocessing.get_context("fork").Process(target=ff.write_atomic, args=(
+    killed = multiprocessing.get_context("fork").Process(target=files.write_atomic, args=(
         path, lambda f: (f.write(b"half"), f.flush(), os.kill(os.getpid(), signal.SIGKILL))))
     killed.start()
     killed.join()
@@ -294,7 +296,7 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_
     for p in (*keep, old):
         p.write_bytes(b"x")
     os.utime(old, (time.time() - 2 * 86400,) * 2)
-    ff.write_atomic(path, lambda f: f.write(b"whole"))
+    files.write_atomic(path, lambda f: f.write(b"whole"))
     assert path.read_bytes() == b"whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [path, *keep])
 
@@ -376,7 +378,7 @@ def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwa
     if "root_override" in kwargs:
         root = root / kwargs["root_override"]
         expected = str(root / "dtd")
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, kwargs.get("dataset", "dtd"))
     assert message in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
     if "not found" in message:
@@ -392,7 +394,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
     (images / "class c_2" / "train_0.jpg").write_text("not a jpeg")
     (images / "class c_2" / "val_0.jpg").write_bytes(b"")
     monkeypatch.setattr(backbones, "load", lambda *a: pytest.fail("CLIP was loaded before the images were checked"))
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
     message = str(e.value)
     assert message.startswith("3 of 34 images cannot be read, e.g. ") and "\n" not in message  # 15 + 12 + 7
@@ -406,7 +408,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
 def test_a_class_without_training_images_is_named_without_suggesting_repeats(make_dataset, tiny_vit_checkpoint,
                                                                             tmp_path, allow_repeats):
     root = make_dataset("dtd", counts={"train": [5, 0, 6]})
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, allow_repeats=allow_repeats)
     assert "class 1 ('class b_1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
 
@@ -422,7 +424,7 @@ def test_a_class_without_training_images_is_named_without_suggesting_repeats(mak
 ])
 def test_bad_flags_are_named_before_anything_is_read(tiny_vit_checkpoint, tmp_path, flag, kwargs):
     # the dataset folder does not even exist: the flag is checked first
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         run(tmp_path / "absent", tmp_path / "out", tiny_vit_checkpoint, **kwargs)
     assert str(e.value).startswith(flag) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -433,7 +435,7 @@ def test_bad_flags_are_named_before_anything_is_read(tiny_vit_checkpoint, tmp_pa
                                              ("gpu", "is not a torch device")])
 def test_an_unusable_device_is_named(tiny_vit_checkpoint, tmp_path, monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         run(tmp_path / "absent", tmp_path, tiny_vit_checkpoint, device=device)
     assert str(e.value).startswith(f"--device {device}") and message in str(e.value)
     assert "--clip-checkpoint" not in str(e.value)
@@ -449,27 +451,27 @@ def _bad_torch_files(folder: Path, checkpoint: Path) -> dict:
 
 def test_unreadable_torch_files_get_one_line(tiny_vit_checkpoint, tmp_path):
     for name, path in _bad_torch_files(tmp_path, tiny_vit_checkpoint).items():
-        with pytest.raises(fd.DataError) as e:
+        with pytest.raises(DataError) as e:
             backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(path)))
         assert str(e.value).startswith(f"--clip-checkpoint {path} is truncated or not a file written by "
                                        f"torch.save"), name
         assert "\n" not in str(e.value)
-        with pytest.raises(fd.DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
-            ff.load_torch_file(path, "checkpoint")
-    with pytest.raises(fd.DataError, match="^features file .*absent.pt does not exist$"):
-        ff.load_torch_file(tmp_path / "absent.pt", "features file")
+        with pytest.raises(DataError, match="^checkpoint .* is truncated or not a file written by torch.save"):
+            files.load_torch_file(path, "checkpoint")
+    with pytest.raises(DataError, match="^features file .*absent.pt does not exist$"):
+        files.load_torch_file(tmp_path / "absent.pt", "features file")
     torch.save({"a": torch.zeros(2)}, tmp_path / "not_clip.pt")   # a torch file, not a CLIP
-    with pytest.raises(fd.DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
+    with pytest.raises(DataError, match="^--clip-checkpoint .* is a torch file but not an OpenAI CLIP checkpoint"):
         backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(tmp_path / "not_clip.pt")))
     torch.save({"a": Path("x")}, tmp_path / "objects.pt")         # torch.save'd, but not weights only
-    with pytest.raises(fd.DataError, match="objects other than tensors"):
-        ff.load_torch_file(tmp_path / "objects.pt", "checkpoint")
-    assert ff.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
+    with pytest.raises(DataError, match="objects other than tensors"):
+        files.load_torch_file(tmp_path / "objects.pt", "checkpoint")
+    assert files.load_torch_file(tmp_path / "not_clip.pt", "checkpoint", mmap=True)["a"].shape == (2,)
 
 
 def test_an_unreadable_file_at_the_output_path_is_named(make_dataset, tiny_vit_checkpoint, tmp_path):
     (tmp_path / f"dtd_{VIT}.pt").write_bytes(b"")  # e.g. left by a crash of another tool
-    with pytest.raises(fd.DataError, match=f"features file .*dtd_{VIT}.pt is truncated .*; pass --overwrite"):
+    with pytest.raises(DataError, match=f"features file .*dtd_{VIT}.pt is truncated .*; pass --overwrite"):
         run(make_dataset("dtd"), tmp_path, tiny_vit_checkpoint)
     assert (tmp_path / f"dtd_{VIT}.pt").read_bytes() == b""
 
@@ -484,13 +486,15 @@ def test_allow_repeats_uses_every_image_before_repeating(make_dataset, tiny_vit_
 def test_path_flags_expand_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     seen = {}
-    monkeypatch.setattr(ef, "extract_from_args", lambda args, dataset: seen.update(vars(args)))
-    ef.main(["--dataset", "dtd", "--root=~/data", "--features-dir", "~/features", "--clip-checkpoint=~/clip.pt",
-             "--prompts", "~/cupl.json"])
-    assert (seen["root"], seen["features_dir"]) == (tmp_path / "data", tmp_path / "features")
-    assert (seen["clip_checkpoint"], seen["prompts"]) == (tmp_path / "clip.pt", tmp_path / "cupl.json")
-    ef.main(["--dataset", "dtd", "--prompts", "cupl"])  # not a path: CuPL's descriptions
-    assert seen["prompts"] == "cupl"
+    monkeypatch.setattr(ef.Extraction, "extract", lambda self, *args: seen.update(extraction=self))
+    commands.extract_command(["--dataset", "dtd", "--root=~/data", "--features-dir", "~/features",
+                              "--clip-checkpoint=~/clip.pt", "--prompts", "~/cupl.json"])
+    extraction = seen["extraction"]
+    assert (extraction.root, extraction.features_dir) == (tmp_path / "data", tmp_path / "features")
+    assert (extraction.settings.clip_checkpoint, extraction.settings.prompts) == (str(tmp_path / "clip.pt"),
+                                                                                str(tmp_path / "cupl.json"))
+    commands.extract_command(["--dataset", "dtd", "--prompts", "cupl"])  # not a path: CuPL's descriptions
+    assert seen["extraction"].settings.prompts == "cupl"
 
 
 @pytest.fixture
@@ -500,7 +504,7 @@ def cupl_dtd(tmp_path, monkeypatch):
     # spelt CuPL's way (case, spaces for underscores); "class c_2" has no sentences
     source.write_text(json.dumps({"Class A 0": ["a woven texture.", "threads."], "class_b_1": ["spots."]}))
     # patched in extract_features, where cupl_prompts looks the table up (fewshot_data.py defines it)
-    monkeypatch.setattr(download, "CUPL_PROMPTS",
+    monkeypatch.setattr(prompts, "CUPL_PROMPTS",
                         {"dtd": (source.as_uri(), hashlib.sha256(source.read_bytes()).hexdigest())})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return source
@@ -523,34 +527,34 @@ def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, 
     cupl_dtd.unlink()                          # a second use reads the cache: no download
     assert download.cupl_prompts("dtd") == cached and "downloading" not in capsys.readouterr().out
     cached.write_text("{}")                    # a cache that no longer matches its sha256 is not used
-    with pytest.raises(fd.DataError, match="^--prompts cupl: cannot download file:"):
+    with pytest.raises(DataError, match="^--prompts cupl: cannot download file:"):
         download.cupl_prompts("dtd")
 
 
 def test_a_cupl_download_with_another_sha256_is_refused_and_not_kept(cupl_dtd, tmp_path, monkeypatch):
-    monkeypatch.setitem(download.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
-    with pytest.raises(fd.DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
+    monkeypatch.setitem(prompts.CUPL_PROMPTS, "dtd", (cupl_dtd.as_uri(), "0" * 64))
+    with pytest.raises(DataError, match=f"^--prompts cupl: {cupl_dtd.as_uri()} has sha256 [0-9a-f]{{64}}, not the "
                                            f"pinned 0{{64}} .*nothing was cached or used$"):
         download.cupl_prompts("dtd")
     assert not (tmp_path / "cache").exists()
-    with pytest.raises(fd.DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
+    with pytest.raises(DataError, match="^--prompts cupl: no CuPL descriptions are pinned for 'imagenet-sketch'"):
         download.cupl_prompts("imagenet-sketch")
 
 
 def test_cupl_table_pins_a_commit_and_a_sha256_per_dataset():
-    for dataset, (url, sha256) in fd.CUPL_PROMPTS.items():
+    for dataset, (url, sha256) in prompts.CUPL_PROMPTS.items():
         assert dataset in fd.DATASETS and re.fullmatch(r"[0-9a-f]{64}", sha256)
         assert re.fullmatch(r"https://raw\.githubusercontent\.com/[\w-]+/[\w-]+/[0-9a-f]{40}/.+\.json", url)
-    assert len({url for url, _ in fd.CUPL_PROMPTS.values()}) == len(fd.CUPL_PROMPTS)
+    assert len({url for url, _ in prompts.CUPL_PROMPTS.values()}) == len(prompts.CUPL_PROMPTS)
 
 
 def test_a_prompts_file_of_another_dataset_is_refused(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"abyssinian": ["a cat."]}))
-    with pytest.raises(fd.DataError, match="sentences for none of the 2 classes"):
-        fd.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
+    with pytest.raises(DataError, match="sentences for none of the 2 classes"):
+        prompts.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
     (tmp_path / "p.json").write_text(json.dumps({"banded": "stripes."}))  # a string, not a list of sentences
-    with pytest.raises(fd.DataError, match="is not a json object"):
-        fd.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
+    with pytest.raises(DataError, match="is not a json object"):
+        prompts.load_prompts(tmp_path / "p.json", ["banded", "blotchy"], "{} texture.")
 
 
 def test_main_prints_one_error_line_and_help(tmp_path, capsys):
@@ -562,11 +566,11 @@ def test_main_prints_one_error_line_and_help(tmp_path, capsys):
                         (["--dataset", "dtd", "--views", "0"], "error: argument --views: must be at least 1")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            ef.main(argv)
+            commands.extract_command(argv)
         err = capsys.readouterr().err.strip().split("\n")
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith(words), err
     with pytest.raises(SystemExit) as e:
-        ef.main(["--help"])
+        commands.extract_command(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds",
@@ -596,7 +600,7 @@ def _edit_split(root, change):
 def test_conflicts_in_a_split_file_are_named(make_dataset, tiny_vit_checkpoint, tmp_path, change, words):
     root = make_dataset("dtd")
     _edit_split(root, change)
-    with pytest.raises(fd.DataError) as e:
+    with pytest.raises(DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint)
     assert words in str(e.value) and "\n" not in str(e.value)
 
@@ -607,5 +611,5 @@ def test_an_image_listed_twice_counts_once(make_dataset, tiny_vit_checkpoint, tm
     root = make_dataset("dtd")
     _edit_split(root, lambda s: s["train"].append(list(s["train"][0])))
     assert len(fd.load_splits("dtd", root).train) == 5 + 6 + 7
-    with pytest.raises(fd.DataError, match="class 0 .* has 5 training images, fewer than the 6 needed"):
+    with pytest.raises(DataError, match="class 0 .* has 5 training images, fewer than the 6 needed"):
         run(root, tmp_path, tiny_vit_checkpoint, max_shots=6)

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fewshot_data as fd
-from fixtures import write_image_folder
+import fewshot.datasets as fd
+from fewshot.errors import DataError
+from fewshot.testing.fixtures import TINY_NAMES, write_image_folder
 
 TINY = ["--device", "cpu", "--workers", "0"]
-from fixtures import TINY_NAMES  # noqa: E402
-
 VIT = TINY_NAMES["vit"]  # the name of the tiny ViT checkpoint, read from its weights
 
 
@@ -37,13 +36,13 @@ def test_a_key_wins_a_path_is_a_folder_and_an_unknown_name_lists_the_keys(tmp_pa
     assert fd.resolve_dataset("./dtd") == str(tmp_path / "dtd")
     assert fd.resolve_dataset("widgets") == str(tmp_path / "widgets")   # no key: an existing folder
     assert fd.dataset_name(fd.resolve_dataset("./dtd")) == "dtd" and fd.is_folder(fd.resolve_dataset("./dtd"))
-    with pytest.raises(fd.DataError, match=r"^unknown dataset 'gadgets'; choose one of: imagenet, caltech101, .*"
+    with pytest.raises(DataError, match=r"^unknown dataset 'gadgets'; choose one of: imagenet, caltech101, .*"
                                            r"or give a folder of class subfolders, e.g. \./gadgets$"):
         fd.resolve_dataset("gadgets")
-    with pytest.raises(fd.DataError, match="^--dataset no/such: no such folder; give a folder holding one"):
+    with pytest.raises(DataError, match="^--dataset no/such: no such folder; give a folder holding one"):
         fd.resolve_dataset("no/such")
     touch(tmp_path, "file.txt")
-    with pytest.raises(fd.DataError, match="^--dataset ./file.txt: not a folder"):
+    with pytest.raises(DataError, match="^--dataset ./file.txt: not a folder"):
         fd.resolve_dataset("./file.txt")
 
 
@@ -107,7 +106,7 @@ def test_names_are_taken_in_unicodes_composed_form(tmp_path):
 ])
 def test_a_folder_that_cannot_be_split_gets_one_line(tmp_path, files, message):
     touch(tmp_path / "mine", *files)
-    with pytest.raises(fd.DataError, match=message):
+    with pytest.raises(DataError, match=message):
         fd.load_splits(str(tmp_path / "mine"), None)
 
 
@@ -127,7 +126,7 @@ def test_a_split_json_in_the_folder_is_used_instead(tmp_path):
     splits = fd.load_splits(str(tmp_path / "mine"), None)
     assert splits.classnames == ["A", "B"] and splits.coop_split() == split
     (tmp_path / "mine" / "split.json").write_text('{"train": [["a/img0.jpg", 0.0, "A"]]}')  # its checks hold too
-    with pytest.raises(fd.DataError, match="split.json has 1 labels that are not integers"):
+    with pytest.raises(DataError, match="split.json has 1 labels that are not integers"):
         fd.load_splits(str(tmp_path / "mine"), None)
 
 
@@ -157,7 +156,7 @@ def test_train_py_runs_on_a_folder_of_images_end_to_end(run, my_images, tiny_vit
     run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
     assert "reusing" in capsys.readouterr().out
     shutil.copy(my_images / "red_panda" / "0.jpg", my_images / "red_panda" / "new.jpg")
-    with pytest.raises(fd.DataError, match=r"exists with different settings \(split_sha256: .*--overwrite"):
+    with pytest.raises(DataError, match=r"exists with different settings \(split_sha256: .*--overwrite"):
         run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
 
 
@@ -168,7 +167,7 @@ def test_template_sets_the_positive_prompts_and_is_compared_on_reuse(run, my_ima
     data = torch.load(tmp_path / "features" / f"my_images_{VIT}.pt", weights_only=True)
     assert data["prompts"]["positive"][1] == ["a photo of a red panda, a type of bird."]
     assert data["settings"]["template"] == "a photo of a {}, a type of bird."
-    with pytest.raises(fd.DataError, match=r"different settings \(template: 'a photo of a \{\}, a type of bird.' in "
+    with pytest.raises(DataError, match=r"different settings \(template: 'a photo of a \{\}, a type of bird.' in "
                                            r"the file, None asked; prompts_sha256"):
         run(*common)
 
@@ -201,5 +200,5 @@ def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
     monkeypatch.setattr(os, "scandir", denied)
-    with pytest.raises(fd.DataError, match=r"^cannot read the folder .*/mine/b/sub \(Permission denied\); fix"):
+    with pytest.raises(DataError, match=r"^cannot read the folder .*/mine/b/sub \(Permission denied\); fix"):
         fd.load_splits(str(tmp_path / "mine"), None)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fixtures import unit
+from fewshot.testing.fixtures import unit
 from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
 VARIANTS = ("full", "t", "tn", "tp")

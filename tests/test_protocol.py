@@ -9,45 +9,46 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
-from baselines import LinearProbe, fit_linear_probe
-from fixtures import synthetic_features
+import fewshot.features as ff
+from fewshot import methods, tasks, training
+from fewshot.baselines import LinearProbe, fit_linear_probe
+from fewshot.testing.fixtures import synthetic_features
 from hegraphadapter import HeGraphConfig
 
 
 def spied_training(feats, monkeypatch, seed, epochs=3, batch_size=16, method="hegraph", **recipe):
     """train() of a method on the 4-shot task of seed 1: the rows of each batch (as cache rows) and the learning
     rate of each step."""
-    task = train.make_task(train.load_features(feats), 1, 4, "cpu")
-    row = train.METHODS[method]
-    model = train.build(row, task, row.config("synthetic"))
+    task = tasks.make_task(ff.load_features(feats), 1, 4, "cpu")
+    row = methods.METHODS[method]
+    model = methods.build(row, task, row.config("synthetic"))
     batches, lrs = [], []
     original = model.loss
     monkeypatch.setattr(model, "loss",
                         lambda x, y, **kw: batches.append(kw["exclude"].tolist()) or original(x, y, **kw))
-    make = train.make_optimizer
+    make = training.make_optimizer
 
     def recording(params, r):
         opt = make(params, r)
         opt.register_step_pre_hook(lambda o, args, kwargs: lrs.append(o.param_groups[0]["lr"]))
         return opt
-    monkeypatch.setattr(train, "make_optimizer", recording)
-    base = train.effective_recipe(row, "synthetic", 4, train.parse_args(["--features", "x"]))
+    monkeypatch.setattr(training, "make_optimizer", recording)
+    base = methods.effective_recipe(method, "synthetic", 4, {})
     r = dataclasses.replace(base, epochs=epochs, batch_size=batch_size, leave_one_out=True, **recipe)
-    train.train(model, task.train_views, task.train_labels, r, seed)
+    training.train(model, task.train_views, task.train_labels, r, seed)
     return task, batches, lrs, r
 
 
 def test_train_sees_the_training_views_labels_recipe_and_seed_only():
     """No epoch can be chosen on test images: train() has no way to reach them."""
-    assert list(inspect.signature(train.train).parameters) == ["model", "views", "labels", "recipe", "seed", "desc"]
+    assert list(inspect.signature(training.train).parameters) == ["model", "views", "labels", "recipe", "seed", "desc"]
 
 
 def test_the_test_split_is_scored_once_per_seed_after_training(feats, monkeypatch, run):
     """Not once per epoch (a best-epoch pick would have to score every epoch)."""
     calls = []
-    original = train.accuracy
-    monkeypatch.setattr(train, "accuracy",
+    original = training.accuracy
+    monkeypatch.setattr(training, "accuracy",
                         lambda model, f, y, **kw: calls.append(len(y)) or original(model, f, y, **kw))
     run("--features", feats, "--shots", 2, "--epochs", 5, "--seeds", 1, 2)
     test_size = len(torch.load(feats, weights_only=True)["test"]["labels"])
@@ -57,7 +58,7 @@ def test_the_test_split_is_scored_once_per_seed_after_training(feats, monkeypatc
 def test_the_warm_up_epoch_rises_from_1e5_then_the_cosine_decays(feats, monkeypatch):
     task, batches, lrs, recipe = spied_training(feats, monkeypatch, seed=1)
     per_epoch = len(batches) // recipe.epochs
-    assert lrs[0] == pytest.approx(train.WARMUP_LR)
+    assert lrs[0] == pytest.approx(methods.WARMUP_LR)
     rising = lrs[:per_epoch + 1]
     assert all(a < b for a, b in zip(rising, rising[1:])) and lrs[per_epoch] == pytest.approx(recipe.lr)
     assert all(a >= b for a, b in zip(lrs[per_epoch:], lrs[per_epoch + 1:]))
@@ -95,9 +96,9 @@ def test_the_spread_over_seeds_is_the_sample_standard_deviation(feats, run):
 
 def test_validation_uses_min_k_4_images_per_class(tmp_path):
     feats = synthetic_features(tmp_path / "f.pt", C=5, max_shots=4)           # val_fewshot: 4 columns
-    data = train.load_features(feats)
+    data = ff.load_features(feats)
     for shots, per_class in ((1, 1), (2, 2), (4, 4)):
-        task = train.make_task(data, 1, shots, "cpu")
+        task = tasks.make_task(data, 1, shots, "cpu")
         assert torch.equal(task.val[1].bincount(minlength=5), torch.full((5,), per_class))
         assert torch.equal(task.val[0],
                            data["val"]["features"][data["val_fewshot"][1][:, :per_class].flatten()].float())
@@ -105,15 +106,15 @@ def test_validation_uses_min_k_4_images_per_class(tmp_path):
 
 @pytest.mark.parametrize("dataset, scale", [("oxford_flowers", 1.0), ("imagenet", 0.5), ("dtd", 0.5)])
 def test_taskres_takes_its_published_scale_per_dataset(dataset, scale):
-    assert train.METHODS["taskres"].config(dataset).scale == scale
+    assert methods.METHODS["taskres"].config(dataset).scale == scale
 
 
 def test_tip_adapter_starts_from_its_released_configs():
     """configs/<dataset>.yaml: init_alpha per dataset, init_beta (our γ) 1; the search range up to search_scale."""
-    cfg = train.METHODS["tip"].config
+    cfg = methods.METHODS["tip"].config
     assert (cfg("oxford_flowers").alpha, cfg("imagenet").alpha, cfg("fgvc_aircraft").alpha) == (10, 1.17, 5)
-    assert cfg("dtd").gamma == 1.0 and train.METHODS["tip-f"].config("dtd").learn_keys
-    knobs = train.METHODS["tip"].knobs("imagenet", None)
+    assert cfg("dtd").gamma == 1.0 and methods.METHODS["tip-f"].config("dtd").learn_keys
+    knobs = methods.METHODS["tip"].knobs("imagenet", None)
     assert max(knobs["gamma"]) == 7 and max(knobs["alpha"]) == 3 and min(knobs["alpha"]) == 1.17
 
 
@@ -130,9 +131,9 @@ def test_the_linear_probe_keeps_the_stronger_l2_among_equal_validation_scores():
 
 def test_every_method_with_knobs_fits_the_budget_and_searches_on_val(feats, run):
     """--search-val works for every row with knobs, within 12 points, and records each seed's choice."""
-    for name, method in train.METHODS.items():
-        recipe = train.effective_recipe(method, "synthetic", 2, train.parse_args(["--features", "x"]))
-        points = train.grid(method, "synthetic", recipe)
+    for name, method in methods.METHODS.items():
+        recipe = methods.effective_recipe(name, "synthetic", 2, {})
+        points = methods.grid(method, "synthetic", recipe)
         assert len(points) <= 12
         if not points:
             continue

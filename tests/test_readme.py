@@ -28,3 +28,17 @@ def test_every_local_link_points_to_a_file():
     links = [link for link in re.findall(r"\]\(([^)#]+)\)", README) if not link.startswith("http")]
     assert links and all((REPO / link).exists() for link in links), [link for link in links
                                                                       if not (REPO / link).exists()]
+
+
+def test_the_model_file_runs_the_readme_block_alone(tmp_path):
+    """hegraphadapter.py copied alone into an empty folder runs the README's block about it: it needs PyTorch and
+    nothing of this repository (the copy is the module imported, and no module of fewshot is loaded)."""
+    block = next(b for b in BLOCKS if "from hegraphadapter import" in b)
+    (tmp_path / "hegraphadapter.py").write_bytes((REPO / "hegraphadapter.py").read_bytes())
+    check = ("\nimport sys, hegraphadapter\nprint(hegraphadapter.__file__)\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fewshot', 'train', 'extract_features')))")
+    proc = subprocess.run([sys.executable, "-c", block + check], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *_, where, loaded = proc.stdout.strip().splitlines()
+    assert Path(where) == tmp_path / "hegraphadapter.py" and loaded == "[]"

@@ -1,6 +1,6 @@
-"""bench/reproduce.py and bench/report.py: a real sweep on two tiny datasets (shared by the tests of this
-module), its rerun, an interrupted sweep, two sweeps at once in two processes, --shift, and the report
-rebuilt from the run files alone."""
+"""bench/reproduce.py and bench/report.py (fewshot/sweep.py, fewshot/report.py): a real sweep on two tiny
+datasets (shared by the tests of this module), its rerun, an interrupted sweep, two sweeps at once in two
+processes, --shift, and the report rebuilt from the run files alone."""
 import contextlib
 import io
 import json
@@ -14,12 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import report  # noqa: E402
-import reproduce  # noqa: E402
-import train  # noqa: E402
-from fixtures import TINY_NAMES  # noqa: E402
+from fewshot import report, runs, sweep
+from fewshot.testing.fixtures import TINY_NAMES
 
 VIT = TINY_NAMES["vit"]  # the tiny checkpoint's name, read from its weights
 
@@ -36,10 +32,10 @@ def sweep_argv(root, checkpoint, features, results, datasets=("dtd", "eurosat"),
 
 
 def main(argv):
-    """reproduce.main in this process; returns what it printed."""
+    """bench/reproduce.py's main in this process; returns what it printed."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        reproduce.main(argv)
+        sweep.main(argv)
     return out.getvalue()
 
 
@@ -156,22 +152,22 @@ def test_an_interrupted_sweep_continues_where_it_stopped(swept, data_root, tiny_
                                                          monkeypatch, capsys):
     argv = sweep_argv(data_root, tiny_vit_checkpoint, swept["features"], tmp_path / "results", datasets=["dtd"],
                       methods=["zeroshot", "tip"])
-    real_run, calls = train.run, []
+    real_run, calls = runs.run, []
 
-    def dies_on_the_second_run(args):
-        calls.append(args.method)
+    def dies_on_the_second_run(request):
+        calls.append(request.method)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as Ctrl-C in the middle of the second run
-        return real_run(args)
+        return real_run(request)
 
-    monkeypatch.setattr(train, "run", dies_on_the_second_run)
+    monkeypatch.setattr(runs, "run", dies_on_the_second_run)
     with pytest.raises(SystemExit):
         main(argv)
     assert "interrupted" in capsys.readouterr().err
     first = run_files(tmp_path / "results")
     assert len(first) == 1
     before = first[0].read_text()
-    monkeypatch.setattr(train, "run", real_run)
+    monkeypatch.setattr(runs, "run", real_run)
     output = main(argv)
     assert "skipped 1 finished already, 3 to do" in output and len(ran(output)) == 3
     assert first[0].name not in ran(output) and first[0].read_text() == before
@@ -185,12 +181,12 @@ def test_two_sweeps_at_once_run_each_run_exactly_once(swept, data_root, tiny_vit
     argv = sweep_argv(data_root, tiny_vit_checkpoint, swept["features"], tmp_path / "results", datasets=["dtd"],
                       methods=["zeroshot", "tip-f", "hegraph-t"], epochs=10)
     # the child imports, says it is ready, and waits for the go, so that both sweeps start together
-    starter = ("import sys, time, pathlib; sys.path.insert(0, sys.argv[1]); import reproduce\n"
-               "reproduce.report.write_report = lambda *args: 'no report'\n"
-               "go = pathlib.Path(sys.argv[2]); go.with_suffix('.ready').touch()\n"
+    starter = ("import sys, time, pathlib; from fewshot import report, sweep\n"
+               "report.write_report = lambda *args: 'no report'\n"
+               "go = pathlib.Path(sys.argv[1]); go.with_suffix('.ready').touch()\n"
                "while not go.exists(): time.sleep(0.005)\n"
-               "reproduce.main(sys.argv[3:])")
-    child = subprocess.Popen([sys.executable, "-c", starter, str(REPO / "bench"), str(go), *argv],
+               "sweep.main(sys.argv[2:])")
+    child = subprocess.Popen([sys.executable, "-c", starter, str(go), *argv],
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -232,7 +228,7 @@ def test_shift_runs_hegraph_t_and_the_baselines_on_imagenet(tiny_vit_checkpoint,
 
 
 def test_features_mode_sweeps_k_over_one_file_and_draws_the_tsne(tmp_path):
-    from fixtures import synthetic_features
+    from fewshot.testing.fixtures import synthetic_features
     feats = synthetic_features(tmp_path / "synthetic.pt", C=12, max_shots=4, seeds=(1, 2))
     argv = ["--features", str(feats), "--shots", "1", "4", "--methods", "zeroshot", "hegraph", "--seeds", "1", "2",
             "--results", str(tmp_path / "results"), "--device", "cpu", "--", "--epochs", "3"]
@@ -297,7 +293,7 @@ def test_report_puts_the_paper_beside_ours_with_the_difference(tmp_path):
 
 
 def test_a_folder_of_images_is_swept_by_its_name_and_its_images(tiny_vit_checkpoint, tmp_path):
-    from fixtures import write_image_folder
+    from fewshot.testing.fixtures import write_image_folder
     folder = write_image_folder(tmp_path / "my_images", {"red_panda": 10, "snow-leopard": 10})
     argv = sweep_argv(tmp_path, tiny_vit_checkpoint, tmp_path / "features", tmp_path / "results",
                       datasets=[str(folder)], methods=["zeroshot"], shots=[1], seeds=[1])
@@ -305,7 +301,7 @@ def test_a_folder_of_images_is_swept_by_its_name_and_its_images(tiny_vit_checkpo
     assert name.startswith(f"my_images_{VIT}_zeroshot_1shot_")
     run = json.loads((tmp_path / "results" / "runs" / name).read_text())
     assert run["dataset"] == "my_images" and run["reproduce"]["key"]["dataset"] == "my_images"
-    reproduce.folder_split_sha256.cache_clear()
+    sweep.folder_split_sha256.cache_clear()
     (folder / "red_panda" / "0.jpg").rename(folder / "red_panda" / "renamed.jpg")  # another split: another run
     argv.insert(argv.index("--"), "--overwrite")          # the features file is of the old split: replaced
     [second] = ran(main(argv))
@@ -315,7 +311,7 @@ def test_a_folder_of_images_is_swept_by_its_name_and_its_images(tiny_vit_checkpo
 def test_bad_command_lines_fail_with_one_clear_line(capsys, tmp_path):
     def fails(*argv):
         with pytest.raises(SystemExit) as e:
-            reproduce.main(list(argv))
+            sweep.main(list(argv))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: "), err
         return err[0]
@@ -359,7 +355,7 @@ def test_a_run_file_of_another_layout_is_named_in_one_line(tmp_path, capsys, con
 def test_results_that_is_a_file_is_refused_before_the_sweep(tmp_path, capsys):
     (tmp_path / "results").write_text("a file")
     with pytest.raises(SystemExit):
-        reproduce.main(["--datasets", "dtd", "--root", str(tmp_path), "--results", str(tmp_path / "results")])
+        sweep.main(["--datasets", "dtd", "--root", str(tmp_path), "--results", str(tmp_path / "results")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "--results" in err[0] and "is a file; give a folder" in err[0]
     assert (tmp_path / "results").read_text() == "a file"
@@ -372,7 +368,7 @@ def test_a_logged_sweep_has_one_line_per_run_and_no_progress_bars(tiny_vit_check
                       methods=["zeroshot", "tip-f"], shots=[1], seeds=[1], epochs=1)
     log = tmp_path / "sweep.log"
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):  # not a terminal
-        reproduce.main(argv)
+        sweep.main(argv)
     text = log.read_text()
     assert b"\r" not in log.read_bytes() and "%|" not in text, text[-2000:]     # no bar: no carriage return
     assert len([line for line in text.splitlines() if line.startswith("ran ")]) == 2

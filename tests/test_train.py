@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
-from features_file import FORMAT
-from fixtures import TINY_NAMES, synthetic_features
+import fewshot.features as ff
+from fewshot import cli, methods, tasks, training
+from fewshot.features import FORMAT
+from fewshot.testing.fixtures import TINY_NAMES, synthetic_features
 from hegraphadapter import HeGraphConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("method", list(methods.METHODS))
 def test_every_method_runs_end_to_end(feats, method, tmp_path, run):
     out = tmp_path / "r.json"
     r = run("--features", feats, "--method", method, "--shots", 2, "--epochs", 3, "--out", out)
@@ -58,17 +59,16 @@ def test_results_record_what_was_used(feats, tmp_path, run):
 ])
 def test_each_method_records_its_own_recipe(method, recipe):
     """The recipe of the METHODS row, as the results record it (checked without training)."""
-    effective = train.effective_recipe(train.METHODS[method], "synthetic", 4, train.parse_args(["--features", "x"]))
+    effective = methods.effective_recipe(method, "synthetic", 4, {})
     if recipe is None:
         assert effective is None
     else:
         assert {k: getattr(effective, k) for k in recipe} == recipe
     # per-dataset entries of the tables
-    args = train.parse_args(["--features", "x"])
-    assert train.effective_recipe(train.METHODS["tip-f"], "eurosat", 4, args).epochs == 100
-    assert train.effective_recipe(train.METHODS["taskres"], "imagenet", 16, args).lr == 2e-4
-    assert train.effective_recipe(train.METHODS["taskres"], "dtd", 8, args).epochs == 200
-    assert train.effective_recipe(train.METHODS["hegraph"], "fgvc_aircraft", 1, args).lr == 1e-2
+    assert methods.effective_recipe("tip-f", "eurosat", 4, {}).epochs == 100
+    assert methods.effective_recipe("taskres", "imagenet", 16, {}).lr == 2e-4
+    assert methods.effective_recipe("taskres", "dtd", 8, {}).epochs == 200
+    assert methods.effective_recipe("hegraph", "fgvc_aircraft", 1, {}).lr == 1e-2
 
 
 def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path, run):
@@ -87,8 +87,7 @@ def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path, run):
     ("taskres", {1: 100, 2: 100, 4: 100, 8: 200, 16: 200}),
 ])
 def test_epochs_follow_the_shot_count_as_published(method, epochs_per_shots):
-    args = train.parse_args(["--features", "x"])
-    found = {k: train.effective_recipe(train.METHODS[method], "dtd", k, args).epochs for k in epochs_per_shots}
+    found = {k: methods.effective_recipe(method, "dtd", k, {}).epochs for k in epochs_per_shots}
     assert found == epochs_per_shots
 
 
@@ -99,8 +98,8 @@ def test_same_seed_same_accuracy(feats, run):
 
 
 def test_seeds_are_different_few_shot_tasks(feats):
-    data = train.load_features(feats)
-    one, two = (train.make_task(data, seed, 2, "cpu") for seed in (1, 2))
+    data = ff.load_features(feats)
+    one, two = (tasks.make_task(data, seed, 2, "cpu") for seed in (1, 2))
     assert not torch.equal(one.train_views, two.train_views)
     assert torch.equal(one.train_labels, two.train_labels)                      # same classes, other images
     assert torch.equal(one.test[0], two.test[0])                                # one shared test split
@@ -150,20 +149,20 @@ def test_each_hegraph_config_field_is_a_flag_of_its_type():
         else:
             argv, expected[f.name] = argv + [flag, "3"], f.type(3)
     assert {type(v) for v in expected.values()} == {bool, int, float, str}
-    config = train.config_from_flags("hegraph", "synthetic", train.parse_args(argv))
+    config = methods.configure("hegraph", "synthetic", cli.train_request(argv).config)
     for name, value in expected.items():
         assert getattr(config, name) == value and type(getattr(config, name)) is type(value), name
-    assert train.parse_args(["--features", "x", "--no-centre-messages"]).centre_messages is False
-    assert train.parse_args(["--features", "x"]).centre_messages is None               # None: the method's default
+    assert cli.train_request(["--features", "x", "--no-centre-messages"]).config["centre_messages"] is False
+    assert "centre_messages" not in cli.train_request(["--features", "x"]).config       # not given: the default
 
 
 def test_hegraph_at_zero_has_the_tip_adapter_logits_through_train_py(feats):
     """End to end through train.py's own task building and METHODS rows, not only in the model's tests."""
-    data = train.load_features(feats)
-    args = train.parse_args(["--features", str(feats), "--alpha", "1.7", "--gamma", "3.0"])
-    task = train.make_task(data, 1, 3, "cpu")
-    hegraph = train.build(train.METHODS["hegraph"], task, train.config_from_flags("hegraph", "synthetic", args))
-    tip = train.build(train.METHODS["tip"], task, train.config_from_flags("tip", "synthetic", args))
+    data = ff.load_features(feats)
+    config = cli.train_request(["--features", str(feats), "--alpha", "1.7", "--gamma", "3.0"]).config
+    task = tasks.make_task(data, 1, 3, "cpu")
+    hegraph = methods.build(methods.METHODS["hegraph"], task, methods.configure("hegraph", "synthetic", config))
+    tip = methods.build(methods.METHODS["tip"], task, methods.configure("tip", "synthetic", config))
     assert tip.config.alpha == 1.7 and hegraph.config.gamma == 3.0
     x = task.test[0][:50]
     assert torch.allclose(hegraph.eval()(x), tip(x), atol=1e-4)
@@ -198,21 +197,21 @@ def test_shift_sets_use_each_models_prediction_on_mapped_classes(feats, tmp_path
     # --backbone is left at its default (RN50): the shift file is looked up by the loaded file's backbone
     r = run("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1,
             "--features-dir", tmp_path, "--root", tmp_path / "no-data", "--eval-datasets", "imagenet-sketch")
-    task = train.make_task(train.load_features(feats), 1, 2, "cpu")
-    model = train.build(train.METHODS["hegraph-t"], task, HeGraphConfig(variant="t"))
+    task = tasks.make_task(ff.load_features(feats), 1, 2, "cpu")
+    model = methods.build(methods.METHODS["hegraph-t"], task, HeGraphConfig(variant="t"))
     model.load_state_dict(torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)["state_dict"])
     restricted = model.eval()(test.float())[:, class_map].argmax(1)
     expected = 100.0 * (class_map[restricted] == labels).float().mean().item()
     assert r["shift"]["imagenet-sketch"][1] == pytest.approx(expected)
-    assert expected >= train.accuracy(model, test.float(), labels)           # fewer classes to confuse
+    assert expected >= training.accuracy(model, test.float(), labels)           # fewer classes to confuse
 
 
 def test_schedule_warms_up_from_1e5_then_decays_to_zero():
     lr, per_epoch, total = 1e-3, 10, 100
-    assert train.schedule(0, per_epoch, total, lr) == pytest.approx(train.WARMUP_LR)
-    assert train.schedule(per_epoch, per_epoch, total, lr) == pytest.approx(lr)
-    assert train.schedule(total, per_epoch, total, lr) == pytest.approx(0.0, abs=1e-12)
-    decay = [train.schedule(s, per_epoch, total, lr) for s in range(per_epoch, total)]
+    assert training.schedule(0, per_epoch, total, lr) == pytest.approx(methods.WARMUP_LR)
+    assert training.schedule(per_epoch, per_epoch, total, lr) == pytest.approx(lr)
+    assert training.schedule(total, per_epoch, total, lr) == pytest.approx(0.0, abs=1e-12)
+    decay = [training.schedule(s, per_epoch, total, lr) for s in range(per_epoch, total)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
-from baselines import TipAdapter, TipConfig
-from fixtures import synthetic_features
+import fewshot.features as ff
+import fewshot.files as files
+from fewshot import cli, methods, runs, tasks, training
+from fewshot.baselines import TipAdapter, TipConfig
+from fewshot.testing.fixtures import synthetic_features
 from hegraphadapter import HeGraphConfig
 
 
@@ -128,7 +130,7 @@ def test_search_val_tunes_on_the_validation_subset_only(tmp_path, run):
     torch.save(data, feats)                                        # val = the cache's own images: α wants to be large
     r = run("--features", feats, "--method", "tip", "--shots", 2, "--search-val", "--seeds", 1)
     chosen = r["model_config"][1]
-    task = train.make_task(train.load_features(feats), 1, 2, "cpu")
+    task = tasks.make_task(ff.load_features(feats), 1, 2, "cpu")
     # Tip-Adapter's grid without a config of its own: γ from 1 to 10 (4 values), α from 1 to 10 (3 values)
     grid = [(alpha, gamma) for gamma in (1.0, 4.0, 7.0, 10.0) for alpha in (1.0, 5.5, 10.0)]
 
@@ -210,15 +212,16 @@ def test_shots_above_max_shots_stop_before_any_extraction(tmp_path, fail):
 
 def test_tilde_is_expanded_in_path_flags(feats, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = train.parse_args(["--features", str(feats), "--out=~/r.json", "--save", "~/ck", "--features-dir=~/f"])
-    assert (args.out, args.save, args.features_dir) == (tmp_path / "r.json", tmp_path / "ck", tmp_path / "f")
+    request = cli.train_request(["--features", str(feats), "--out=~/r.json", "--save", "~/ck", "--features-dir=~/f"])
+    assert (request.out, request.save, request.extraction.features_dir) == (tmp_path / "r.json", tmp_path / "ck",
+                                                                            tmp_path / "f")
 
 
 # -----------------------------------------------------------------------------
 # nothing lost
 
 def test_unwritable_outputs_are_refused_before_training(feats, tmp_path, monkeypatch, fail):
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     (tmp_path / "file").write_text("")
     assert "cannot be written: " in fail("--features", feats, "--out", tmp_path / "file" / "r.json")
     assert "cannot be written: " in fail("--features", feats, "--save", tmp_path / "file" / "ck")
@@ -256,14 +259,14 @@ def test_a_failed_run_leaves_existing_results_untouched(feats, tmp_path, fail):
 
 def test_leave_one_out_reaches_the_loss_and_views_are_drawn_at_random(feats, monkeypatch):
     """hegraph trains with exclude = each image's own cache row; every epoch draws among all stored views."""
-    data = train.load_features(feats)
-    task = train.make_task(data, 1, 4, "cpu")
-    model = train.build(train.METHODS["hegraph"], task, HeGraphConfig())
+    data = ff.load_features(feats)
+    task = tasks.make_task(data, 1, 4, "cpu")
+    model = methods.build(methods.METHODS["hegraph"], task, HeGraphConfig())
     calls = []
     original = model.loss
     monkeypatch.setattr(model, "loss", lambda x, y, **kw: calls.append((x, y, kw)) or original(x, y, **kw))
-    recipe = train.effective_recipe(train.METHODS["hegraph"], "synthetic", 4, train.parse_args(["--features", "x"]))
-    train.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=4, batch_size=16),
+    recipe = methods.effective_recipe("hegraph", "synthetic", 4, {})
+    training.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=4, batch_size=16),
                 seed=1)
     views = task.train_views                                                  # [V, n, d]
     drawn = torch.zeros(views.shape[0], dtype=torch.long)
@@ -278,14 +281,14 @@ def test_leave_one_out_reaches_the_loss_and_views_are_drawn_at_random(feats, mon
 
 
 def test_tip_f_trains_without_leave_one_out(feats, monkeypatch):
-    data = train.load_features(feats)
-    task = train.make_task(data, 1, 2, "cpu")
-    model = train.build(train.METHODS["tip-f"], task, TipConfig(learn_keys=True))
+    data = ff.load_features(feats)
+    task = tasks.make_task(data, 1, 2, "cpu")
+    model = methods.build(methods.METHODS["tip-f"], task, TipConfig(learn_keys=True))
     seen = []
     original = model.loss
     monkeypatch.setattr(model, "loss", lambda x, y, **kw: seen.append(kw) or original(x, y, **kw))
-    recipe = train.effective_recipe(train.METHODS["tip-f"], "synthetic", 2, train.parse_args(["--features", "x"]))
-    train.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=1), seed=1)
+    recipe = methods.effective_recipe("tip-f", "synthetic", 2, {})
+    training.train(model, task.train_views, task.train_labels, dataclasses.replace(recipe, epochs=1), seed=1)
     assert seen and all(kw == {} for kw in seen)
 
 
@@ -305,16 +308,16 @@ def test_results_json_holds_only_what_was_evaluated(feats, tmp_path, run):
 
 def test_every_number_a_flag_feeds_has_a_range():
     """RANGES is the one table: a config field or flag without a row would enter its formula unchecked."""
-    from cli import RANGES
-    numbers = {name for name, (kind, _) in train.config_flags().items() if kind in (int, float)}
+    from fewshot.ranges import RANGES
+    numbers = {name for name, (kind, _) in methods.config_fields().items() if kind in (int, float)}
     assert numbers <= set(RANGES), numbers - set(RANGES)
     assert {"shots", "epochs", "lr", "batch_size"} <= set(RANGES)
 
 
 def test_an_unforeseen_error_is_one_line_with_the_path_of_its_traceback(feats, monkeypatch, fail):
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise KeyError("a bug of ours")
-    monkeypatch.setattr(train, "make_plan", broken)
+    monkeypatch.setattr(runs, "make_plan", broken)
     line = fail("--features", feats)
     assert "unexpected KeyError" in line and "this is a bug" in line
     log = Path(line.split("traceback is in ")[1].split(",")[0])
@@ -359,7 +362,7 @@ def test_a_checkpoint_of_another_dataset_with_the_same_shapes_is_refused(feats, 
 # outputs never destroy inputs
 
 def test_outputs_that_are_inputs_are_refused_before_any_work(feats, tmp_path, monkeypatch, run, fail, make_dataset):
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     stamp = Path(feats).read_bytes()
     assert "is the --features file" in fail("--features", feats, "--out", feats)
     (tmp_path / "link.pt").symlink_to(feats)
@@ -382,7 +385,7 @@ def test_outputs_that_are_not_files_where_files_go_are_refused(feats, tmp_path, 
 
 
 def test_a_name_too_long_or_a_full_disk_is_refused_before_training(feats, tmp_path, monkeypatch, fail):
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     assert "the name is too long" in fail("--features", feats, "--out", tmp_path / ("r" * 250 + ".json"))
     full = lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000)
     monkeypatch.setattr(shutil, "disk_usage", full)
@@ -392,9 +395,9 @@ def test_a_name_too_long_or_a_full_disk_is_refused_before_training(feats, tmp_pa
 def test_a_write_that_fails_after_training_keeps_the_numbers(feats, tmp_path, monkeypatch, capsys):
     def disk_full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(train, "write_atomic", disk_full)
+    monkeypatch.setattr(files, "write_atomic", disk_full)
     with pytest.raises(SystemExit):
-        train.main(["--features", str(feats), "--shots", "2", "--epochs", "1", "--seeds", "1",
+        cli.train_command(["--features", str(feats), "--shots", "2", "--epochs", "1", "--seeds", "1",
                     "--out", str(tmp_path / "r.json")])
     out, err = capsys.readouterr()
     assert "mean" in out and "results are printed above" in err and "No space left" in err

@@ -26,10 +26,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
-import extract_features as ef  # noqa: E402
 import features_file as ff  # noqa: E402
 import fewshot_data as fd  # noqa: E402
 from fixtures import TINY_CLIPS, openai_state_dict, state_dict_sha256, tiny_clip, write_dataset  # noqa: E402
+
+import extract_features as ef  # noqa: E402
 
 SETTINGS = dict(seeds=(1,), max_shots=2, views=2)  # view 0: the model's preprocessing; view 1: one augmented crop
 ROWS = 4                                            # test and view-0 training rows kept per model

@@ -1,0 +1,595 @@
+"""The registry of bad inputs: every case once, with what the project promises for it, run by the tests (in
+this process) and by bench/bad_inputs.py (as real commands, for the table in docs/bad-inputs.md).
+
+A case is a command line of train.py or extract_features.py and a way to break a copy of the shared fixtures
+(a random CLIP, a CoOp-layout dataset, a synthetic features file, checkpoints); cases come in families, one per
+kind of input. What a bad input must get:
+
+- exactly ONE `error: ...` line on stderr, as a terminal shows it (tqdm redraws a line after "\\r" and clears it
+  when closed, so only the text after the last "\\r" of each line counts), naming only flags the command has,
+  and a non-zero exit; never an accuracy with exit 0;
+- nothing lost: every file that existed before (a sentinel "previous results" at --out, the inputs, the shared
+  fixtures) is unchanged, nothing half-written appears, no hidden .*.tmp is left.
+
+Controls (a 16-bit PNG, --epochs 0) are not bad inputs: they must succeed, and their check must pass.
+"""
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import fewshot.datasets as fd
+from fewshot import cli, runs
+from fewshot.extraction import extract_features
+from fewshot.features import Settings, load_features
+from fewshot.testing.fixtures import TINY_NAMES, synthetic_features, tiny_clip, write_dataset
+
+SENTINEL = b"previous results\n"             # what --out (and features/previous.pt) hold before each case
+FEATURES = f"features/dtd_{TINY_NAMES['vit']}.pt"  # the file the extraction cases and parallel runs write
+# every command gets these first; a case's own flags come after and win (argparse keeps the last value)
+COMMON = "--device cpu --workers 0 --clip-checkpoint {clip} --features-dir features --seeds 1 " \
+         "--max-shots 2 --views 2"
+
+
+# -----------------------------------------------------------------------------
+# shared fixtures: built once, on first use, in TMP/shared; no case may change them
+
+class Fixtures:
+    """The inputs cases share, each built when a case first asks for it (fixtures["feats"] in a template)."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __getitem__(self, name):  # str.format_map(fixtures): "{feats}" -> the path, built if needed
+        return getattr(self, name)
+
+    @functools.cached_property
+    def clip(self):
+        """A random ViT CLIP (32 px, d = 32), as the tests' tiny_vit_checkpoint."""
+        return tiny_clip(self.dir / "clip.pt", "vit")
+
+    @functools.cached_property
+    def feats(self):
+        """A synthetic features file (5 classes, max-shots 4, seeds 1 2)."""
+        return synthetic_features(self.dir / "synthetic.pt", C=5, test_per_class=6, seeds=(1, 2))
+
+    @functools.cached_property
+    def data(self):
+        """A clean dtd dataset in CoOp's layout (3 classes, 38 small JPEGs)."""
+        return write_dataset(self.dir / "data", "dtd")
+
+    @functools.cached_property
+    def dtd_features(self):
+        """dtd's features, extracted with COMMON's settings (seeds 1, max-shots 2, views 2)."""
+        with quiet():
+            settings = Settings("dtd", clip_checkpoint=self.clip, seeds=(1,), max_shots=2, views=2)
+            return extract_features(settings, self.data, self.dir / "features", workers=0, device="cpu")
+
+    @functools.cached_property
+    def ck(self):
+        """A checkpoint folder: hegraph-t, 2 shots, seeds 1 and 2 (train.py --save)."""
+        return self._save("hegraph-t", (1, 2), "ck_t")
+
+    @functools.cached_property
+    def ck_full(self):
+        """Another run's checkpoint folder: hegraph, 2 shots, seed 2."""
+        return self._save("hegraph", (2,), "ck_full")
+
+    def _save(self, method, seeds, name):
+        argv = ["--features", str(self.feats), "--method", method, "--shots", "2", "--epochs", "1",
+                "--seeds", *map(str, seeds), "--save", str(self.dir / name)]
+        with quiet():
+            runs.run(cli.train_request(argv))
+        return self.dir / name
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence an in-process run (its table, its progress bars) while building fixtures."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# -----------------------------------------------------------------------------
+# how to break a case's own copy of the inputs: prepare(case_dir, fixtures)
+
+def spoiled(change):
+    """f.pt: a copy of the synthetic features with change(data) applied."""
+    def prepare(case, fx):
+        data = torch.load(fx.feats, weights_only=True)
+        change(data)
+        torch.save(data, case / "f.pt")
+    return prepare
+
+
+def rows(split, value):
+    """Rows 1, 4, 6 of a split's features set to value (NaN or 0)."""
+    def change(data):
+        data[split]["features"][[1, 4, 6]] = value
+    return change
+
+
+def cut(source, name, keep):
+    """name: the first `keep` bytes of the fixture `source` (keep=0: an empty file)."""
+    def prepare(case, fx):
+        (case / name).parent.mkdir(parents=True, exist_ok=True)
+        (case / name).write_bytes(Path(fx[source]).read_bytes()[:keep])
+    return prepare
+
+
+def checkpoints(then=None):
+    """ck/: a copy of the hegraph-t checkpoint folder, then then(ck, fixtures)."""
+    def prepare(case, fx):
+        shutil.copytree(fx.ck, case / "ck")
+        if then:
+            then(case / "ck", fx)
+    return prepare
+
+
+def dataset(counts=None, then=None):
+    """data/: a fresh dtd dataset of the case's own, then then(images folder, split file)."""
+    def prepare(case, fx):
+        write_dataset(case / "data", "dtd", counts=counts)
+        spec = fd.DATASETS["dtd"]
+        if then:
+            then(case / "data" / spec.folder / spec.images, case / "data" / spec.folder / spec.split)
+    return prepare
+
+
+def fractional_label(images, split_file):
+    """A training label of 1.7 in the split json (int() would have made it class 1)."""
+    split = json.loads(split_file.read_text())
+    split["train"][3][1] = 1.7
+    split_file.write_text(json.dumps(split))
+
+
+def unreadable_images(images, split_file):
+    """Three bad test images (the test split is always encoded whole): one missing, one text, one empty."""
+    (images / "class a_0" / "test_1.jpg").unlink()
+    (images / "class b_1" / "test_2.jpg").write_text("not a jpeg")
+    (images / "class c_2" / "test_0.jpg").write_bytes(b"")
+
+
+def sixteen_bit_png(images, split_file):
+    """A 16-bit grey PNG in the test split, and its 8-bit twin (same picture): both must encode alike."""
+    gray = np.random.default_rng(0).integers(0, 256, (36, 48), dtype=np.uint8)
+    Image.fromarray(gray).save(images / "class a_0" / "test_8bit.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(images / "class a_0" / "test_16bit.png")
+    assert Image.open(images / "class a_0" / "test_16bit.png").mode == "I;16"
+    split = json.loads(split_file.read_text())
+    split["test"] += [[f"class a_0/test_{b}.png", 0, "class a_0"] for b in ("8bit", "16bit")]
+    split_file.write_text(json.dumps(split))
+
+
+def same_16_and_8_bit_features(case):
+    """check of the 16-bit control: the features file is complete and the 16-bit image equals its 8-bit twin."""
+    data = load_features(case / FEATURES)
+    paths = data["paths"]["test"]
+    eight, sixteen = (data["test"]["features"][paths.index(f"class a_0/test_{b}.png")] for b in ("8bit", "16bit"))
+    return [] if torch.equal(eight, sixteen) else ["the 16-bit PNG's features differ from its 8-bit twin's"]
+
+
+def truncate(path, keep):
+    """Keep the first `keep` bytes of a file."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def mixed_seeds(ck, fx):
+    """seed2.pt of another run (hegraph) beside seed1.pt of hegraph-t."""
+    shutil.copy(fx.ck_full / "seed2.pt", ck / "seed2.pt")
+
+
+def older_config(ck, fx):
+    """seed1.pt as an older train.py wrote it: its model configuration has no weight_scale."""
+    ckpt = torch.load(ck / "seed1.pt", weights_only=True)
+    del ckpt["model_config"]["weight_scale"]
+    torch.save(ckpt, ck / "seed1.pt")
+
+
+def a_file(name):
+    """A plain file where a folder is needed: --out name/r.json and --save name/ck cannot be written."""
+    def prepare(case, fx):
+        (case / name).write_text("a file, not a folder\n")
+    return prepare
+
+
+def copied_features(case, fx):
+    """FEATURES: dtd's features made with seeds 1, max-shots 2, views 2."""
+    shutil.copy(fx.dtd_features, case / FEATURES)
+
+
+def features_before_open_clip(case, fx):
+    """FEATURES as extract_features.py wrote it with OpenAI's clip package: its settings name no weights."""
+    data = torch.load(fx.dtd_features, weights_only=True)
+    del data["settings"]["pretrained"]
+    torch.save(data, case / FEATURES)
+
+
+def checkpoint_changed(change):
+    """ck/ with change(seed1.pt's checkpoint dict) applied."""
+    def then(ck, fx):
+        ckpt = torch.load(ck / "seed1.pt", weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, ck / "seed1.pt")
+    return checkpoints(then)
+
+
+def split_changed(change):
+    """data/: a dtd dataset whose split file has change(split) applied."""
+    def then(images, split_file):
+        split = json.loads(split_file.read_text())
+        change(split)
+        split_file.write_text(json.dumps(split))
+    return dataset(then=then)
+
+
+def feats_copy(case, fx):
+    """f.pt: a copy of the synthetic features (an input the case's output may not overwrite)."""
+    shutil.copy(fx.feats, case / "f.pt")
+
+
+def a_folder(case, fx):
+    (case / "folder").mkdir()
+
+
+def a_pipe(case, fx):
+    os.mkfifo(case / "pipe")
+
+
+def other_classes(case, fx):
+    """f.pt: the synthetic features with other class names (the checkpoints in ck/ are of the original)."""
+    spoiled(lambda d: d.__setitem__("classnames", [f"other {c}" for c in d["classnames"]]))(case, fx)
+    checkpoints()(case, fx)
+
+
+def results_json(case):
+    """check of the train.py control: --out=~/control.json went to $HOME (the case's folder), complete."""
+    if (case / "~").exists():
+        return ["a folder named ~ was made"]
+    r = json.loads((case / "control.json").read_text())
+    return [] if r["test_accuracy"] >= 0 and r["recipe"]["epochs"] == 0 else ["control.json is not the run's"]
+
+
+
+# -----------------------------------------------------------------------------
+# the cases, by family: name -> (script, bad input, arguments, how to break the fixture)
+
+@dataclass(frozen=True)
+class Case:
+    script: str                       # "train" or "extract"
+    bad: str                          # the bad input, in words
+    args: str                         # after COMMON; {name} is a shared fixture, other paths are the case's own
+    prepare: Callable | None = None   # (case folder, fixtures): make the case's broken inputs
+    control: bool = False             # not a bad input: must succeed
+    check: Callable | None = None     # control: (case folder) -> problems
+    family: str = ""                  # the kind of input it breaks: its key in FAMILIES
+
+
+T, X = "train", "extract"
+FAMILIES = {  # family -> {case name -> Case}
+    "the features file": {
+        "nan-test": Case(T, "NaN rows in the test features", "--features f.pt --method zeroshot --shots 2",
+                         spoiled(rows("test", float("nan")))),
+        "zero-test": Case(T, "all-zero rows in the test features", "--features f.pt --method zeroshot --shots 2",
+                          spoiled(rows("test", 0.0))),
+        "nan-val": Case(T, "NaN rows in the val features", "--features f.pt --method tip --search-val --shots 2",
+                        spoiled(rows("val", float("nan")))),
+        "no-text-positive": Case(T, "no `text.positive` in the features file", "--features f.pt --shots 2",
+                                 spoiled(lambda d: d["text"].pop("positive"))),
+        "no-train-labels": Case(T, "no `train.labels` in the features file", "--features f.pt --shots 2",
+                                spoiled(lambda d: d["train"].pop("labels"))),
+        "fewshot-out-of-range": Case(T, "a few-shot index out of range", "--features f.pt --shots 2",
+                                     spoiled(lambda d: d["fewshot"][1].__setitem__((0, 0), 10**6))),
+        "fewshot-bool": Case(T, "few-shot indices of type bool (a mask, not indices)", "--features f.pt --shots 2",
+                             spoiled(lambda d: d["fewshot"].__setitem__(1, d["fewshot"][1].bool()))),
+        "features-truncated": Case(T, "a truncated features `.pt`", "--features f.pt", cut("feats", "f.pt", 200)),
+        "features-empty": Case(T, "an empty features `.pt`", "--features f.pt", cut("feats", "f.pt", 0)),
+        "logit-scale-zero": Case(T, "a features file whose `logit_scale` is 0", "--features f.pt --shots 2",
+                                 spoiled(lambda d: d.__setitem__("logit_scale", 0.0))),
+        "logit-scale-nan": Case(T, "a features file whose `logit_scale` is NaN", "--features f.pt --shots 2",
+                                spoiled(lambda d: d.__setitem__("logit_scale", float("nan")))),
+        "logit-scale-text": Case(T, "a features file whose `logit_scale` is the string \"100\"", "--features f.pt "
+                                 "--shots 2", spoiled(lambda d: d.__setitem__("logit_scale", "100"))),
+        "test-split-empty": Case(T, "a features file with an empty test split", "--features f.pt --shots 2",
+                                 spoiled(lambda d: d.__setitem__("test", {k: v[:0] for k, v in d["test"].items()}))),
+        "zero-views": Case(T, "a features file with zero training views", "--features f.pt --shots 2",
+                           spoiled(lambda d: d["train"].__setitem__("features", d["train"]["features"][:0]))),
+    },
+    "numbers out of range": {
+        "epochs-negative": Case(T, "`--epochs -1`", "--features {feats} --epochs -1"),
+        "lr-zero": Case(T, "`--lr 0`", "--features {feats} --lr 0"),
+        "batch-size-zero": Case(T, "`--batch-size 0`", "--features {feats} --batch-size 0"),
+        "shots-zero": Case(T, "`--shots 0`", "--features {feats} --shots 0"),
+        "shots-fractional": Case(T, "`--shots 2.5`", "--features {feats} --shots 2.5"),
+        "seed-huge": Case(T, "`--seeds 18446744073709551616` (2^64)",
+                          "--features {feats} --seeds 18446744073709551616"),
+        "alpha-nan": Case(T, "`--alpha nan`", "--features {feats} --alpha nan"),
+        "beta-inf": Case(T, "`--beta-vp inf`", "--features {feats} --beta-vp inf"),
+        "gamma-zero": Case(T, "`--gamma 0`", "--features {feats} --method tip --gamma 0"),
+        "ratio-above-1": Case(T, "`--ratio 1.5` for clip-adapter",
+                              "--features {feats} --method clip-adapter --ratio 1.5"),
+        "encode-batch-size-zero": Case(X, "`--encode-batch-size 0`", "--dataset dtd --root {data} "
+                                       "--encode-batch-size 0"),
+        "workers-negative": Case(X, "`--workers -1`", "--dataset dtd --root {data} --workers -1"),
+    },
+    "the protocol and the methods": {
+        "no-negatives": Case(T, "no negative text features, method hegraph", "--features f.pt --shots 2 --epochs 1",
+                             spoiled(lambda d: d["text"].pop("negative"))),
+        "other-dataset": Case(T, "`--features` of another dataset than `--dataset`",
+                              "--features {feats} --dataset dtd"),
+        "lr-diverges": Case(T, "`--lr 1e6`: the loss diverges", "--features {feats} --shots 4 --lr 1e6 --epochs 30 "
+                                                                "--seeds 2"),
+        "shots-above-file": Case(T, "`--shots 8`, above the features file's max-shots 4",
+                                 "--features {feats} --shots 8"),
+        "shots-above-max-shots": Case(T, "`--shots 32` above `--max-shots 2`, extracting on demand",
+                                      "--dataset dtd --root {data} --shots 32"),
+        "search-val-zeroshot": Case(T, "`--method zeroshot --search-val`",
+                                    "--features {feats} --method zeroshot --search-val --shots 2"),
+        "setting-of-another-method": Case(T, "`--ratio 0.5` for hegraph (CLIP-Adapter's setting)",
+                                          "--features {feats} --ratio 0.5"),
+        "unknown-dataset-train": Case(T, "an unknown `--dataset`", "--dataset fgvc"),
+        "few-images": Case(T, "a class with fewer training images than `--max-shots`, extracting on demand",
+                           "--dataset dtd --root data --max-shots 4 --shots 2", dataset(counts={"train": [5, 2, 6]})),
+        "negative-template": Case(X, "`--negative-template` without `{}`", "--dataset dtd --root {data} "
+                                  "--negative-template 'a photo of nothing.'"),
+    },
+    "checkpoints": {
+        "eval-only-method": Case(T, "`--eval-only` with a conflicting `--method`",
+                                 "--features {feats} --eval-only --load {ck} --method tip --seeds 1 2"),
+        "eval-only-shots": Case(T, "`--eval-only` with a conflicting `--shots`",
+                                "--features {feats} --eval-only --load {ck} --shots 4 --seeds 1"),
+        "eval-only-mixed": Case(T, "`--eval-only` on a folder whose seeds disagree",
+                                "--features {feats} --eval-only --load ck --seeds 1 2", checkpoints(mixed_seeds)),
+        "checkpoint-truncated": Case(T, "a truncated checkpoint `.pt`", "--features {feats} --eval-only --load ck "
+                                     "--seeds 1", checkpoints(lambda ck, fx: truncate(ck / "seed1.pt", 200))),
+        "checkpoint-empty": Case(T, "an empty checkpoint `.pt`", "--features {feats} --eval-only --load ck --seeds 1",
+                                 checkpoints(lambda ck, fx: truncate(ck / "seed1.pt", 0))),
+        "checkpoint-older-config": Case(T, "a checkpoint whose config lacks a field added since (weight_scale)",
+                                        "--features {feats} --eval-only --load ck --seeds 1",
+                                        checkpoints(older_config)),
+        "checkpoint-nan": Case(T, "NaN weights in a checkpoint", "--features {feats} --eval-only --load ck --seeds 1",
+                               checkpoint_changed(lambda c: c["state_dict"]["b_p"].fill_(float("nan")))),
+        "checkpoint-wrong-shape": Case(T, "a checkpoint tensor of the wrong shape", "--features {feats} --eval-only "
+                                       "--load ck --seeds 1", checkpoint_changed(
+                                           lambda c: c["state_dict"].__setitem__("b_p",
+                                                                                 c["state_dict"]["b_p"][:, :4]))),
+        "checkpoint-extra-tensor": Case(T, "a checkpoint with a tensor the model does not have", "--features {feats} "
+                                        "--eval-only --load ck --seeds 1", checkpoint_changed(
+                                            lambda c: c["state_dict"].__setitem__("extra", torch.zeros(2)))),
+        "checkpoint-other-classes": Case(T, "checkpoints of another dataset with the same shapes", "--features f.pt "
+                                         "--eval-only --load ck --seeds 1", other_classes),
+        "save-mixed": Case(T, "`--save` into a folder holding another method's checkpoints",
+                           "--features {feats} --method hegraph --shots 2 --epochs 1 --save ck", checkpoints()),
+    },
+    "outputs": {
+        "out-unwritable": Case(T, "an unwritable `--out` (its folder is a file)",
+                               "--features {feats} --shots 2 --epochs 1 --out file/r.json", a_file("file")),
+        "save-unwritable": Case(T, "an unwritable `--save` (its parent is a file)",
+                                "--features {feats} --shots 2 --epochs 1 --save file/ck", a_file("file")),
+        "out-is-the-features": Case(T, "`--out` the `--features` file itself", "--features f.pt --out f.pt --shots 2 "
+                                    "--epochs 1", feats_copy),
+        "out-is-a-folder": Case(T, "`--out` an existing folder", "--features {feats} --out folder --shots 2", a_folder),
+        "out-is-a-pipe": Case(T, "`--out` a named pipe (a device-like node)", "--features {feats} --out pipe --shots 2",
+                              a_pipe),
+        "out-in-the-dataset": Case(T, "`--out` inside the dataset folder", "--dataset dtd --root {data} --shots 2 "
+                                   "--out {data}/dtd/results.json"),
+        "out-name-too-long": Case(T, "`--out` whose name is too long for the file system",
+                                  "--features {feats} --shots 2 "
+                                  "--out " + "r" * 250 + ".json"),
+        "save-is-a-file": Case(T, "`--save` an existing file", "--features {feats} --shots 2 --save file",
+                               a_file("file")),
+    },
+    "datasets and split files": {
+        "missing-root": Case(X, "no dataset folder and no features file", "--dataset dtd --root absent"),
+        "unknown-dataset-extract": Case(X, "an unknown `--dataset`", "--dataset fgvc --root {data}"),
+        "fractional-label": Case(X, "a fractional label (1.7) in a split file", "--dataset dtd --root data",
+                                 dataset(then=fractional_label)),
+        "empty-class": Case(X, "a class with no training images", "--dataset dtd --root data",
+                            dataset(counts={"train": [5, 0, 6]})),
+        "unreadable-images": Case(X, "3 unreadable images (missing, text, empty)", "--dataset dtd --root data",
+                                  dataset(then=unreadable_images)),
+        "split-image-twice": Case(X, "a split file listing a training image in the test split too",
+                                  "--dataset dtd --root data",
+                                  split_changed(lambda s: s["test"].append(s["train"][0]))),
+        "split-two-names": Case(X, "a split file giving one label two class names", "--dataset dtd --root data",
+                                split_changed(lambda s: s["train"].append([s["train"][5][0], 0, "another name"]))),
+        "split-path-not-a-name": Case(X, "a split file whose image path is a number", "--dataset dtd --root data",
+                                      split_changed(lambda s: s["train"].append([7, 0, "class a_0"]))),
+    },
+    "backbones": {
+        "clip-checkpoint-text": Case(X, "a text file as `--clip-checkpoint`", "--dataset dtd --root {data} "
+                                     "--clip-checkpoint clip.txt", lambda case, fx: (case / "clip.txt").write_text(
+                                         "model: ViT-B/32\n")),
+        "backbone-not-the-checkpoints": Case(X, "`--backbone RN50` with a ViT `--clip-checkpoint`",
+                                             "--dataset dtd --root {data} --backbone RN50"),
+        "pretrained-with-checkpoint": Case(X, "`--pretrained openai` with a `--clip-checkpoint`",
+                                           "--dataset dtd --root {data} --pretrained openai"),
+    },
+    "reusing a features file": {
+        "absent-root-other-settings": Case(T, "absent `--root`, an existing features file made with `--views 2`",
+                                           "--dataset dtd --root absent --views 3 --shots 2", copied_features),
+        "features-before-open-clip": Case(T, "a features file extracted with OpenAI's clip package, before open_clip",
+                                          "--dataset dtd --root {data} --shots 2", features_before_open_clip),
+        "features-at-output-empty": Case(X, "an empty file at the features file's path", "--dataset dtd --root {data}",
+                                         cut("feats", FEATURES, 0)),
+        "other-settings": Case(X, "an existing features file made with other settings (`--views 2`)",
+                               "--dataset dtd --root {data} --views 3", copied_features),
+    },
+    "devices": {
+        "device-cuda-train": Case(T, "`--device cuda` on a machine without CUDA", "--features {feats} --device cuda"),
+        "device-cuda-extract": Case(X, "`--device cuda` on a machine without CUDA", "--dataset dtd --root {data} "
+                                    "--device cuda"),
+        "device-meta": Case(T, "`--device meta`", "--features {feats} --device meta"),
+        "device-mps": Case(T, "`--device mps` on a machine without MPS", "--features {feats} --device mps"),
+        "device-xpu": Case(X, "`--device xpu`", "--dataset dtd --root {data} --device xpu"),
+    },
+    "controls (not bad inputs: they must succeed)": {
+        "16-bit-png": Case(X, "control: a 16-bit PNG (and its 8-bit twin) in the test split",
+                           "--dataset dtd --root data",
+                           dataset(then=sixteen_bit_png), control=True, check=same_16_and_8_bit_features),
+        "epochs-zero": Case(T, "control: `--epochs 0` evaluates the starting point; `~` in `--out=~/control.json`",
+                            "--features {feats} --shots 2 --epochs 0 --out=~/control.json", control=True,
+                            check=results_json),
+    },
+}
+
+CASES = {name: dataclasses.replace(case, family=family) for family, cases in FAMILIES.items()
+         for name, case in cases.items()}
+
+
+# -----------------------------------------------------------------------------
+# running a case and judging what it did
+
+def decode(output: bytes):
+    """A process's output as text, its "\r" kept (text=True would turn each "\r" into a line break)."""
+    return output.decode("utf-8", "replace")
+
+
+def shown_lines(text):
+    """What a terminal shows of a stream: per "\\n"-line, the text after its last "\\r", if any."""
+    return [shown for line in text.split("\n") if (shown := line.split("\r")[-1].strip())]
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+@functools.cache
+def flags_of(script):
+    """The flags a script's --help lists: an error must only name those (no dead ends)."""
+    parser = cli.train_parser() if script == T else cli.extract_parser()
+    return set(FLAG.findall(parser.format_help()))
+
+
+def snapshot(*folders):
+    """{path: sha256} of every file under the folders."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def complete(path):
+    """True if a new file is whole: a .pt loads with torch, a .json parses; other files are not judged."""
+    try:
+        if path.suffix == ".pt":
+            torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        return True
+    except Exception:
+        return False
+
+
+def files_lost(before, after, root):
+    """Pre-existing files changed or deleted, hidden .tmp left, new files that are half-written or stray."""
+    name = lambda p: str(p.relative_to(root))
+    lost = [f"changed {name(p)}" if p in after else f"deleted {name(p)}"
+            for p, digest in before.items() if after.get(p) != digest]
+    for p in after.keys() - before.keys():
+        if p.name.endswith(".tmp"):
+            lost.append(f"left {name(p)}")
+        elif p.name.startswith(".") and p.name.endswith(".lock") and p.stat().st_size == 0:
+            continue                                            # file_lock's empty lock file: documented
+        elif p.suffix not in (".pt", ".json") or not complete(p):
+            lost.append(f"half-written or stray {name(p)}")
+    return sorted(lost)
+
+
+def command(script, args, fx):
+    """The arguments of a case's command, after the script: COMMON [--out results.json] ARGS."""
+    out = " --out results.json" if script == T else ""
+    return shlex.split(f"{COMMON}{out} {args}".format_map(fx))
+
+
+@dataclass
+class Outcome:
+    """What one case did, and whether that is what the project promises."""
+    name: str
+    case: Case
+    argv: list                                    # the command's arguments, after the script
+    folder: Path
+    rc: int = None
+    errors: list = field(default_factory=list)    # shown stderr lines that start with "error:"
+    others: list = field(default_factory=list)    # the other shown stderr lines
+    lost: list = field(default_factory=list)
+    problems: list = field(default_factory=list)  # why it is not as promised (empty: it is)
+    stdout: str = ""
+    stderr: str = ""
+
+
+def prepare(name, case, folder, fx):
+    """Make the case's folder, its broken inputs and its sentinels; returns its Outcome, to be run."""
+    folder.mkdir(parents=True)
+    (folder / "features").mkdir()
+    (folder / "results.json").write_bytes(SENTINEL)               # train.py's --out, unless the case says other
+    (folder / "features" / "previous.pt").write_bytes(SENTINEL)   # another file in the extraction's folder
+    if case.prepare:
+        case.prepare(folder, fx)
+    return Outcome(name, case, command(case.script, case.args, fx), folder)
+
+
+def judge(outcome, rc, stdout, stderr, before, fx):
+    """What the case's command did (exit code, output) and the files after it, against what is promised."""
+    folder = outcome.folder
+    outcome.rc, outcome.stdout, outcome.stderr = rc, stdout, stderr
+    shown = shown_lines(outcome.stderr)
+    outcome.errors = [line for line in shown if line.startswith("error:")]
+    outcome.others = [line for line in shown if not line.startswith("error:")]
+    outcome.lost = files_lost(before, snapshot(folder, fx.dir), folder.parents[1])
+    p = outcome.problems
+    if outcome.case.control:
+        if rc != 0 or outcome.errors:
+            p.append(f"a control failed (exit {rc})")
+        else:
+            p += outcome.case.check(folder)
+    else:
+        if rc == 0:
+            p.append("exit 0")
+        if len(outcome.errors) != 1:
+            p.append(f"{len(outcome.errors)} `error:` lines")
+        if outcome.others:
+            p.append(f"{len(outcome.others)} other stderr lines")
+        if "test acc" in outcome.stdout:
+            p.append("an accuracy was printed")
+        unknown = [flag for line in outcome.errors for flag in FLAG.findall(line)
+                   if flag not in flags_of(outcome.case.script)]
+        if unknown:
+            p.append(f"names {', '.join(unknown)}, not a flag of {outcome.case.script}")
+    if outcome.lost:
+        p.append("files lost")
+    return outcome
+
+
+def run_in_process(outcome, before, fx):
+    """The case's command run in this process (cli's own entry point, as the script calls it), in the case's
+    folder with HOME there, its output captured; then judged."""
+    main = cli.train_command if outcome.case.script == T else cli.extract_command
+    out, err, cwd, home = io.StringIO(), io.StringIO(), os.getcwd(), os.environ.get("HOME")
+    os.environ["HOME"] = str(outcome.folder)     # ~ is the case's folder: whatever is written there is checked
+    os.chdir(outcome.folder)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(outcome.argv)
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        if home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = home
+    return judge(outcome, rc, out.getvalue(), err.getvalue(), before, fx)
