@@ -79,8 +79,7 @@ def check_search(name, dataset, recipe, overrides, has_val, checkpoints):
         raise DataError("--search-val trains and --eval-only evaluates saved checkpoints; drop one of them")
     points = grid(METHODS[name], dataset, recipe)
     if not points:
-        why = "its fit searches C on the validation subset anyway" if METHODS[name].fit else "it trains nothing"
-        raise DataError(f"--search-val tunes a method's knobs, and {name} has none ({why}); drop it")
+        raise DataError(f"--search-val tunes a method's knobs, and {name} has none (it trains nothing); drop it")
     if not has_val:
         raise DataError(f"--search-val needs a validation split, and the features of {dataset!r} have none")
     searched = [k for k in points[0] if k in overrides]

@@ -69,6 +69,10 @@ def test_each_method_records_its_own_recipe(method, recipe):
     assert methods.effective_recipe("taskres", "imagenet", 16, {}).lr == 2e-4
     assert methods.effective_recipe("taskres", "dtd", 8, {}).epochs == 200
     assert methods.effective_recipe("hegraph", "fgvc_aircraft", 1, {}).lr == 1e-2
+    # CoOp's epochs per K for CLIP-Adapter, and ImageNet's 50 at every K (COOP.md: *_ep50.yaml for all settings)
+    assert [methods.effective_recipe("clip-adapter", "dtd", k, {}).epochs for k in (1, 2, 4, 8, 16)] == \
+        [50, 100, 100, 200, 200]
+    assert [methods.effective_recipe("clip-adapter", "imagenet", k, {}).epochs for k in (1, 2, 4, 8, 16)] == [50] * 5
 
 
 def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path, run):
