@@ -35,6 +35,7 @@ from fewshot.datasets import (
     fewshot_rows,
     is_folder,
     load_splits,
+    prompt_name,
     resolve_dataset,
 )
 from fewshot.devices import resolve_device
@@ -284,7 +285,8 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path) -> Path:
     if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
         print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
         return path
-    _, _, settings = prompts_for(settings, list(old.get("classnames", [])))
+    # the names as the prompts say them: a file written with underscored prompts is stale, and refused
+    _, _, settings = prompts_for(settings, [prompt_name(c) for c in old.get("classnames", [])])
     check_served(path, old["settings"], settings.record(), absent=folder)
     return path
 

@@ -71,7 +71,8 @@ def test_cli_writes_the_documented_format(cli):
     assert f["settings"]["backbone"] == VIT and f["settings"]["pretrained"] is None
     assert f["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)  # the checkpoint's own, not a constant 100
     C, d = 3, 32
-    assert f["classnames"] == ["class a_0", "class b_1", "class c_2"]  # from the split file, in label order
+    # from the split file, in label order, as the prompts say them (CoOp's rule: underscores as spaces)
+    assert f["classnames"] == ["class a 0", "class b 1", "class c 2"]
     assert f["prompts"]["positive"] == [[f"{c} texture."] for c in f["classnames"]]  # DTD's CoOp template
     assert f["prompts"]["negative"] == [[f"a photo of no {c}."] for c in f["classnames"]]
     for t in f["text"].values():
@@ -331,7 +332,7 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
     f, _ = run(root, tmp_path, tiny_vit_checkpoint, key)
     assert f["class_map"].tolist() == class_map and f["class_map"].dtype == torch.long
     names = [n for _, n in fd._imagenet_classes(key, root / fd.DATASETS[key].folder)]
-    assert f["classnames"] == [names[i] for i in class_map]
+    assert f["classnames"] == [fd.prompt_name(names[i]) for i in class_map]
     assert f["text"]["positive"].shape == (len(class_map), 32)
     assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
     assert not {"train", "fewshot", "val", "val_fewshot"} & set(f)
@@ -369,7 +370,7 @@ def _truncated_image(root):
     (_remove_split, {}, "split file not found"),
     (_fractional_label, {}, "labels that are not integers, e.g. 1.7"),
     (_truncated_image, {}, "cannot read image"),
-    (lambda root: "class 1 ('class b_1') has 2 training images", dict(counts={"train": [5, 2, 6]}), "--allow-repeats"),
+    (lambda root: "class 1 ('class b 1') has 2 training images", dict(counts={"train": [5, 2, 6]}), "--allow-repeats"),
     (lambda root: "fgvc", dict(dataset="fgvc"), "unknown dataset"),
 ])
 def test_clear_errors(make_dataset, tiny_vit_checkpoint, tmp_path, break_it, kwargs, message):
@@ -410,7 +411,7 @@ def test_a_class_without_training_images_is_named_without_suggesting_repeats(mak
     root = make_dataset("dtd", counts={"train": [5, 0, 6]})
     with pytest.raises(DataError) as e:
         run(root, tmp_path, tiny_vit_checkpoint, allow_repeats=allow_repeats)
-    assert "class 1 ('class b_1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
+    assert "class 1 ('class b 1') has no training images" in str(e.value) and "--allow-repeats" not in str(e.value)
 
 
 @pytest.mark.parametrize("flag, kwargs", [
@@ -517,7 +518,7 @@ def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, 
     f, _ = run(root, tmp_path / "out", tiny_vit_checkpoint, prompts="cupl")
     out, err = capsys.readouterr()
     assert "downloading the CuPL prompts of dtd" in out
-    assert f["prompts"]["positive"] == [["a woven texture.", "threads."], ["spots."], ["class c_2 texture."]]
+    assert f["prompts"]["positive"] == [["a woven texture.", "threads."], ["spots."], ["class c 2 texture."]]
     assert err.count("warning") == 1 and "no sentences for 1 of 3 classes" in err  # the fallback is said once
     cached = tmp_path / "cache" / "hegraphadapter" / "CuPL_prompts_dtd.json"
     assert cached.read_bytes() == cupl_dtd.read_bytes()
