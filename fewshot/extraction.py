@@ -42,7 +42,7 @@ from fewshot.devices import resolve_device
 from fewshot.download import cupl_prompts, download_dataset
 from fewshot.errors import DataError
 from fewshot.features import FORMAT, Settings, check_served, existing, features_path, reusable
-from fewshot.prompts import CUPL, load_prompts
+from fewshot.prompts import CUPL, TEMPLATE_SETS, load_prompts
 from fewshot.ranges import RANGES
 
 # ----------------------------------------------------------------------------- encoding
@@ -249,7 +249,10 @@ def prompts_for(settings: Settings, classnames: list[str]):
     """The positive and negative sentences of each class, and the settings with their hash filled in."""
     template = settings.template or dataset_template(settings.dataset)
     source = cupl_prompts(settings.dataset) if settings.prompts == CUPL else settings.prompts
-    positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
+    if settings.prompts in TEMPLATE_SETS:
+        positive = [[t.format(c) for t in TEMPLATE_SETS[settings.prompts]] for c in classnames]
+    else:
+        positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
     negative = [[settings.negative_template.format(c)] for c in classnames]
     digest = hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest()
     return positive, negative, dataclasses.replace(settings, prompts_sha256=digest)

@@ -20,6 +20,7 @@ from fewshot.errors import DataError
 from fewshot.extraction import Extraction
 from fewshot.features import load_features
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
+from fewshot.prompts import NAMED
 from fewshot.tasks import make_task
 
 
@@ -250,7 +251,7 @@ def run_inputs(request):
     settings, extraction = request.extraction.settings, request.extraction
     return {"the --features file": request.features, "the --load folder": request.load,
             "the --clip-checkpoint": settings.clip_checkpoint,
-            "the --prompts file": settings.prompts if settings.prompts not in (None, "cupl") else None,
+            "the --prompts file": settings.prompts if settings.prompts not in (None, *NAMED) else None,
             "the dataset folder": request.dataset and dataset_folder(request.dataset, extraction.root),
             "the features file": None if request.features or not request.dataset else
             extraction.path(request.dataset)}
