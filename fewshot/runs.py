@@ -6,6 +6,7 @@ The number reported is the test accuracy after the last epoch, as mean and stand
 seeds. Every method is one row of methods.METHODS.
 """
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -120,16 +121,30 @@ def evaluate(model, task, shifts, device):
     return scores
 
 
-def new_record(plan, data, request, device, shifts):
-    """The results dict before any seed: what the run uses."""
+def prompts_identity(data):
+    """What the text features were encoded from: the prompts setting (a file's name, "cupl", "imagenet7" or
+    "templates"), the templates, and the sha256 of the sentences (the extraction's, or of the file's prompts)."""
+    made = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    sentences = json.dumps(data.get("prompts"), default=str).encode()
+    digest = made.get("prompts_sha256") or hashlib.sha256(sentences).hexdigest()
+    return {"prompts": made.get("prompts"), "template": made.get("template"),
+            "negative_template": made.get("negative_template"), "sha256": digest}
+
+
+def new_record(plan, data, request, device, shifts, source):
+    """The results dict before any seed: what the run uses. source: the features file read (given or extracted)."""
     return {"method": plan.method, "dataset": plan.dataset, "backbone": data["backbone"], "shots": plan.shots,
-            "seeds": {}, "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "fit": {}, "search": {},
-            "shift": {name: {} for name in shifts}, "recipe": plan.recipe and dataclasses.asdict(plan.recipe),
-            "no_negatives": plan.no_negatives, "search_val": bool(plan.grid), "grid": list(plan.grid),
-            "device": str(device), "features": str(request.features) if request.features else None}
+            "seeds": {}, "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "effective_recipe": {},
+            "fit": {}, "search": {}, "shift": {name: {} for name in shifts},
+            "recipe": plan.recipe and dataclasses.asdict(plan.recipe), "no_negatives": plan.no_negatives,
+            "search_val": bool(plan.grid), "grid": list(plan.grid), "device": str(device),
+            "features": str(source), "extracted": not request.features, "prompts": prompts_identity(data),
+            "views": int(data["train"]["features"].shape[0]) if "train" in data else None}
 
 
-def record_seed(results, seed, model, info, searched, scores, seconds):
+def record_seed(results, seed, model, info, searched, scores, seconds, recipe=None):
+    """One seed's numbers, and what it ran with: its model's config and its effective recipe (the plan's, with
+    what its search chose)."""
     results["params"] = training.tunable_parameters(model)
     results["seeds"][seed] = scores.pop("test")
     for name, acc in scores.items():
@@ -137,6 +152,8 @@ def record_seed(results, seed, model, info, searched, scores, seconds):
     results["train_seconds"][seed] = seconds
     results["epoch_seconds"][seed] = info.pop("epoch_seconds", None)     # None: no epochs (tip, the probe)
     results["model_config"][seed] = dataclasses.asdict(model.config)
+    chosen = searched["chosen"] if searched else {}
+    results["effective_recipe"][seed] = recipe and dataclasses.asdict(training.recipe_at(recipe, chosen))
     results["fit"][seed] = info
     if searched is not None:
         results["search"][seed] = searched
@@ -152,7 +169,9 @@ def summarise(results):
 def run(request: RunRequest):
     """Train and evaluate one method over the seeds; returns the results dict (also written to request.out)."""
     device = prepare(request)
-    data = load_features(request.features) if request.features else features_for(request, request.dataset)
+    source = request.features or request.extraction.extract(request.dataset, request.seeds, request.device,
+                                                            request.overwrite)
+    data = load_features(source)
     check_dataset(request, data)
     ckpts, run_id = (checkpoints.load_checkpoints(request.load, request.seeds, data, request.method, request.shots,
                                                   request.no_negatives) if request.load else (None, None))
@@ -160,7 +179,7 @@ def run(request: RunRequest):
                      config=request.config, recipe=request.recipe, search_val=request.search_val,
                      has_val="val_fewshot" in data, checkpoints=run_id)
     shifts = shift_sets(request, data)
-    results, trained = new_record(plan, data, request, device, shifts), {}
+    results, trained = new_record(plan, data, request, device, shifts, source), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
     for seed in request.seeds:
         torch.manual_seed(seed)
@@ -170,7 +189,7 @@ def run(request: RunRequest):
         start = time.perf_counter()
         model, info, searched = model_for_seed(plan, task, seed, ckpts and ckpts[seed], request.load)
         seconds = 0.0 if ckpts else time.perf_counter() - start
-        record_seed(results, seed, model, info, searched, evaluate(model, task, shifts, device), seconds)
+        record_seed(results, seed, model, info, searched, evaluate(model, task, shifts, device), seconds, plan.recipe)
         trained[seed] = (model, run_id_of(plan, data, task))
     summarise(results)
     print_table(results)

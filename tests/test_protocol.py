@@ -153,7 +153,9 @@ def test_a_linear_probe_without_search_fits_the_configs_c():
 
 
 def test_every_method_with_knobs_fits_the_budget_and_searches_on_val(feats, run):
-    """--search-val works for every row with knobs, within 12 points, and records each seed's choice."""
+    """--search-val works for every row with knobs, within 12 points, and records each seed's choice and the
+    recipe it trained with."""
+    moved_lr = []
     for name, method in methods.METHODS.items():
         recipe = methods.effective_recipe(name, "synthetic", 2, {})
         points = methods.grid(method, "synthetic", recipe)
@@ -167,6 +169,13 @@ def test_every_method_with_knobs_fits_the_budget_and_searches_on_val(feats, run)
         assert chosen in points and r["grid"] == points
         config = r["model_config"][1]
         assert all(config[k] == v for k, v in chosen.items() if k != "lr")
+        # the recorded recipe of the seed is the one it trained with: the search's learning rate, if it chose one
+        effective = r["effective_recipe"][1]
+        assert (effective is None) == (recipe is None)
+        if effective is not None:
+            assert effective == {**r["recipe"], "lr": chosen.get("lr", recipe.lr)}
+        moved_lr.append(effective is not None and effective["lr"] != r["recipe"]["lr"])
+    assert any(moved_lr), "a search must choose another learning rate than the published one for this to test"
 
 
 def test_hegraph_config_flags_reach_the_model(feats, run):

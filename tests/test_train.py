@@ -241,6 +241,10 @@ def test_pipeline_from_images_through_the_command_line(make_dataset, tiny_vit_ch
     ckpt = torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)
     assert f["backbone"] == f["settings"]["backbone"] == ckpt["run"]["backbone"] == vit
     assert "RN50" not in proc.stdout + proc.stderr + out.read_text() + json.dumps(f["settings"])
+    # what was used: the features file extracted (its path), its views and prompts, each seed's recipe
+    assert r["features"] == str(tmp_path / "features" / f"dtd_{vit}.pt") and r["extracted"] is True
+    assert r["views"] == 2 and r["prompts"]["sha256"] == f["settings"]["prompts_sha256"]
+    assert r["prompts"]["prompts"] == "templates" and r["effective_recipe"]["1"] == r["recipe"]
     # a second run (in this process: the command line was tested above) reuses the file, same accuracy
     capsys.readouterr()
     run(*cmd[2:])
