@@ -519,7 +519,8 @@ def main(argv=None):
     for task_name in args.tasks:
         classes = task_classes(real, task_name)
         sub = subtask(real, classes)
-        title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images)"
+        tested = int((torch.bincount(sub["labels"]) - POOL).clamp(min=0).sum())
+        title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images, {tested} of them the test set)"
         for tuned in {"defaults": [False], "tuned": [True], "both": [False, True]}[args.block]:
             results = block(cache, sub, task_name, args.rows, tuned)
             name = "tuned on the dev folds" if tuned else "published defaults"

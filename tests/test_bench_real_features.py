@@ -137,8 +137,10 @@ def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypa
     real_features.main(["--file", str(path), "--tasks", "all", "random-4", "--rows", "zeroshot", "tip", "hegraph",
                         "--cache", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "real_features.md").read_text()
-    for title in ("all (6 classes, 48 images), published defaults", "all (6 classes, 48 images), tuned on the dev",
-                  "random-4 (4 classes, 32 images), published defaults", "random-4 (4 classes, 32 images), tuned"):
+    for title in ("all (6 classes, 48 images, 24 of them the test set), published defaults",
+                  "all (6 classes, 48 images, 24 of them the test set), tuned on the dev",
+                  "random-4 (4 classes, 32 images, 16 of them the test set), published defaults",
+                  "random-4 (4 classes, 32 images, 16 of them the test set), tuned"):
         assert title in text
     results = json.loads((tmp_path / "out" / "real_features.json").read_text())
     assert len(results) == 4 and all(set(r) == {"zeroshot", "tip", "hegraph"} for r in results.values())
