@@ -86,3 +86,60 @@ def problems(features: dict, split: dict, dataset: str) -> list[str]:
                     found.append(f"seed {seed}, class {label}: {key} picks {chosen}, not distinct {part} images "
                                  f"of the class")
     return found
+
+
+# -----------------------------------------------------------------------------
+# bench/real_layouts.py: the same check on the full split files
+
+FILES = {"oxford_pets": "split_zhou_OxfordPets.json", "ucf101": "split_zhou_UCF101.json",
+         "caltech101": "split_zhou_Caltech101.json", "dtd": "split_zhou_DescribableTextures.json"}
+
+
+def fetch_split(dataset: str, folder: Path) -> Path:
+    """CoOp's split file of `dataset` in `folder`: there already if its md5 is download.py's pin, else fetched from
+    its pinned location (torchvision's download_url, which checks the md5)."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    from fewshot import download
+    remote = download.DOWNLOADS[dataset].files[0]
+    path = folder / remote.name
+    if not check_integrity(str(path), remote.md5):
+        download_url(remote.url, str(folder), remote.name, remote.md5)
+    return path
+
+
+def main(argv=None):
+    """Lay out each full split file, extract it with a tiny random CLIP, and print what problems() finds."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    import fewshot.extraction as ef
+    import fewshot.features as ff
+    from fewshot.testing.fixtures import tiny_clip
+    p = argparse.ArgumentParser(description="CoOp's class-name rule and split on the full split files")
+    p.add_argument("--splits", type=Path, default=Path("data/coop_splits"),
+                   help="folder of CoOp's split files (fetched there when absent or not the pinned file)")
+    p.add_argument("--datasets", nargs="+", default=list(FILES), choices=list(FILES))
+    args = p.parse_args(argv)
+    args.splits.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = tiny_clip(Path(tmp) / "clip.pt", "vit")
+        print("| dataset | classes | with underscores | test images | few-shot rows checked | problems |")
+        print("|---|---|---|---|---|---|")
+        for dataset in args.datasets:
+            split_file = fetch_split(dataset, args.splits)
+            split = json.loads(split_file.read_text())
+            root = lay_out(split_file, dataset, Path(tmp) / "data")
+            settings = ff.Settings(dataset, clip_checkpoint=str(checkpoint), seeds=(1, 2, 3), max_shots=16, views=1)
+            features = torch.load(ef.extract_features(settings, root, Path(tmp) / "features", device="cpu"),
+                                  weights_only=True)
+            found = problems(features, split, dataset)
+            failed += bool(found)
+            names = split_classnames(split)
+            print(f"| {dataset} | {len(names)} | {sum('_' in n for n in names)} | {len(features['test']['labels'])} "
+                  f"| {sum(r.numel() for r in features['fewshot'].values())} | {'; '.join(found) or 'none'} |",
+                  flush=True)
+    raise SystemExit(1 if failed else 0)
