@@ -150,6 +150,15 @@ def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypa
     summary = next(line for line in text.splitlines() if line.startswith("| `tip` |"))  # the first table
     assert summary.split("|")[5].strip() == real_features.mean_std(per_seed)       # random-4 tuned column
     assert "| against | all | random-4 |" in text
+    # --finished runs nothing: the finished blocks again, and a task not run yet named as such
+    monkeypatch.setattr(real_features, "test_accuracy", lambda *a, **k: pytest.fail("--finished ran a unit"))
+    real_features.main(["--file", str(path), "--tasks", "all", "random-5", "--rows", "zeroshot", "tip", "hegraph",
+                        "--cache", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "again"), "--finished"])
+    again = (tmp_path / "again" / "real_features.md").read_text()
+    assert "random-5 (5 classes, 40 images, 20 of them the test set), tuned on the dev folds**: not finished" in again
+    chunks = text.split("\n\n")
+    first = chunks[chunks.index("**all (6 classes, 48 images, 24 of them the test set), published defaults**") + 1]
+    assert first in again.split("\n\n")                                  # a finished block's table, as before
 
 
 def test_study_command_runs_the_designs_named(tmp_path, monkeypatch):
