@@ -198,7 +198,7 @@ class Cache:
     compute, raise Missing instead (the tables of what has finished)."""
 
     def __init__(self, path, only_cached=False):
-        self.path, self.done, self.only_cached = path, {}, only_cached
+        self.path, self.done, self.only_cached, self.pending = path, {}, only_cached, []
         if path and path.is_file():
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -294,15 +294,19 @@ def block(cache, real, task_name, rows, tuned):
     """{row: {"point": grid point, "acc": {K: [per seed]}, "epoch_seconds", "params", "dev": [(point, mean)]}}."""
     out = {}
     for row in rows:
-        point, dev = tune(cache, real, task_name, row) if tuned else ({}, [])
-        accs, seconds = {}, []
-        for shots in TEST_SHOTS:
-            for seed in SEEDS:
-                key = ["test", task_name, row, shots, seed, point, identity(row, shots)]
-                r = cache.get(key, test_accuracy, row, task_data(real, shots, seed), shots, seed, point)
-                accs.setdefault(shots, []).append(r["acc"])
-                seconds.append(r["epoch_seconds"])
-                params = r["params"]
+        try:
+            point, dev = tune(cache, real, task_name, row) if tuned else ({}, [])
+            accs, seconds = {}, []
+            for shots in TEST_SHOTS:
+                for seed in SEEDS:
+                    key = ["test", task_name, row, shots, seed, point, identity(row, shots)]
+                    r = cache.get(key, test_accuracy, row, task_data(real, shots, seed), shots, seed, point)
+                    accs.setdefault(shots, []).append(r["acc"])
+                    seconds.append(r["epoch_seconds"])
+                    params = r["params"]
+        except Missing:  # --finished: a row with a unit still to run is left out, and named
+            cache.pending.append(row)
+            continue
         out[row] = {"point": point, "acc": accs, "epoch_seconds": sum(seconds) / len(seconds), "params": params,
                     "dev": dev}
         print(f"  {task_name} {'tuned' if tuned else 'defaults'} {row}: " +
@@ -525,6 +529,7 @@ def main(argv=None):
         return run_study(real, args)
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     cache, sections, everything, blocks = Cache(args.cache, args.finished), [], {}, {}
+    whole = {}  # the blocks with every row: the figure's
     for task_name in args.tasks:
         classes = task_classes(real, task_name)
         sub = subtask(real, classes)
@@ -532,12 +537,16 @@ def main(argv=None):
         title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images, {tested} of them the test set)"
         for tuned in {"defaults": [False], "tuned": [True], "both": [False, True]}[args.block]:
             name = "tuned on the dev folds" if tuned else "published defaults"
-            try:
-                results = block(cache, sub, task_name, args.rows, tuned)
-            except Missing:  # --finished: a block with a unit still to run is left out, and said so
-                sections.append(f"**{title}, {name}**: not finished yet (resume: the same command without --finished)")
+            cache.pending = []
+            results = block(cache, sub, task_name, args.rows, tuned)
+            if cache.pending:  # --finished: rows with a unit still to run (resume: the command without --finished)
+                sections.append(f"**{title}, {name}**: not finished yet: " +
+                                ", ".join(f"`{row}`" for row in cache.pending))
+            if not results:
                 continue
             everything[f"{task_name} {name}"], blocks[task_name, tuned] = results, results
+            if not cache.pending:
+                whole[task_name, tuned] = results
             sections.append(markdown_block(results, f"{title}, {name}", tuned))
             if "hegraph" in results:
                 sections.append(markdown_differences(results, "hegraph", f"{task_name}, {name}"))
@@ -547,5 +556,5 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "real_features.md").write_text(text + "\n")
         (args.out / "real_features.json").write_text(json.dumps(everything, indent=1))
-        if blocks:
-            plot(blocks, args.out / "real_features.png", real["backbone"])
+        if whole:
+            plot(whole, args.out / "real_features.png", real["backbone"])
