@@ -126,7 +126,8 @@ def new_record(plan, data, request, device, shifts):
             "seeds": {}, "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "fit": {}, "search": {},
             "shift": {name: {} for name in shifts}, "recipe": plan.recipe and dataclasses.asdict(plan.recipe),
             "no_negatives": plan.no_negatives, "search_val": bool(plan.grid), "grid": list(plan.grid),
-            "device": str(device), "features": str(request.features) if request.features else None}
+            "device": str(device), "features": str(request.features) if request.features else None,
+            "prompts": data.get("text_set")}  # the prompt set of the file it used: its sha256 and the flags
 
 
 def record_seed(results, seed, model, info, searched, scores, seconds):
@@ -214,7 +215,7 @@ def prepare(request):
     deterministic()
     check_outputs(request)
     shots, max_shots = request.shots or 16, request.extraction.settings.max_shots
-    if not request.features and not request.load and shots > max_shots:
+    if not request.features and not request.load and max_shots is not None and shots > max_shots:
         raise DataError(f"--shots {shots} is above --max-shots {max_shots}, the largest K extracted; "
                         f"pass --max-shots {shots}")
     return device
@@ -224,7 +225,8 @@ def features_for(request, dataset, like=None):
     """The features of a dataset in the features folder, extracted first or reused when they were made with the
     settings asked for (the extraction checks, also when the dataset folder is absent). like: a features
     file's dict whose CLIP to use instead of the one the request names."""
-    return load_features(request.extraction.extract(dataset, request.seeds, request.device, request.overwrite, like))
+    return request.extraction.features(dataset, request.seeds, request.device, request.overwrite, like,
+                                       shots=request.shots or 16)
 
 
 def check_dataset(request, data):
