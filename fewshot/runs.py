@@ -18,7 +18,7 @@ from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
 from fewshot.extraction import Extraction
-from fewshot.features import load_features
+from fewshot.features import identity, load_features
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
 from fewshot.tasks import make_task
 
@@ -41,7 +41,7 @@ class RunRequest:
     load: Path | None = None              # evaluate the checkpoints of this folder instead of training
     eval_datasets: tuple[str, ...] = ()   # also evaluate on these ImageNet shift sets
     device: str | None = None             # torch device; None: cuda if available, else cpu
-    overwrite: bool = False               # replace a features file made otherwise, or another run's checkpoints
+    overwrite: bool = False               # extract the features afresh, and replace another run's checkpoints
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def new_record(plan, data, request, device, shifts):
             "shift": {name: {} for name in shifts}, "recipe": plan.recipe and dataclasses.asdict(plan.recipe),
             "no_negatives": plan.no_negatives, "search_val": bool(plan.grid), "grid": list(plan.grid),
             "device": str(device), "features": str(request.features) if request.features else None,
-            "prompts": data.get("text_set")}  # the prompt set of the file it used: its sha256 and the flags
+            "prompts": data.get("text_set"),  # the prompt set of the file it used: its sha256 and the flags
+            "features_identity": identity(data, request.seeds, plan.shots)}  # the weights and images it read
 
 
 def record_seed(results, seed, model, info, searched, scores, seconds):

@@ -187,12 +187,12 @@ def make_run(args, shared, template, dataset, method, shots, backbone, eval_data
            "eval_datasets": list(eval_datasets)}
     name = features_path("", dataset, backbone).stem + f"_{method}_{shots}shot{'_shift' if eval_datasets else ''}"
     if args.features:
-        source, features = {"features": args.features}, args.features
+        source, read = {"features": args.features}, args.features
     else:
-        source, features = {"dataset": dataset}, features_path(args.features_dir, dataset, backbone)
+        source, read = {"dataset": dataset}, features_path(args.features_dir, dataset, backbone)
     request = dataclasses.replace(template, **source, method=method, shots=shots,
                                   config=settings_of(method, template.config), eval_datasets=tuple(eval_datasets))
-    return Run(dataset, method, shots, request, key, name, run_path(args, key, name), features.resolve())
+    return Run(dataset, method, shots, request, key, name, run_path(args, key, name), read.resolve())
 
 
 def identify(planned, args):
@@ -203,7 +203,6 @@ def identify(planned, args):
     if args.features or not planned:
         return planned
     extraction = planned[0].request.extraction
-    max_shots = extraction.settings.max_shots
 
     known = {}  # dataset -> its features file's dict (tensors mapped, not read)
     for run in planned:
@@ -212,7 +211,7 @@ def identify(planned, args):
                 like = known[run.dataset] if dataset != run.dataset else None  # a shift set: ImageNet's CLIP
                 known[dataset] = features.existing(extraction.extract(dataset, args.seeds, args.device,
                                                                       args.overwrite, like))
-        run.key["features"] = features.identity(known[run.dataset], args.seeds, max_shots)
+        run.key["features"] = features.identity(known[run.dataset], args.seeds, run.shots)  # what its K reads
         if run.request.eval_datasets:
             run.key["shift_features"] = {name: features.identity(known[name], (), 0)
                                          for name in run.request.eval_datasets}

@@ -260,7 +260,9 @@ def test_train_py_records_the_prompt_set_it_used(run, data, tiny_vit_checkpoint,
     assert mine["prompts"]["prompts"] == "prompts.json" and mine["prompts"]["sha256"] != plain["prompts"]["sha256"]
     data_ = load(tmp_path / "features" / f"dtd_{VIT}.pt")
     assert set(data_["texts"]) == {plain["prompts"]["sha256"], mine["prompts"]["sha256"]}
-    assert run(*common)["seeds"] == plain["seeds"]                           # the first set again: its numbers
+    again = run(*common)
+    assert again["seeds"] == plain["seeds"]                                  # the first set again: its numbers
+    assert again["features_identity"] == plain["features_identity"] == mine["features_identity"]  # same images
 
 
 def test_the_suggested_flags_of_a_features_file_run(feats, run, fail):
