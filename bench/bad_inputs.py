@@ -258,7 +258,8 @@ def display(case):
     """The case's command as a reader should see it: the script and the case's own flags ($fixture for shared
     files; other paths are the case's own folder, the command's working directory)."""
     script = "train.py" if case.script == T else "extract_features.py"
-    return f"`{script} {case.args.replace('{', '$').replace('}', '')}`"
+    args = case.args.replace("{{", "\0").replace("}}", "\1").replace("{", "$").replace("}", "")
+    return f"`{script} {args.replace(chr(0), '{').replace(chr(1), '}')}`"
 
 
 def table(outcomes):
