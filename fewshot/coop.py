@@ -135,9 +135,9 @@ def load_text_encoder(data, device, source="the features file"):
     try:
         settings = backbones.resolve(settings)
         encoder = backbones.load(settings, torch.device(device))
-    except DataError as e:
-        raise DataError(f"coop needs the CLIP text encoder of the features ({data.get('backbone')}), and it cannot "
-                        f"be loaded: {e}") from None
+    except (DataError, OSError) as e:
+        raise DataError(f"coop needs the text encoder of the CLIP the features were extracted with "
+                        f"({data.get('backbone')}, as {source} records it), and it cannot be loaded: {e}") from None
     check_same_clip(encoder, data, settings.name, source)
     return TextEncoder(encoder.model, encoder.tokenize, settings.name)
 
