@@ -3,13 +3,14 @@ learns, every CLIP weight stays as it was and none is saved; a step lowers the l
 has C x M context vectors; its recipe is CoOp's; train.py runs it end to end, and a run of any other method never
 loads a CLIP."""
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot import backbones, coop, extraction, methods, training
+from fewshot import backbones, coop, extraction, methods, report, training
 from fewshot.baselines import ZeroShot
 from fewshot.features import Settings, load_features
 
@@ -166,3 +167,31 @@ def test_other_methods_never_import_or_load_a_clip(dtd, run, monkeypatch, tmp_pa
     with pytest.raises(AssertionError, match="a CLIP was"):
         run("--features", features, "--method", "coop", "--shots", 2, "--seeds", 1, "--epochs", 1)
     assert load_features(features)["settings"]["clip_checkpoint"]
+
+
+def test_the_sweep_runs_coop_and_the_report_shows_it(make_dataset, tiny_vit_checkpoint, tmp_path):
+    from test_reproduce import main, markdown_cells, ran, sweep_argv
+
+    from fewshot import sweep
+    assert "coop" in sweep.parse_args(["--datasets", "dtd"])[0].methods      # every row by default
+    argv = sweep_argv(make_dataset("dtd"), tiny_vit_checkpoint, tmp_path / "features", tmp_path / "results",
+                      datasets=["dtd"], methods=["zeroshot", "coop"], shots=[1], seeds=[1, 2], epochs=1)
+    [run_file] = [name for name in ran(main(argv)) if "_coop_" in name]
+    r = json.loads((tmp_path / "results" / "runs" / run_file).read_text())
+    cells = markdown_cells((tmp_path / "results" / "README.md").read_text())
+    assert cells[("K = 1", "`coop`", "DTD")] == report.fmt(list(r["seeds"].values()))
+    assert cells[("Cost", "`coop`", "tunable parameters")] == f"{16 * 64:,}"
+
+
+def test_the_report_puts_our_coop_beside_the_papers(tmp_path):
+    """RN50, 16 shots: the paper's CoOp row (Table 2, and Table 1 for the shift sets) and Δ = ours − paper."""
+    from test_reproduce import fake_run, markdown_cells
+    fake_run(tmp_path, "dtd", "coop", 16, {"1": 60.0, "2": 62.0})
+    fake_run(tmp_path, "imagenet", "coop", 16, {"1": 62.0, "2": 63.0},
+             shift={"imagenetv2": {"1": 55.0, "2": 55.0}, "imagenet-sketch": {"1": 33.0, "2": 33.0},
+                    "imagenet-adversarial": {"1": 22.0, "2": 22.0}, "imagenet-rendition": {"1": 55.0, "2": 55.0}})
+    report.write_report(tmp_path)
+    cells = markdown_cells((tmp_path / "README.md").read_text())
+    assert cells[("K = 16", "paper: CoOp", "DTD")] == "63.58" and cells[("K = 16", "Δ `coop`", "DTD")] == "-2.58"
+    shift = "C. Domain generalisation (RN50, ImageNet K = 16 → shift sets)"
+    assert cells[(shift, "paper: CoOp", "-V2")] == "55.11" and cells[(shift, "Δ `coop`", "-V2")] == "-0.11"
