@@ -54,7 +54,8 @@ def quiet_logging():
 
 
 def import_open_clip():
-    """open_clip, imported on first use (it imports timm and torchvision, which train.py never needs)."""
+    """open_clip, imported on first use (it imports timm and torchvision, which train.py needs only to extract
+    features or to run coop)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # timm's and huggingface_hub's deprecation notices
         import open_clip

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot import checkpoints, files, training
+from fewshot import checkpoints, coop, files, training
 from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
@@ -164,9 +164,10 @@ def run(request: RunRequest):
     shifts = shift_sets(request, data)
     results, trained = new_record(plan, data, request, device, shifts), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
+    text_encoder = text_encoder_for(request, plan, data, device)
     for seed in request.seeds:
         torch.manual_seed(seed)
-        task = make_task(data, seed, plan.shots, device, negatives)
+        task = make_task(data, seed, plan.shots, device, negatives, text_encoder)
         if seed == request.seeds[0]:
             stale = check_room(request, plan, data, task) if not ckpts else []
         start = time.perf_counter()
@@ -178,6 +179,15 @@ def run(request: RunRequest):
     print_table(results)
     write_outputs(request, results, {} if ckpts else trained, stale)
     return results
+
+
+def text_encoder_for(request, plan, data, device):
+    """CLIP's frozen text encoder, loaded once per run from the features file's recorded CLIP, for a row that runs
+    it (coop); None for every other row, which never imports or loads a CLIP."""
+    if not METHODS[plan.method].text_encoder:
+        return None
+    source = request.features or request.extraction.path(request.dataset) or "the features file"
+    return coop.load_text_encoder(data, device, source)
 
 
 def write_outputs(request, results, trained, stale):

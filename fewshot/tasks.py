@@ -24,6 +24,8 @@ class Task:
     val: tuple | None                # (features [m, d], labels [m]) of the min(K, 4)-shot val subset
     test: tuple                      # (features [T, d], labels [T])
     logit_scale: float
+    classnames: list | None = None   # [C] the features file's class names
+    text_encoder: object = None      # coop.TextEncoder: CLIP's frozen text encoder, for rows that run it; else None
 
     @property
     def cache_labels(self):
@@ -31,8 +33,10 @@ class Task:
         return self.train_labels
 
 
-def make_task(data, seed, shots, device, negatives=True):
-    """The K-shot task of one seed: few-shot views and cache, val subset, test set, text features."""
+def make_task(data, seed, shots, device, negatives=True, text_encoder=None):
+    """The K-shot task of one seed: few-shot views and cache, val subset, test set, text features, class names;
+    text_encoder: CLIP's frozen text encoder (coop.load_text_encoder), loaded once per run by the rows that need
+    it."""
     if "fewshot" not in data or "train" not in data:
         raise DataError(f"the features of {data.get('dataset')!r} have no training split (a test-only set?)")
     if seed not in data["fewshot"]:
@@ -62,6 +66,8 @@ def make_task(data, seed, shots, device, negatives=True):
         val=val,
         test=(f32(data["test"]["features"]), data["test"]["labels"].to(device, torch.long)),
         logit_scale=float(data["logit_scale"]),
+        classnames=list(data["classnames"]),
+        text_encoder=text_encoder,
     )
 
 

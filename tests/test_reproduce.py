@@ -277,7 +277,7 @@ def test_report_puts_the_paper_beside_ours_with_the_difference(tmp_path):
     assert (cells[(a16, "Δ `hegraph`", "DTD")] == "+1.85"
             and cells[(a16, "Δ `hegraph`", "Average")] == f"{76 - 77.95:+.2f}")
     assert cells[(a16, "Δ `graphadapter`", "DTD")] == "-7.90" and cells[(a16, "Δ `graphadapter`", "EuroSAT")] == ""
-    assert cells[(a16, "paper: CoOp", "EuroSAT")] == "83.53"                          # a method we lack
+    assert cells[(a16, "paper: CoOp", "EuroSAT")] == "83.53"                          # no run of ours
     assert cells[(a16, "`graphadapter`", "Average")] == "–"                           # no eurosat run
     ablation = "B. Ablation (RN50, K = 16)"
     assert cells[(ablation, "full (`hegraph`)", "EuroSAT")] == "81.00 ± 1.41"

@@ -359,6 +359,25 @@ def prompts_added(case):
                        if not same(now[split], before[split])]
 
 
+def clip_recorded(change):
+    """f.pt: dtd's features (extracted with the shared CLIP), their settings' record of that CLIP changed by
+    change(settings, case folder, fixtures): what coop loads its text encoder from."""
+    def prepare(case, fx):
+        data = torch.load(fx.dtd_features, weights_only=True)
+        change(data["settings"], case, fx)
+        torch.save(data, case / "f.pt")
+    return prepare
+
+
+def weights_replaced(settings, case, fx):
+    """The recorded checkpoint replaced since the extraction: the shared CLIP with its token embeddings permuted
+    (same architecture and name, other text features)."""
+    state = torch.load(fx.clip, weights_only=True)
+    state["token_embedding.weight"] = state["token_embedding.weight"].flip(0)
+    torch.save(state, case / "clip.pt")
+    settings["clip_checkpoint"] = str(case / "clip.pt")
+
+
 def results_json(case):
     """check of the train.py control: --out=~/control.json went to $HOME (the case's folder), complete."""
     if (case / "~").exists():
@@ -426,6 +445,7 @@ FAMILIES = {  # family -> {case name -> Case}
         "gamma-zero": Case(T, "`--gamma 0`", "--features {feats} --method tip --gamma 0"),
         "ratio-above-1": Case(T, "`--ratio 1.5` for clip-adapter",
                               "--features {feats} --method clip-adapter --ratio 1.5"),
+        "n-ctx-zero": Case(T, "`--n-ctx 0` for coop", "--features {feats} --method coop --n-ctx 0"),
         "encode-batch-size-zero": Case(X, "`--encode-batch-size 0`", "--dataset dtd --root {data} "
                                        "--encode-batch-size 0"),
         "workers-negative": Case(X, "`--workers -1`", "--dataset dtd --root {data} --workers -1"),
@@ -450,6 +470,23 @@ FAMILIES = {  # family -> {case name -> Case}
                            "--dataset dtd --root data --max-shots 4 --shots 2", dataset(counts={"train": [5, 2, 6]})),
         "negative-template": Case(X, "`--negative-template` without `{}`", "--dataset dtd --root {data} "
                                   "--negative-template 'a photo of nothing.'"),
+    },
+    "CoOp's CLIP text encoder": {
+        "coop-no-settings": Case(T, "coop on features that record no CLIP (another tool's file)",
+                                 "--features {feats} --method coop --shots 2"),
+        "coop-checkpoint-gone": Case(T, "coop on features whose recorded `--clip-checkpoint` is gone",
+                                     "--features f.pt --method coop --shots 2", clip_recorded(
+                                         lambda s, case, fx: s.__setitem__("clip_checkpoint", str(case / "moved.pt")))),
+        "coop-weights-gone": Case(T, "coop on features whose recorded `--pretrained` weights file is gone",
+                                  "--features f.pt --method coop --shots 2", clip_recorded(
+                                      lambda s, case, fx: s.update(backbone="ViT-B-32", clip_checkpoint=None,
+                                                                   pretrained=str(case / "gone.safetensors")))),
+        "coop-weights-changed": Case(T, "coop on features whose recorded checkpoint was replaced by other weights",
+                                     "--features f.pt --method coop --shots 2", clip_recorded(weights_replaced)),
+        "coop-init-and-n-ctx": Case(T, "`--coop-init` (4 tokens) with `--n-ctx 8`",
+                                    "--features {dtd_features} --method coop --shots 2 --coop-init --n-ctx 8"),
+        "coop-n-ctx-above-context": Case(T, "`--n-ctx 80`, above the text encoder's 77 tokens",
+                                         "--features {dtd_features} --method coop --shots 2 --n-ctx 80"),
     },
     "checkpoints": {
         "eval-only-method": Case(T, "`--eval-only` with a conflicting `--method`",
