@@ -283,3 +283,18 @@ def test_runs_read_the_views_they_ask_for(data, tiny_vit_checkpoint, tmp_path):
     assert fewer.features("dtd", (1,), "cpu")["train"]["features"].shape[0] == 1
     request = runs.RunRequest(dataset="dtd", extraction=fewer, method="zeroshot", shots=2, seeds=(1,), device="cpu")
     assert runs.run(request)["test_accuracy"] >= 0
+
+
+def test_a_class_renamed_in_a_folder_is_said_and_its_images_and_prompts_encoded_again(tiny_vit_checkpoint, tmp_path,
+                                                                                        capsys):
+    folder = write_image_folder(tmp_path / "mine", {"red_panda": 8, "snow-leopard": 8})
+    first = extract(None, tmp_path / "features", tiny_vit_checkpoint, str(folder), max_shots=2)
+    kept = len([p for split in load(first.path)["paths"].values() for p in split if p.startswith("red_panda/")])
+    (folder / "snow-leopard").rename(folder / "snow_owl")               # another class: its paths change too
+    capsys.readouterr()
+    again = extract(None, tmp_path / "features", tiny_vit_checkpoint, str(folder), max_shots=2)
+    out = capsys.readouterr().out
+    assert "the class names changed: the file's prompt sets are left out" in out and again.texts == 1
+    after = load(again.path)
+    assert again.images == sum(len(p) for p in after["paths"].values()) - kept and list(after["texts"]) == [again.text]
+    assert differences(after, fresh(None, tmp_path, tiny_vit_checkpoint, dataset=str(folder), max_shots=2)) == []

@@ -210,7 +210,7 @@ def test_the_readmes_own_images_command_runs_on_18_images_a_class(run, tiny_vit_
     assert results["prompts"]["template"] == "a photo of a {}, a type of bird."
 
 
-def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, my_images, tmp_path, tiny_vit_checkpoint):
+def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, run, my_images, tmp_path, tiny_vit_checkpoint):
     assert fail("--dataset", "widgets").startswith(
         "error: argument --dataset: unknown dataset 'widgets'; choose one of: imagenet, caltech101,")
     assert fail("--dataset", "imagenetv2") == ("error: --dataset imagenetv2 is a test-only set: train on imagenet and "
@@ -226,6 +226,9 @@ def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, my_images, tmp
         "--allow-repeats to reuse its images")
     assert fail("--dataset", few, "--shots", 4, "--max-shots", 4, "--clip-checkpoint", tiny_vit_checkpoint,
                 *TINY).endswith("lower --max-shots or pass --allow-repeats to reuse its images")
+    for fix in (["--shots", 1], ["--shots", 4, "--allow-repeats"]):             # what the lines say runs
+        assert run("--dataset", few, *fix, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 1,
+                   "--seeds", 1)["seeds"]
     (my_images / "red_panda" / "0.jpg").write_text("not an image")
     assert "cannot be read" in fail("--dataset", my_images, "--shots", 1, "--max-shots", 1, "--clip-checkpoint",
                                     tiny_vit_checkpoint, *TINY, "--overwrite")
