@@ -41,12 +41,13 @@ def make_task(data, seed, shots, device, negatives=True, text_encoder=None):
         raise DataError(f"the features of {data.get('dataset')!r} have no training split (a test-only set?)")
     if seed not in data["fewshot"]:
         raise DataError(f"the features file has no few-shot subset for seed {seed} (it has seeds "
-                        f"{sorted(data['fewshot'])}); run with those --seeds, or extract features with --seeds "
-                        f"{seed} (--overwrite replaces the file)")
+                        f"{sorted(data['fewshot'])}); run with those --seeds, or with --dataset instead of --features, "
+                        f"which adds the seed to the dataset's features file")
     subset = data["fewshot"][seed].long()                                     # [C, max_shots]
     if shots > subset.shape[1]:
-        raise DataError(f"--shots {shots} is above {subset.shape[1]}, the max-shots of the features file; "
-                        f"extract features with --max-shots {shots} or more (--overwrite replaces the file)")
+        raise DataError(f"--shots {shots} is above {subset.shape[1]}, the max-shots of the features file; run with "
+                        f"--shots {subset.shape[1]} or fewer, or with --dataset instead of --features, which adds the "
+                        f"images {shots} shots need to the dataset's features file")
     if negatives and "negative" not in data["text"]:
         raise DataError("the features file has no negative text features: run with --no-negatives")
     f32 = lambda t: t.to(device=device, dtype=torch.float32)

@@ -9,8 +9,8 @@ import math
 import time
 
 import torch
-from tqdm import tqdm
 
+from fewshot import progress
 from fewshot.errors import Diverged
 from fewshot.methods import WARMUP_LR, build
 
@@ -57,7 +57,8 @@ def train(model, views, labels, recipe, seed, desc=""):
     first_bad = torch.tensor(-1, device=views.device)                        # first step with a bad loss
     model.train()
     start, step = time.perf_counter(), 0
-    with tqdm(total=recipe.epochs, desc=desc, leave=False, dynamic_ncols=True, disable=None) as bar:
+    with progress.bar(total=recipe.epochs, desc=f"training {desc}".strip(), unit="epochs", leave=False,
+                      dynamic_ncols=True) as bar:  # a bar on a terminal, lines in a log
         for _ in range(recipe.epochs):
             view = torch.randint(views.shape[0], (n,), generator=gen).to(views.device)
             order = torch.randperm(n, generator=gen).to(views.device)
