@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from fewshot import checkpoints, files, training
+from fewshot import checkpoints, coop, files, training
 from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
 from fewshot.extraction import Extraction
-from fewshot.features import load_features
+from fewshot.features import identity, load_features
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
 from fewshot.prompts import NAMED
 from fewshot.tasks import make_task
@@ -43,7 +43,7 @@ class RunRequest:
     load: Path | None = None              # evaluate the checkpoints of this folder instead of training
     eval_datasets: tuple[str, ...] = ()   # also evaluate on these ImageNet shift sets
     device: str | None = None             # torch device; None: cuda if available, else cpu
-    overwrite: bool = False               # replace a features file made otherwise, or another run's checkpoints
+    overwrite: bool = False               # extract the features afresh, and replace another run's checkpoints
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def evaluate(model, task, shifts, device):
 
 
 def prompts_identity(data):
-    """What the text features were encoded from: the prompts setting (a file's name, "cupl", "imagenet7" or
-    "templates"), the templates, and the sha256 of the sentences (the extraction's, or of the file's prompts)."""
+    """For a file without a text_set (another tool's): the prompts setting its settings record, the templates, and
+    the sha256 of its sentences."""
     made = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     sentences = json.dumps(data.get("prompts"), default=str).encode()
     digest = made.get("prompts_sha256") or hashlib.sha256(sentences).hexdigest()
@@ -138,8 +138,10 @@ def new_record(plan, data, request, device, shifts, source):
             "fit": {}, "search": {}, "shift": {name: {} for name in shifts},
             "recipe": plan.recipe and dataclasses.asdict(plan.recipe), "no_negatives": plan.no_negatives,
             "search_val": bool(plan.grid), "grid": list(plan.grid), "device": str(device),
-            "features": str(source), "extracted": not request.features, "prompts": prompts_identity(data),
-            "views": int(data["train"]["features"].shape[0]) if "train" in data else None}
+            "features": str(source), "extracted": not request.features,
+            "prompts": data.get("text_set") or prompts_identity(data),  # the prompt set used: its sha256, the flags
+            "views": int(data["train"]["features"].shape[0]) if "train" in data else None,
+            "features_identity": identity(data, request.seeds, plan.shots)}  # the weights and images it read
 
 
 def record_seed(results, seed, model, info, searched, scores, seconds, recipe=None):
@@ -181,9 +183,10 @@ def run(request: RunRequest):
     shifts = shift_sets(request, data)
     results, trained = new_record(plan, data, request, device, shifts, source), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
+    text_encoder = text_encoder_for(request, plan, data, device)
     for seed in request.seeds:
         torch.manual_seed(seed)
-        task = make_task(data, seed, plan.shots, device, negatives)
+        task = make_task(data, seed, plan.shots, device, negatives, text_encoder)
         if seed == request.seeds[0]:
             stale = check_room(request, plan, data, task) if not ckpts else []
         start = time.perf_counter()
@@ -195,6 +198,15 @@ def run(request: RunRequest):
     print_table(results)
     write_outputs(request, results, {} if ckpts else trained, stale)
     return results
+
+
+def text_encoder_for(request, plan, data, device):
+    """CLIP's frozen text encoder, loaded once per run from the features file's recorded CLIP, for a row that runs
+    it (coop); None for every other row, which never imports or loads a CLIP."""
+    if not METHODS[plan.method].text_encoder:
+        return None
+    source = request.features or request.extraction.path(request.dataset) or "the features file"
+    return coop.load_text_encoder(data, device, source)
 
 
 def write_outputs(request, results, trained, stale):
@@ -233,7 +245,7 @@ def prepare(request):
     deterministic()
     check_outputs(request)
     shots, max_shots = request.shots or 16, request.extraction.settings.max_shots
-    if not request.features and not request.load and shots > max_shots:
+    if not request.features and not request.load and max_shots is not None and shots > max_shots:
         raise DataError(f"--shots {shots} is above --max-shots {max_shots}, the largest K extracted; "
                         f"pass --max-shots {shots}")
     return device
@@ -243,7 +255,8 @@ def features_for(request, dataset, like=None):
     """The features of a dataset in the features folder, extracted first or reused when they were made with the
     settings asked for (the extraction checks, also when the dataset folder is absent). like: a features
     file's dict whose CLIP to use instead of the one the request names."""
-    return load_features(request.extraction.extract(dataset, request.seeds, request.device, request.overwrite, like))
+    return request.extraction.features(dataset, request.seeds, request.device, request.overwrite, like,
+                                       shots=request.shots or 16)
 
 
 def check_dataset(request, data):
