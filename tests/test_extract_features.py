@@ -253,7 +253,7 @@ def test_without_the_dataset_folder_a_file_serves_only_what_it_holds(cli, tiny_v
     # other prompts need the text encoder only, not the images: added without the dataset
     done = again(negative_template="not a {}.")
     assert (done.images, done.texts) == (0, 1) and len(torch.load(path, weights_only=True)["texts"]) == 2
-    assert ff.load_features(path, text=done.text)["prompts"]["negative"][0] == ["not a class a_0."]
+    assert ff.load_features(path, text=done.text)["prompts"]["negative"][0] == ["not a class a 0."]
     # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
     torch.save({"format": ff.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
     assert extract("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
