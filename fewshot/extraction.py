@@ -265,6 +265,7 @@ def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int,
     name = dataset_name(settings.dataset)
     out = {"format": FORMAT, "dataset": name, "backbone": settings.name,
            "classnames": splits.classnames, "logit_scale": encoder.model.logit_scale.exp().item(),
+           "preprocess": encoder.config,      # view 0's preprocessing, for the models trained on the file
            "prompts": {"positive": positive, "negative": negative},
            "text": {"positive": encode_text(encoder, positive, batch_size, device),
                     "negative": encode_text(encoder, negative, batch_size, device)},

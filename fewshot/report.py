@@ -26,15 +26,12 @@ from pathlib import Path
 
 import torch
 
-from fewshot.checkpoints import read_checkpoint
+from fewshot import checkpoints
 from fewshot.cli import Parser, guarded
 from fewshot.datasets import DATASETS, SHIFT_DATASETS
 from fewshot.errors import DataError
-from fewshot.features import load_features
 from fewshot.files import write_atomic
-from fewshot.methods import METHODS, build
-from fewshot.tasks import make_task
-from hegraphadapter import HeGraphConfig
+from fewshot.methods import METHODS
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
 FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]
@@ -493,19 +490,13 @@ def plot_fewshot(runs, backbone, paper, path):
     plt.close(fig)
 
 
-def text_nodes_before_after(features_file, checkpoint, seed):
-    """The positive text nodes P and P' [C, d] and the class names, from train.py --save's checkpoint of a
-    HeGraphAdapter run (the one place that rebuilds a model from train.py's METHODS)."""
-    data = load_features(features_file)
-    ckpt = read_checkpoint(checkpoint)
-    run = ckpt["run"]
-    method = METHODS[run["method"]]
-    task = make_task(data, seed, run["shots"], "cpu", negatives=bool(method.negatives) and not run["no_negatives"])
-    model = build(method, task, HeGraphConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+def text_nodes_before_after(checkpoint):
+    """The positive text nodes P and P' [C, d] and the class names, from train.py --save's model file of a
+    HeGraphAdapter run (which holds all it needs: no features file is read)."""
+    ckpt = checkpoints.read_model(checkpoint)
+    model = checkpoints.build_model(ckpt, checkpoint)
     with torch.no_grad():
-        return task.pos_text, model.propagate()[0], data["classnames"]
+        return ckpt["text"]["positive"], model.propagate()[0], ckpt["classnames"]
 
 
 def plot_tsne(before, after, classnames, dataset, path, num_classes=20):
@@ -545,13 +536,11 @@ def tsne_from_runs(runs, results, dataset):
         return "No t-SNE: no `hegraph` run saved a checkpoint (the sweep saves one for --tsne-dataset)."
     run = max(candidates, key=lambda r: (r["dataset"] == dataset, r["shots"]))
     checkpoint_dir = Path(results, run["reproduce"]["checkpoint"])
-    features = Path(run["reproduce"]["features"])
     seed = min(run["seeds"], key=int)
     checkpoint = checkpoint_dir / f"seed{seed}.pt"
-    if not features.is_file() or not checkpoint.is_file():
-        missing = features if not features.is_file() else checkpoint
-        return f"t-SNE not redrawn: {missing} is absent (tsne.png, if any, is from an earlier report)."
-    before, after, classnames = text_nodes_before_after(features, checkpoint, int(seed))
+    if not checkpoint.is_file():
+        return f"t-SNE not redrawn: {checkpoint} is absent (tsne.png, if any, is from an earlier report)."
+    before, after, classnames = text_nodes_before_after(checkpoint)
     plot_tsne(before, after, classnames, run["dataset"], Path(results, "tsne.png"))
     return (f"![t-SNE](tsne.png)\n\nt-SNE (Fig. 3): `hegraph` on {TITLES.get(run['dataset'], run['dataset'])}, "
             f"K = {run['shots']}, seed {seed} ({run['backbone']}).")

@@ -140,7 +140,8 @@ def test_report_is_rebuilt_from_the_run_files_alone(swept):
         hidden.rename(swept["features"])
     assert "README.md" in output
     readme = (results / "README.md").read_text()
-    assert f"## A. Few-shot classification ({VIT})" in readme and "t-SNE not redrawn" in readme
+    # the t-SNE is redrawn from the hegraph model file alone, which needs no features file
+    assert f"## A. Few-shot classification ({VIT})" in readme and "t-SNE (Fig. 3): `hegraph`" in readme
     with Image.open(results / "fewshot.png") as png:
         png.verify()
     with Image.open(results / "fewshot.png") as png:
