@@ -2,9 +2,10 @@
 Bad inputs: what every bad input gets (docs/bad-inputs.md), measured on the real commands.
 
 Each case of the registry (fewshot/testing/bad_inputs.py, which the tests also run, in-process) runs here as a real
-command, `python train.py ...` or `python extract_features.py ...` in a subprocess (OMP_NUM_THREADS=1, --device
-cpu --workers 0), on tiny fixtures built in a temporary folder (fewshot/testing/fixtures.py's random CLIP,
-CoOp-layout datasets and synthetic features), and is judged by the registry's rules:
+command, `python train.py ...`, `python extract_features.py ...` or `python predict.py ...` in a subprocess
+(OMP_NUM_THREADS=1, --device cpu --workers 0), on tiny fixtures built in a temporary folder
+(fewshot/testing/fixtures.py's random CLIP, CoOp-layout datasets and synthetic features), and is judged by
+the registry's rules:
 
 - bad input gets exactly ONE `error: ...` line on stderr, as a terminal shows it (tqdm redraws a line after
   "\\r" and clears it when closed, so only the text after the last "\\r" of each line counts), and a non-zero
@@ -12,9 +13,10 @@ CoOp-layout datasets and synthetic features), and is judged by the registry's ru
 - nothing is lost: every file that existed before (a sentinel "previous results" at --out, the inputs, the
   shared fixtures) is unchanged, nothing half-written appears, no hidden .*.tmp is left.
 
-Control rows (a 16-bit PNG, --epochs 0) are not bad inputs: they must succeed. Then three parallel runs:
+Control rows (a 16-bit PNG, --epochs 0) are not bad inputs: they must succeed. Then four parallel runs:
 two extractions of one file with different --views, two train.py jobs (--seeds 1, --seeds 2) extracting one
-file on demand, and an extraction killed with kill -9 inside its write, then run again.
+file on demand, an extraction killed with kill -9 inside its write, then run again, and two train.py runs of
+different methods saving into one --save folder.
 
     python bench/bad_inputs.py                      # every case, then the parallel runs
     python bench/bad_inputs.py --cases lr-zero nan-test --no-parallel
@@ -52,6 +54,7 @@ from fewshot.testing.bad_inputs import (
     FAMILIES,
     FEATURES,
     Fixtures,
+    P,
     T,
     X,
     command,
@@ -63,6 +66,7 @@ from fewshot.testing.bad_inputs import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {T: "train.py", X: "extract_features.py", P: "predict.py"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in the tests
 
 
@@ -71,7 +75,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in
 
 def script_argv(script, args):
     """python SCRIPT ARGS: a case's (or a parallel run's) real command."""
-    return [sys.executable, str(ROOT / f"{'train' if script == T else 'extract_features'}.py"), *args]
+    return [sys.executable, str(ROOT / SCRIPTS[script]), *args]
 
 
 def run_case(outcome, before, fx):
@@ -233,7 +237,31 @@ def killed_write(folder, fx):
     return s
 
 
-PARALLEL = {"two-extractions": two_extractions, "two-seed-jobs": two_seed_jobs, "killed-write": killed_write}
+def two_saves(folder, fx):
+    """train.py --method hegraph-t and --method hegraph with one --save folder, started together: one writes its
+    models, the other waits for it, then is refused (the folder holds another run's), and nothing is mixed."""
+    s = Parallel("2 x train.py, `--method hegraph-t` and `--method hegraph`, one `--save` folder")
+    folder.mkdir(parents=True)
+    argvs = [script_argv(T, command(T, f"--features {{feats}} --method {m} --shots 2 --epochs 2 --seeds 1 2 "
+                                       f"--save ck --out r_{m}.json", fx)) for m in ("hegraph-t", "hegraph")]
+    procs = [start(argv, folder) for argv in argvs]
+    outputs = finish_all(procs)
+    for label, proc, (out, err) in zip(("hegraph-t", "hegraph"), procs, outputs):
+        errors = [line for line in shown_lines(err) if line.startswith("error:")]
+        s.processes.append((label, proc.returncode, errors, out))
+        if proc.returncode != 0 and (len(errors) != 1 or "another run" not in errors[0]):
+            s.problems.append(f"{label}: exit {proc.returncode} with {len(shown_lines(err))} stderr lines")
+    if sorted(p.returncode == 0 for p in procs) != [False, True]:
+        s.problems.append(f"exits {[p.returncode for p in procs]}: exactly one run should have saved")
+    saved = sorted((folder / "ck").glob("seed*.pt"))
+    methods = {torch.load(p, weights_only=True)["run"]["method"] for p in saved}
+    if len(methods) != 1 or len(saved) != 2:
+        s.problems.append(f"the folder holds {[p.name for p in saved]} of {sorted(methods)}")
+    return s
+
+
+PARALLEL = {"two-extractions": two_extractions, "two-seed-jobs": two_seed_jobs, "killed-write": killed_write,
+            "two-saves": two_saves}
 
 
 def run_parallel(tmp, fx):
@@ -253,7 +281,7 @@ def cell(text, width=110):
 def display(case):
     """The case's command as a reader should see it: the script and the case's own flags ($fixture for shared
     files; other paths are the case's own folder, the command's working directory)."""
-    script = "train.py" if case.script == T else "extract_features.py"
+    script = SCRIPTS[case.script]
     return f"`{script} {case.args.replace('{', '$').replace('}', '')}`"
 
 

@@ -13,9 +13,10 @@ A model file is one torch.save'd dict of plain tensors and containers, read with
     text          {positive [C, d], negative [C, d] (absent when the model reads none)}  float32
     cache         {features [M, d] float32, labels [M]}: the few-shot images' cache keys
     logit_scale   CLIP's
-    clip          {name, backbone, pretrained, clip_checkpoint, preprocess, prompts}: the CLIP that encodes an
-                  image for it (as the features file named it), its preprocessing (open_clip's configuration,
-                  None for features files that do not record it) and the sentences of its text features
+    clip          {name, backbone, pretrained, clip_checkpoint, preprocess, probe, prompts}: the CLIP that encodes
+                  an image for it (as the features file named it), its preprocessing (open_clip's configuration),
+                  the features it gave two fixed probe images (extraction.probe_images) and the sentences of its
+                  text features; preprocess and probe are None for features files that do not record them
     features      {path, settings}: the features file it was trained on and its extraction settings
 
 The model is rebuilt by its METHODS row's builder from these tensors (build_model), so that neither the features
@@ -69,7 +70,7 @@ def clip_identity(data):
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     return {"name": data["backbone"], "backbone": settings.get("backbone"), "pretrained": settings.get("pretrained"),
             "clip_checkpoint": settings.get("clip_checkpoint"), "preprocess": data.get("preprocess"),
-            "prompts": data.get("prompts")}
+            "probe": data.get("probe"), "prompts": data.get("prompts")}
 
 
 def model_file(model, task, seed, run_id, data, features_path=None) -> dict:

@@ -163,6 +163,25 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
     return torch.cat(chunks).transpose(0, 1).contiguous()
 
 
+def probe_images() -> list[Image.Image]:
+    """Two fixed images, a colour gradient and seeded noise (96 x 128 pixels): what they encode into identifies a
+    CLIP and its preprocessing by what they compute, whatever the weights' file or name."""
+    y, x = np.mgrid[0:96, 0:128]
+    gradient = np.stack([x * 2, y * 2, 255 - x - y], axis=-1).clip(0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    return [Image.fromarray(gradient), Image.fromarray(noise)]
+
+
+@torch.no_grad()
+def encode_probe(encoder: backbones.Encoder, device: torch.device, transform=None) -> torch.Tensor:
+    """[2, d] features of probe_images() (view 0, L2-normalised float16, as a test image's). transform: view 0's,
+    default the encoder's own."""
+    x = torch.stack([(transform or encoder.transform)(image) for image in probe_images()]).to(device)
+    with _autocast(device):
+        f = encoder.model.encode_image(x)
+    return F.normalize(f.float(), dim=-1).half().cpu()
+
+
 @torch.no_grad()
 def encode_text(encoder: backbones.Encoder, prompts: list[list[str]], batch_size: int,
                 device: torch.device) -> torch.Tensor:
@@ -266,6 +285,7 @@ def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int,
     out = {"format": FORMAT, "dataset": name, "backbone": settings.name,
            "classnames": splits.classnames, "logit_scale": encoder.model.logit_scale.exp().item(),
            "preprocess": encoder.config,      # view 0's preprocessing, for the models trained on the file
+           "probe": encode_probe(encoder, device),    # what identifies the CLIP to them
            "prompts": {"positive": positive, "negative": negative},
            "text": {"positive": encode_text(encoder, positive, batch_size, device),
                     "negative": encode_text(encoder, negative, batch_size, device)},

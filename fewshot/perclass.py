@@ -14,6 +14,11 @@ WEAKEST = 5         # classes the terminal lists
 MAX_SHOWN = 100     # classes confusion.png shows (the weakest, when there are more)
 
 
+def shorter(name, width):
+    """A class name cut to `width` characters, an ellipsis showing the cut."""
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
 def summed_confusion(results) -> torch.Tensor:
     """[C, C] test predictions summed over the seeds (every seed tests the same images)."""
     return torch.tensor([results["confusion"][s] for s in results["confusion"]], dtype=torch.long).sum(0)
@@ -45,7 +50,7 @@ def weakest_lines(results, n=WEAKEST):
         j = int(wrong.argmax())
         taken = f"{names[j]} ({100 * wrong[j].item() / total[c].sum().item():.0f} % of its test images)" \
             if wrong[j] > 0 else "–"
-        lines.append(f"  {names[c][:width]:<{width}} {acc[c]:6.2f}   {taken}")
+        lines.append(f"  {shorter(names[c], width):<{width}} {acc[c]:6.2f}   {taken}")
     return lines
 
 
@@ -64,10 +69,10 @@ def plot_confusion(results, path):
     percent = 100 * counts / total[shown].sum(1, keepdim=True).clamp(min=1).double()     # [n, n]
     n = len(shown)
     side = min(22.0, max(6.0, 0.17 * n + 3.0))                                           # inches
-    font = max(4.5, min(9.0, 150 / max(n, 1)))
+    font = max(5.0, min(9.0, 600 / max(n, 1)))                                          # points
     fig, ax = plt.subplots(figsize=(side + 1.2, side), layout="constrained")
     image = ax.imshow(percent.numpy(), cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
-    labels = [names[c] if len(names[c]) <= 28 else names[c][:27] + "…" for c in shown]
+    labels = [shorter(names[c], 28) for c in shown]
     ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
     ax.set_yticks(range(n), labels, fontsize=font)
     ax.set_xlabel("predicted class")
@@ -83,6 +88,6 @@ def plot_confusion(results, path):
     subset = f", the {n} weakest of {C} classes" if n < C else ""
     title = (f"{results['method']} on {results['dataset']} ({results['backbone']}), {results['shots']} shots: "
              f"test confusion{subset}, summed over seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
-    ax.set_title("\n".join(textwrap.wrap(title, int(side * 9))), fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, int(side * 11))), fontsize=10)
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

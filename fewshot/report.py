@@ -21,6 +21,7 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -410,30 +411,61 @@ def fewshot_seeds(runs, datasets, methods, shots):
 
 
 def identical_curves(curves):
-    """Groups of methods whose mean curves coincide exactly (to the printed 0.01), to name in the panel."""
+    """Groups of methods whose mean curves coincide exactly (to the printed 0.01), which hide one another."""
     groups = defaultdict(list)
     for m, points in curves.items():
         groups[tuple((k, round(mean, 2)) for k, mean, _ in points)].append(m)
-    return [g for g in groups.values() if len(g) > 1]
+    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def draw_panel(ax, curves, styles, shots):
     """One panel: each method's mean ± std (error bars) at K, shifted sideways by a few percent of an octave
-    per method so that lines and bars that coincide stay visible side by side."""
+    per method so that lines and bars that coincide stay visible side by side. Returns the groups of methods
+    whose curves coincide (identical_curves), for the figure to name below its panels."""
     n = len(curves)
     for i, (m, points) in enumerate(curves.items()):
         shift = 2 ** (0.05 * (i - (n - 1) / 2))  # log-x axis: a constant factor is a constant offset
         xs = [k * shift for k, _, _ in points]
         ax.errorbar(xs, [mean for _, mean, _ in points], yerr=[std for _, _, std in points], label=m,
                     capsize=2, elinewidth=0.8, **styles[m])
-    same = identical_curves(curves)
-    if same:
-        ax.text(0.02, 0.97, "\n".join("same curve: " + " = ".join(g) for g in same), transform=ax.transAxes,
-                ha="left", va="top", fontsize=6.5, color="dimgray")
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
+    return identical_curves(curves)
+
+
+def same_curve_notes(same, panels):
+    """One sentence naming the curves that coincide, each group with the panels it coincides in ("" if none).
+    same: {panel: [group of methods]}."""
+    where = defaultdict(list)
+    for panel, groups in same.items():
+        for group in groups:
+            where[group].append(TITLES.get(panel, panel))
+    notes = [f"{' = '.join(g)} ({'every panel' if len(p) == len(panels) > 1 else ', '.join(p)})"
+             for g, p in where.items()]
+    return "Curves that coincide (to 0.01), drawn one over the other: " + "; ".join(notes) if notes else ""
+
+
+def figure_legend(fig, axes, width, notes=""):
+    """One legend for the whole figure, under its panels, with the notes (wrapped to the figure's width) as its
+    title: notes never lie across the panels, so that constrained layout keeps every panel its full size."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    title = "\n".join(textwrap.wrap(notes, int(width * 13))) if notes else None
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
+               ncol=max(1, min(len(handles), 5, int(width // 1.8))), title=title, title_fontsize=8)
+
+
+def figure_title(fig, text, fontsize=12):
+    """The figure's title, wrapped (as measured by the renderer) to 95 % of the figure's width: never cut."""
+    title = fig.suptitle(text, fontsize=fontsize)
+    renderer, chars = fig.canvas.get_renderer(), len(text)
+    while title.get_window_extent(renderer).width > 0.95 * fig.bbox.width and chars > 20:
+        chars = int(chars * 0.9)
+        title.set_text("\n".join(textwrap.wrap(text, chars)))
 
 
 def paper_points(paper, backbone, panel, shots, datasets):
@@ -461,12 +493,13 @@ def plot_fewshot(runs, backbone, paper, path):
     nrows = -(-len(panels) // ncols)
     width = max(3.6 * ncols, 7.0)  # room for the title and the legend, even with one panel
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.1 * nrows + 1.0), squeeze=False, layout="constrained")
+    same = {}
     for ax, panel in zip(axes.flat, panels):
         curves = {m: [(k, *mean_std(seeds[m, panel, k].values())) for k in shots if seeds.get((m, panel, k))]
                   for m in methods}
         curves = {m: points for m, points in curves.items() if points}
         clip_below_zeroshot(ax, {m: [(mean, std) for _, mean, std in points] for m, points in curves.items()})
-        draw_panel(ax, curves, styles, shots)
+        same[panel] = draw_panel(ax, curves, styles, shots)
         points = paper_points(paper, backbone, panel, shots, datasets)
         if points:
             ax.plot(sorted(points), [points[k] for k in sorted(points)], ls="none", marker="*", ms=11,
@@ -478,13 +511,9 @@ def plot_fewshot(runs, backbone, paper, path):
         ax.set_ylabel("test accuracy (%)")
     for ax in axes[-1, :]:
         ax.set_xlabel("shots per class (K)")
-    handles = {}
-    for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
-               ncol=min(len(handles), 5, int(width // 1.8)))
-    fig.suptitle(f"Few-shot test accuracy ({backbone}), mean ± std over seeds")
+    figure_legend(fig, axes.flat, width, same_curve_notes(same, panels))
+    spread = "mean ± std over seeds" if max(len(r["seeds"]) for r in mine) > 1 else "1 seed"
+    figure_title(fig, f"Few-shot test accuracy ({backbone}), {spread}")
     fig.savefig(path, dpi=130)
     fig.savefig(Path(path).with_suffix(".svg"))
     plt.close(fig)

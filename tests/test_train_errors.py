@@ -335,7 +335,7 @@ def test_devices_this_code_cannot_use_are_named(feats, device, words, fail):
 
 
 @pytest.mark.parametrize("spoil, words", [
-    (lambda c: c["state_dict"]["b_p"].__setitem__((0, 0), float("nan")), "entry 'b_p' is not a tensor of finite numbers"),
+    (lambda c: c["state_dict"]["b_p"].__setitem__((0, 0), float("nan")), "'b_p' is not a tensor of finite numbers"),
     (lambda c: c["state_dict"].__setitem__("b_p", c["state_dict"]["b_p"][:, :5]), "does not fit this HeGraphAdapter"),
     (lambda c: c["state_dict"].__setitem__("extra", torch.zeros(3)), "does not fit this HeGraphAdapter"),
     (lambda c: c["state_dict"].pop("W_p"), "does not fit this HeGraphAdapter"),
