@@ -587,7 +587,8 @@ def write_report(results, tsne_dataset="food101"):
     backbones = sorted({r["backbone"] for r in runs})
     lines = ["# Results", "",
              f"Written by `python bench/reproduce.py --report --results {results}` from {len(all_runs)} run "
-             f"files in `runs/` on {datetime.date.today()}. Test accuracy %, mean ± std over seeds (n − 1); "
+             f"files in `runs/` on {datetime.date.today()}. Test accuracy %, mean ± std over seeds (n − 1; a cell "
+             "of one seed gives its accuracy alone); "
              "the number of a run is its accuracy after the last epoch (nothing is selected on test images). "
              + ("Average = over the datasets of the table, per seed, then mean ± std; for the paper's rows, its "
                 "printed average when the table has all its datasets, else the mean of its numbers over the same "
@@ -609,7 +610,7 @@ def write_report(results, tsne_dataset="food101"):
             lines += [f"![few-shot accuracy, {backbone}]({name})", "",
                       f"Fig. 2 ({backbone}): test accuracy vs shots, mean ± std (error bars) over seeds; "
                       "`hegraph` in red; methods are shifted sideways a little so that equal points stay "
-                      "visible, and curves that coincide exactly are named in their panel.", ""]
+                      "visible, and curves that coincide exactly are named under the panels.", ""]
     lines += [tsne_from_runs(runs, results, tsne_dataset), ""]
     write_runs_csv(all_runs, results / "runs.csv")
     write_atomic(results / "README.md", lambda f: f.write("\n".join(lines).encode()))

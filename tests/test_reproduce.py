@@ -373,3 +373,45 @@ def test_a_logged_sweep_has_one_line_per_run_and_no_progress_bars(tiny_vit_check
     text = log.read_text()
     assert b"\r" not in log.read_bytes() and "%|" not in text, text[-2000:]     # no bar: no carriage return
     assert len([line for line in text.splitlines() if line.startswith("ran ")]) == 2
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions close, kept open to be measured: [figure]."""
+    import matplotlib.pyplot as plt
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def fits(fig, artist):
+    """True if an artist (a title) lies inside the figure, once drawn."""
+    box, frame = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    return box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y1 <= frame.y1 + 1
+
+
+@pytest.mark.parametrize("datasets", [
+    ["dtd"], ["dtd", "eurosat"], ["dtd", "eurosat", "caltech101", "ucf101", "food101"]])
+def test_fig2_keeps_its_panels_full_size_whatever_the_notes_say(datasets, tmp_path, drawn):
+    """Seven methods whose curves coincide in every panel: the note naming them lies under the panels (the
+    legend's title), never across them, so constrained layout lays every panel out at full size (a note across
+    the panels collapsed them to strips: "constrained_layout not applied"); the title fits."""
+    import warnings
+    same = ("zeroshot", "tip", "tip-f", "taskres", "hegraph-t", "hegraph-tn", "hegraph-tp")
+    runs_ = [{"method": m, "dataset": d, "backbone": "RN50", "shots": k,
+              "seeds": {"1": 60.0 + (0 if m in same else k + i / 5), "2": 60.0 + (0 if m in same else k + i / 5)}}
+             for d in datasets for i, m in enumerate(report.METHODS) for k in (1, 2, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # "constrained_layout not applied" is a UserWarning
+        report.plot_fewshot(runs_, "RN50", [], tmp_path / "fewshot.png")
+        fig = drawn[0]
+        fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    columns = min(4, len(panels))
+    assert all(ax.get_position().width > 0.6 / columns for ax in panels)
+    notes = fig.legends[0].get_title().get_text().replace("\n", " ")
+    assert " = ".join(same) in notes and ("every panel" in notes or "(DTD)" in notes)
+    assert not any("same curve" in t.get_text() for ax in panels for t in ax.texts)
+    assert fits(fig, fig._suptitle) and "mean ± std over seeds" in fig._suptitle.get_text()
