@@ -4,8 +4,8 @@ checked to be the model's. The bad model files and inputs are cases of the regis
 """
 import csv
 import json
+import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -120,9 +120,34 @@ def test_the_clip_must_be_the_models(own_model, tmp_path, tiny_resnet_checkpoint
     assert torch.allclose(again, classify.load_classifier(own_model["models"], seed=1).predict([image]))
 
 
-def test_predict_py_is_a_thin_entry_point(tmp_path):
-    """python predict.py: one line for a folder that holds no model, without importing CLIP's libraries first."""
-    proc = subprocess.run([sys.executable, str(REPO / "predict.py"), "--model", "nowhere", "x.jpg"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr == ("error: --model nowhere: no such file or folder; give the folder "
-                                                    "that train.py --save wrote\n")
+def test_predict_py_is_a_thin_entry_point(tmp_path, monkeypatch, capsys):
+    """python predict.py (its __main__, run here): one line for a folder that holds no model."""
+    monkeypatch.setattr(sys, "argv", ["predict.py", "--model", "nowhere", "x.jpg"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "predict.py"), run_name="__main__")
+    assert e.value.code == 2 and capsys.readouterr().err == ("error: --model nowhere: no such file or folder; give "
+                                                             "the folder that train.py --save wrote\n")
+
+
+def test_an_open_clip_folder_model_encodes_with_its_own_preprocessing(tiny_open_clip_dir, tmp_path, run):
+    """A model of a local-dir: open_clip CLIP (48 px, squash resize, its own mean and std, bilinear): predict.py
+    loads that CLIP and its recorded preprocessing, and gets the features file's test features back."""
+    from fewshot.features import load_features
+    from fewshot.testing.fixtures import write_image_folder
+    write_image_folder(tmp_path / "mine", {"ant": 6, "bee": 6})
+    run("--dataset", tmp_path / "mine", "--backbone", f"local-dir:{tiny_open_clip_dir}", "--shots", 1, "--max-shots",
+        1, "--views", 2, "--seeds", 1, "--epochs", 2, "--method", "tip-f", "--device", "cpu", "--workers", 0,
+        "--save", tmp_path / "m", "--features-dir", tmp_path / "features")
+    data = load_features(next((tmp_path / "features").glob("*.pt")))
+    record = checkpoints.read_model(tmp_path / "m" / "seed1.pt")
+    assert record["clip"]["preprocess"]["resize_mode"] == "squash" and record["clip"]["preprocess"]["size"] == [48, 48]
+    classifier = classify.load_classifier(tmp_path / "m")
+    feats, problems = classifier.encode([str(tmp_path / "mine" / p) for p in data["paths"]["test"]])
+    assert not problems and torch.allclose(torch.stack(feats), data["test"]["features"].float(), atol=2e-3)
+    assert torch.equal(classifier.predict_features(torch.stack(feats)).argmax(1),
+                       classifier.predict_features(data["test"]["features"]).argmax(1))
+    # the recorded preprocessing is the one used: another mean makes the probe images encode otherwise
+    record["clip"]["preprocess"]["mean"] = [0.0, 0.0, 0.0]
+    torch.save(record, tmp_path / "m" / "seed1.pt")
+    with pytest.raises(DataError, match="encodes a fixed probe image into other features"):
+        classify.load_classifier(tmp_path / "m").predict([tmp_path / "mine" / data["paths"]["test"][0]])
