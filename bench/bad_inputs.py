@@ -53,6 +53,7 @@ from fewshot.testing.bad_inputs import (
     COMMON,
     FAMILIES,
     FEATURES,
+    PREDICT_COMMON,
     Fixtures,
     P,
     T,
@@ -366,8 +367,9 @@ def main(argv=None):
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"Every command also gets `{COMMON.format(clip='$clip')}` (and train.py `--out results.json`, a "
-          f"sentinel \"previous results\" file) first; its own flags follow. It runs in the case's own folder; "
-          f"$feats, $data, $clip, $ck are shared fixtures.\n")
+          f"sentinel \"previous results\" file; predict.py only `{PREDICT_COMMON}`) first; its own flags follow. It "
+          f"runs in the case's own folder; $feats, $data, $clip, $ck, $model, $photo, $other_clip are shared "
+          f"fixtures.\n")
     print(table(outcomes))
     if scenarios:
         print()

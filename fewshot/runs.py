@@ -258,9 +258,9 @@ def print_table(results):
     sizes, C = results["split_sizes"], len(results["classnames"])
     print(f"\n{results['method']} on {results['dataset']} ({results['backbone']}), {results['shots']} shots, "
           f"{results['params']:,} tunable parameters")
+    val = f", its validation subset holds {sizes['val']:,}" if sizes["val"] else ""
     print(f"test set {results['test_size']:,} images of {C:,} classes; each seed trains on {sizes['train']:,} images "
-          f"({results['shots']} per class)" + (f" and tunes on {sizes['val']:,} validation images"
-                                               if results["search_val"] else ""))
+          f"({results['shots']} per class){val}")
     print(f"{'seed':>6} {'test acc %':>11} {'s/epoch':>8}" + "".join(f" {n:>21}" for n in results["shift"]))
     for seed, acc in results["seeds"].items():
         shift = "".join(f" {results['shift'][n][seed]:>21.2f}" for n in results["shift"])

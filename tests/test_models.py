@@ -117,7 +117,8 @@ def test_every_run_records_its_sizes_per_class_accuracy_and_confusion(feats, tmp
     assert per_class == pytest.approx((100.0 * confusion.diag() / confusion.sum(1)).tolist())
     assert saved["std"] is None                                                      # one seed: no spread
     shown = capsys.readouterr().out
-    assert f"test set {T} images of {C} classes; each seed trains on {2 * C} images (2 per class)" in shown
+    assert f"test set {T} images of {C} classes; each seed trains on {2 * C} images (2 per class), its validation " \
+           f"subset holds {2 * C}" in shown
     assert "mean" in shown and "(1 seed)" in shown and "± 0.00" not in shown
     weakest = min(range(C), key=lambda c: (per_class[c], c))
     wrong = confusion[weakest].clone()
