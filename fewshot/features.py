@@ -6,7 +6,8 @@ One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.m
     text {positive [C, d], negative [C, d]},
     train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
     fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
-    plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths, and
+    plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths, preprocess and
+    probe (view 0's preprocessing and two probe images' features, for the model files trained on it), and
     settings: the Settings it was extracted with.
 
 Here: the Settings (what a file records and what its reuse compares), reading a file and checking every

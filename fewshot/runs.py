@@ -183,6 +183,7 @@ def run(request: RunRequest):
 
 
 def run_seeds(request, device):
+    """run()'s body: the features, the plan, then each seed's task, model, evaluation and record; the outputs."""
     features = request.features or request.extraction.extract(request.dataset, request.seeds, request.device,
                                                               request.overwrite)
     data = load_features(features)
