@@ -242,6 +242,13 @@ def test_features_mode_sweeps_k_over_one_file_and_draws_the_tsne(tmp_path):
     assert "t-SNE (Fig. 3): `hegraph` on synthetic, K = 4, seed 1" in readme   # from the 4-shot hegraph checkpoint
     with Image.open(tmp_path / "results" / "tsne.png") as png:
         assert png.width >= 600 and png.height >= 300
+    # a checkpoint an older train.py wrote (no class names or text features) costs the t-SNE, not the report
+    import torch
+    model_file = next((tmp_path / "results" / "checkpoints").glob("*hegraph*4*/seed1.pt"))
+    old = torch.load(model_file, weights_only=True)
+    torch.save({k: old[k] for k in ("run", "seed", "state_dict", "model_config")}, model_file)
+    report.write_report(tmp_path / "results")
+    assert "t-SNE not redrawn: " in (tmp_path / "results" / "README.md").read_text()
     # another train.py flag is another configuration: new run files, none skipped
     assert "skipped 0 finished already, 4 to do" in main(argv + ["--lr", "0.01"])
     assert len(run_files(tmp_path / "results")) == 8
