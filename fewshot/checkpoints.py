@@ -13,11 +13,13 @@ A model file is one torch.save'd dict of plain tensors and containers, read with
     text          {positive [C, d], negative [C, d] (absent when the model reads none)}  float32
     cache         {features [M, d] float32, labels [M]}: the few-shot images' cache keys
     logit_scale   CLIP's
-    clip          {name, backbone, pretrained, clip_checkpoint, preprocess, probe, prompts}: the CLIP that encodes
-                  an image for it (as the features file named it), its preprocessing (open_clip's configuration),
-                  the features it gave two fixed probe images (extraction.probe_images) and the sentences of its
-                  text features; preprocess and probe are None for features files that do not record them
-    features      {path, settings}: the features file it was trained on and its extraction settings
+    clip          {name, backbone, pretrained, clip_checkpoint, weights, preprocess, probe, prompts}: the CLIP that
+                  encodes an image for it (as the features file named it and identified its weights by content),
+                  its preprocessing (open_clip's configuration), the features it gave two fixed probe images
+                  (extraction.probe_images) and the sentences of its text features; weights, preprocess and probe
+                  are None for features files that do not record them
+    features      {path, settings, text_set}: the features file it was trained on, its extraction settings and
+                  the prompt set of it the model used (its sha256 and flags)
 
 The model is rebuilt by its METHODS row's builder from these tensors (build_model), so that neither the features
 file nor the dataset is read. A folder holds the seeds of one run only: another run's files are refused, or
@@ -66,11 +68,13 @@ def classnames_sha256(classnames):
 
 def clip_identity(data):
     """The CLIP an image must be encoded with for a model trained on the features `data`: the features file's
-    name of it, the settings that load it, its preprocessing and the sentences its text features are made of."""
+    name of it, the settings that load it, its weights by content (the file's identity), its preprocessing, what
+    it made of the probe images and the sentences its text features are made of."""
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    identity = data.get("identity") if isinstance(data.get("identity"), dict) else {}
     return {"name": data["backbone"], "backbone": settings.get("backbone"), "pretrained": settings.get("pretrained"),
-            "clip_checkpoint": settings.get("clip_checkpoint"), "preprocess": data.get("preprocess"),
-            "probe": data.get("probe"), "prompts": data.get("prompts")}
+            "clip_checkpoint": settings.get("clip_checkpoint"), "weights": identity.get("model"),
+            "preprocess": data.get("preprocess"), "probe": data.get("probe"), "prompts": data.get("prompts")}
 
 
 def model_file(model, task, seed, run_id, data, features_path=None) -> dict:
@@ -83,7 +87,8 @@ def model_file(model, task, seed, run_id, data, features_path=None) -> dict:
             "cache": {"features": cpu(task.cache_feats), "labels": task.cache_labels.detach().cpu().long()},
             "logit_scale": float(task.logit_scale), "clip": clip_identity(data),
             "features": {"path": str(Path(features_path).resolve()) if features_path else None,
-                         "settings": data.get("settings") if isinstance(data.get("settings"), dict) else None}}
+                         "settings": data.get("settings") if isinstance(data.get("settings"), dict) else None,
+                         "text_set": data.get("text_set")}}
 
 
 def file_bytes(task, state):
@@ -237,15 +242,17 @@ def saved_config(configured, ckpt, path, again=AGAIN):
     return dataclasses.replace(configured, **saved)
 
 
-def saved_task(ckpt, device) -> Task:
-    """A Task of the saved tensors alone: what the METHODS row's builder reads (text features, cache, logit scale).
-    It has no training views beyond the cache keys, and no validation or test images."""
+def saved_task(ckpt, device, text_encoder=None) -> Task:
+    """A Task of the saved tensors alone: what the METHODS row's builder reads (text features, cache, class names,
+    logit scale). It has no training views beyond the cache keys, and no validation or test images.
+    text_encoder: CLIP's frozen text encoder, for a row that runs it (coop), which its caller loads."""
     f32 = lambda t: t.to(device=device, dtype=torch.float32)
     keys = f32(ckpt["cache"]["features"])
     text = ckpt["text"]
     return Task(pos_text=f32(text["positive"]), neg_text=f32(text["negative"]) if "negative" in text else None,
                 train_views=keys[None], train_labels=ckpt["cache"]["labels"].to(device, torch.long), cache_feats=keys,
-                val=None, test=None, logit_scale=float(ckpt["logit_scale"]))
+                val=None, test=None, logit_scale=float(ckpt["logit_scale"]), classnames=list(ckpt["classnames"]),
+                text_encoder=text_encoder)
 
 
 def load_state(model, ckpt, path, again=AGAIN):
@@ -259,13 +266,14 @@ def load_state(model, ckpt, path, again=AGAIN):
     return model
 
 
-def build_model(ckpt, path, device="cpu", again=AGAIN):
-    """The saved model, rebuilt by its METHODS row's builder from the saved tensors, in eval mode on `device`."""
+def build_model(ckpt, path, device="cpu", again=AGAIN, text_encoder=None):
+    """The saved model, rebuilt by its METHODS row's builder from the saved tensors, in eval mode on `device`.
+    text_encoder: CLIP's frozen text encoder, which a row that runs it (coop) needs besides its file."""
     run = ckpt["run"]
     method = METHODS[run["method"]]
     config = saved_config(method.config(run["dataset"]), ckpt, path, again)
     try:
-        model = build(method, saved_task(ckpt, device), config)
+        model = build(method, saved_task(ckpt, device, text_encoder), config)
     except ValueError as e:      # the model's own checks of its inputs
         raise _changed(path, str(e), again) from None
     return load_state(model, ckpt, path, again).eval()
@@ -323,6 +331,12 @@ def load_checkpoints(folder, seeds, data, method=None, shots=None, no_negatives=
         raise DataError(f"--no-negatives conflicts with the models in {folder}, trained with negative text features "
                         f"(which they carry); drop --no-negatives to evaluate them as trained")
     return ckpts, run_id
+
+
+def prompt_set(ckpt):
+    """The sha256 of the prompt set the model was trained with (a key of a features file's texts), or None."""
+    text_set = ckpt["features"].get("text_set")
+    return text_set.get("sha256") if isinstance(text_set, dict) else None
 
 
 def compare_negatives(ckpt, data):

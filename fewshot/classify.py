@@ -27,13 +27,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fewshot import backbones, checkpoints, files
+from fewshot import backbones, checkpoints, coop, files
 from fewshot.cli import Parser, guarded, number_arg, path_arg
 from fewshot.datasets import IMAGE_SUFFIXES
 from fewshot.devices import resolve_device
 from fewshot.errors import DataError
 from fewshot.extraction import _autocast, encode_probe, encode_text, to_rgb
 from fewshot.features import Settings
+from fewshot.methods import METHODS
 
 CHECKED_CLASSES = 8   # classes whose prompts are encoded again to check that the CLIP is the model's
 
@@ -199,9 +200,15 @@ def load_classifier(model, seed=None, device=None, clip_checkpoint=None) -> Clas
     the model's features were extracted with, when it is no longer where the model file says."""
     device = resolve_device(device)
     found = model_files(model, seed)
-    models = {s: checkpoints.build_model(record, path, device) for s, (path, record) in found.items()}
-    return Classifier(models, {s: record for s, (_, record) in found.items()}, Path(model), device,
-                      Path(clip_checkpoint) if clip_checkpoint else None)
+    records = {s: record for s, (_, record) in found.items()}
+    classifier = Classifier({}, records, Path(model), device, Path(clip_checkpoint) if clip_checkpoint else None)
+    text_encoder = None
+    if METHODS[classifier.first["run"]["method"]].text_encoder:   # coop: its classes' features need CLIP's text tower
+        encoder = classifier.encoder()
+        text_encoder = coop.TextEncoder(encoder.model, encoder.tokenize, classifier.first["clip"]["name"])
+    classifier.models = {s: checkpoints.build_model(record, path, device, text_encoder=text_encoder)
+                         for s, (path, record) in found.items()}
+    return classifier
 
 
 def as_list(batch):

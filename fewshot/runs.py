@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from fewshot import checkpoints, files, perclass, training
+from fewshot import checkpoints, coop, files, perclass, training
 from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
 from fewshot.extraction import Extraction
-from fewshot.features import load_features
+from fewshot.features import identity, load_features
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
 from fewshot.tasks import make_task
 
@@ -44,7 +44,7 @@ class RunRequest:
     load: Path | None = None              # evaluate the model files of this folder instead of training
     eval_datasets: tuple[str, ...] = ()   # also evaluate on these ImageNet shift sets
     device: str | None = None             # torch device; None: cuda if available, else cpu
-    overwrite: bool = False               # replace a features file made otherwise, or another run's checkpoints
+    overwrite: bool = False               # extract the features afresh, and replace another run's checkpoints
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ def model_for_seed(plan, task, seed, ckpt=None, folder=None, features=None):
     if ckpt is not None:
         path = checkpoints.seed_path(folder, seed)
         checkpoints.check_trained_on(ckpt, task, path, features)
-        return checkpoints.build_model(ckpt, path, task.pos_text.device, checkpoints.again_with(folder)), {}, None
+        return checkpoints.build_model(ckpt, path, task.pos_text.device, checkpoints.again_with(folder),
+                                       task.text_encoder), {}, None
     if plan.grid:
         return training.search(method, task, plan.config, plan.recipe, list(plan.grid), seed)
     model, info = training.fit_at(method, task, plan.config, plan.recipe, {}, seed)
@@ -139,7 +140,9 @@ def new_record(plan, data, request, device, shifts):
             "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "fit": {}, "search": {},
             "shift": {name: {} for name in shifts}, "recipe": plan.recipe and dataclasses.asdict(plan.recipe),
             "no_negatives": plan.no_negatives, "search_val": bool(plan.grid), "grid": list(plan.grid),
-            "device": str(device), "features": str(request.features) if request.features else None}
+            "device": str(device), "features": str(request.features) if request.features else None,
+            "prompts": data.get("text_set"),  # the prompt set of the file it used: its sha256 and the flags
+            "features_identity": identity(data, request.seeds, plan.shots)}  # the weights and images it read
 
 
 def split_sizes(task):
@@ -184,12 +187,14 @@ def run(request: RunRequest):
 
 def run_seeds(request, device):
     """run()'s body: the features, the plan, then each seed's task, model, evaluation and record; the outputs."""
-    features = request.features or request.extraction.extract(request.dataset, request.seeds, request.device,
-                                                              request.overwrite)
-    data = load_features(features)
+    data = load_features(request.features) if request.features else features_for(request, request.dataset)
+    features = request.features or request.extraction.path(request.dataset)   # its path, for the record and lines
     check_dataset(request, data)
     ckpts, run_id = (checkpoints.load_checkpoints(request.load, request.seeds, data, request.method, request.shots,
                                                   request.no_negatives) if request.load else (None, None))
+    wanted = ckpts and checkpoints.prompt_set(next(iter(ckpts.values())))
+    if wanted and wanted in (data.get("texts") or {}) and wanted != (data.get("text_set") or {}).get("sha256"):
+        data = load_features(features, text=wanted)   # the file's prompt set the models were trained with
     plan = make_plan(data["dataset"], request.method, request.shots, no_negatives=request.no_negatives,
                      config=request.config, recipe=request.recipe, search_val=request.search_val,
                      has_val="val_fewshot" in data, checkpoints=run_id)
@@ -198,11 +203,12 @@ def run_seeds(request, device):
     shifts = shift_sets(request, data)
     results, trained = new_record(plan, data, request, device, shifts), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
+    text_encoder = text_encoder_for(request, plan, data, device)
     for seed in request.seeds:
         torch.manual_seed(seed)
         if ckpts:  # the model carries its own negatives: they are compared where the file has them too
             negatives = checkpoints.compare_negatives(ckpts[seed], data)
-        task = make_task(data, seed, plan.shots, device, negatives)
+        task = make_task(data, seed, plan.shots, device, negatives, text_encoder)
         if seed == request.seeds[0]:
             stale = check_room(request, plan, data, task) if not ckpts else []
             results["split_sizes"] = split_sizes(task)
@@ -235,6 +241,15 @@ def record_json(results) -> bytes:
     text = json.dumps(results, indent=2)
     return re.sub(r"\[[^\[\]{}\"]*\]", lambda m: " ".join(m[0].split()).replace("[ ", "[").replace(" ]", "]"),
                   text).encode()
+
+
+def text_encoder_for(request, plan, data, device):
+    """CLIP's frozen text encoder, loaded once per run from the features file's recorded CLIP, for a row that runs
+    it (coop); None for every other row, which never imports or loads a CLIP."""
+    if not METHODS[plan.method].text_encoder:
+        return None
+    source = request.features or request.extraction.path(request.dataset) or "the features file"
+    return coop.load_text_encoder(data, device, source)
 
 
 def write_outputs(request, results, trained, stale):
@@ -286,7 +301,7 @@ def prepare(request):
         raise DataError("--plots draws confusion.png beside the --out file: give --out FILE.json too")
     check_outputs(request)
     shots, max_shots = request.shots or 16, request.extraction.settings.max_shots
-    if not request.features and not request.load and shots > max_shots:
+    if not request.features and not request.load and max_shots is not None and shots > max_shots:
         raise DataError(f"--shots {shots} is above --max-shots {max_shots}, the largest K extracted; "
                         f"pass --max-shots {shots}")
     return device
@@ -296,7 +311,8 @@ def features_for(request, dataset, like=None):
     """The features of a dataset in the features folder, extracted first or reused when they were made with the
     settings asked for (the extraction checks, also when the dataset folder is absent). like: a features
     file's dict whose CLIP to use instead of the one the request names."""
-    return load_features(request.extraction.extract(dataset, request.seeds, request.device, request.overwrite, like))
+    return request.extraction.features(dataset, request.seeds, request.device, request.overwrite, like,
+                                       shots=request.shots or 16)
 
 
 def check_dataset(request, data):

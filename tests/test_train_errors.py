@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fewshot.extraction as ef
 import fewshot.features as ff
 import fewshot.files as files
 from fewshot import cli, methods, runs, tasks, training
@@ -206,8 +207,19 @@ def test_cuda_without_cuda_says_so(feats, fail):
 
 def test_shots_above_max_shots_stop_before_any_extraction(tmp_path, fail):
     line = fail("--dataset", "dtd", "--root", tmp_path / "data", "--features-dir", tmp_path / "f",
-                "--shots", 32)
+                "--shots", 32, "--max-shots", 16)
     assert "--max-shots 32" in line and not (tmp_path / "f").exists()
+
+
+def test_max_shots_defaults_to_what_the_run_asks_for(monkeypatch):
+    """16 for a benchmark (one file for K 1 ... 16), more when --shots asks for more; --shots for a folder."""
+    asked = []
+    monkeypatch.setattr(ef, "extract", lambda settings, *a, **k: asked.append(settings.max_shots) or 1 / 0)
+    for dataset, shots, expected in (("dtd", 4, 16), ("dtd", 32, 32), ("/my/images", 4, 4)):
+        monkeypatch.setattr(ef, "resolve_dataset", lambda d: d)           # no folder needed to name one
+        with pytest.raises(ZeroDivisionError):
+            ef.Extraction().run(dataset, (1,), shots=shots)
+        assert asked.pop() == expected
 
 
 def test_tilde_is_expanded_in_path_flags(feats, tmp_path, monkeypatch):

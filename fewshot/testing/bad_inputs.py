@@ -11,7 +11,10 @@ one per kind of input. What a bad input must get:
 - nothing lost: every file that existed before (a sentinel "previous results" at --out, the inputs, the shared
   fixtures) is unchanged, nothing half-written appears, no hidden .*.tmp is left.
 
-Controls (a 16-bit PNG, --epochs 0) are not bad inputs: they must succeed, and their check must pass.
+Controls (a 16-bit PNG, --epochs 0, a stale features file) are not bad inputs: they must succeed, and their check
+must pass. A stale features file (an image changed under its name, a checkpoint replaced at its path, a folder of
+the same name elsewhere) is such a control: it must not be reused, and the file rewritten (its `rewrites`) must
+equal a fresh extraction.
 """
 import contextlib
 import dataclasses
@@ -35,7 +38,17 @@ import fewshot.datasets as fd
 from fewshot import classify, cli, runs
 from fewshot.extraction import extract_features
 from fewshot.features import Settings, load_features
-from fewshot.testing.fixtures import TINY_NAMES, synthetic_features, tiny_clip, write_dataset
+from fewshot.testing.fixtures import (
+    TINY_CLIPS,
+    TINY_NAMES,
+    openai_state_dict,
+    redraw_image,
+    synthetic_features,
+    tiny_clip,
+    write_dataset,
+    write_image,
+    write_image_folder,
+)
 
 SENTINEL = b"previous results\n"             # what --out (and features/previous.pt) hold before each case
 FEATURES = f"features/dtd_{TINY_NAMES['vit']}.pt"  # the file the extraction cases and parallel runs write
@@ -356,6 +369,115 @@ def other_classes(case, fx):
     checkpoints()(case, fx)
 
 
+# the stale features files: made in the case's folder, then made stale; the rerun must redo exactly that work
+
+def extracted(dataset="dtd", root="data", clip="clip.pt"):
+    """features/: the case's own features of `dataset` (under the case's `root`, or a folder of its own), made with
+    COMMON's settings and its own copy of the random CLIP (clip.pt); before.pt: a copy of that file."""
+    def make(case, fx):
+        if not (case / clip).exists():
+            shutil.copy(fx.clip, case / clip)
+        if dataset == "dtd" and not (case / root).exists():
+            write_dataset(case / root, "dtd")
+        with quiet():
+            settings = Settings(dataset if dataset == "dtd" else str(case / dataset), clip_checkpoint=str(case / clip),
+                                seeds=(1,), max_shots=2, views=2)
+            path = extract_features(settings, case / root, case / "features", workers=0, device="cpu")
+        shutil.copy(path, case / "before.pt")
+    return make
+
+
+def other_weights(path):
+    """A random CLIP of the fixtures' architecture with other weights (its projections negated) at `path`."""
+    state = openai_state_dict(TINY_CLIPS["vit"])
+    for key in ("visual.proj", "text_projection"):
+        state[key] = -state[key]
+    torch.save(state, path)
+
+
+def changed_image(case, fx):
+    """features/ made from data/, then a test image of it drawn anew, its byte size and modification time kept."""
+    extracted()(case, fx)
+    redraw_image(case / "data" / "dtd" / "images" / "class a_0" / "test_0.jpg", 4242)
+
+
+def replaced_checkpoint(case, fx):
+    """features/ made with clip.pt, then clip.pt replaced by other weights."""
+    extracted()(case, fx)
+    other_weights(case / "clip.pt")
+
+
+def folder_elsewhere(case, fx):
+    """features/ of the folder a/mine; b/mine, a folder of the same name, holds one other picture."""
+    write_image_folder(case / "a" / "mine", {"red_panda": 8, "snow-leopard": 8})
+    extracted("a/mine", root=".")(case, fx)
+    shutil.copytree(case / "a" / "mine", case / "b" / "mine")
+    write_image(case / "b" / "mine" / "red_panda" / "0.jpg", 4343)
+
+
+def other_checkpoint(case, fx):
+    """FEATURES made with the shared CLIP; other.pt: other weights of the same architecture."""
+    copied_features(case, fx)
+    other_weights(case / "other.pt")
+
+
+def as_fresh(dataset="dtd", root="data", clip="clip.pt"):
+    """check of a stale features control: the rewritten file equals a fresh extraction of the case's inputs now
+    (every tensor, path and hash), and differs from the stale one it replaced."""
+    def check(case):
+        settings = Settings(dataset if dataset == "dtd" else str(case / dataset), clip_checkpoint=str(case / clip),
+                            seeds=(1,), max_shots=2, views=2)
+        with quiet():
+            path = extract_features(settings, case / root, case / "fresh", workers=0, device="cpu")
+        now = torch.load(case / "features" / path.name, weights_only=True)
+        fresh, before = (torch.load(p, weights_only=True) for p in (path, case / "before.pt"))
+        problems = [f"{key} differs from a fresh extraction" for key in ("train", "val", "test", "text", "paths",
+                                                                          "content", "fewshot", "classnames")
+                    if not same(now.get(key), fresh.get(key))]
+        if all(same(now.get(split), before.get(split)) for split in ("train", "val", "test")):
+            problems.append("the stale features were kept")
+        return problems
+    return check
+
+
+def same(a, b):
+    """Two nested values equal, their tensors by torch.equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def prompts_added(case):
+    """check of the prompt change: the file gained the new prompt set, and its image features are those it had."""
+    now, before = (torch.load(p, weights_only=True) for p in (case / FEATURES, case / "before.pt"))
+    problems = [] if len(now["texts"]) == 2 else [f"{len(now['texts'])} prompt sets, not 2"]
+    return problems + [f"{split} features changed" for split in ("train", "val", "test")
+                       if not same(now[split], before[split])]
+
+
+def clip_recorded(change):
+    """f.pt: dtd's features (extracted with the shared CLIP), their settings' record of that CLIP changed by
+    change(settings, case folder, fixtures): what coop loads its text encoder from."""
+    def prepare(case, fx):
+        data = torch.load(fx.dtd_features, weights_only=True)
+        change(data["settings"], case, fx)
+        torch.save(data, case / "f.pt")
+    return prepare
+
+
+def weights_replaced(settings, case, fx):
+    """The recorded checkpoint replaced since the extraction: the shared CLIP with its token embeddings permuted
+    (same architecture and name, other text features)."""
+    state = torch.load(fx.clip, weights_only=True)
+    state["token_embedding.weight"] = state["token_embedding.weight"].flip(0)
+    torch.save(state, case / "clip.pt")
+    settings["clip_checkpoint"] = str(case / "clip.pt")
+
+
 def results_json(case):
     """check of the train.py control: --out=~/control.json went to $HOME (the case's folder), complete."""
     if (case / "~").exists():
@@ -376,6 +498,7 @@ class Case:
     prepare: Callable | None = None   # (case folder, fixtures): make the case's broken inputs
     control: bool = False             # not a bad input: must succeed
     check: Callable | None = None     # control: (case folder) -> problems
+    rewrites: tuple = ()              # control: files of the case's folder it is meant to rewrite (a stale cache)
     family: str = ""                  # the kind of input it breaks: its key in FAMILIES
 
 
@@ -422,6 +545,7 @@ FAMILIES = {  # family -> {case name -> Case}
         "gamma-zero": Case(T, "`--gamma 0`", "--features {feats} --method tip --gamma 0"),
         "ratio-above-1": Case(T, "`--ratio 1.5` for clip-adapter",
                               "--features {feats} --method clip-adapter --ratio 1.5"),
+        "n-ctx-zero": Case(T, "`--n-ctx 0` for coop", "--features {feats} --method coop --n-ctx 0"),
         "encode-batch-size-zero": Case(X, "`--encode-batch-size 0`", "--dataset dtd --root {data} "
                                        "--encode-batch-size 0"),
         "workers-negative": Case(X, "`--workers -1`", "--dataset dtd --root {data} --workers -1"),
@@ -446,6 +570,23 @@ FAMILIES = {  # family -> {case name -> Case}
                            "--dataset dtd --root data --max-shots 4 --shots 2", dataset(counts={"train": [5, 2, 6]})),
         "negative-template": Case(X, "`--negative-template` without `{}`", "--dataset dtd --root {data} "
                                   "--negative-template 'a photo of nothing.'"),
+    },
+    "CoOp's CLIP text encoder": {
+        "coop-no-settings": Case(T, "coop on features that record no CLIP (another tool's file)",
+                                 "--features {feats} --method coop --shots 2"),
+        "coop-checkpoint-gone": Case(T, "coop on features whose recorded `--clip-checkpoint` is gone",
+                                     "--features f.pt --method coop --shots 2", clip_recorded(
+                                         lambda s, case, fx: s.__setitem__("clip_checkpoint", str(case / "moved.pt")))),
+        "coop-weights-gone": Case(T, "coop on features whose recorded `--pretrained` weights file is gone",
+                                  "--features f.pt --method coop --shots 2", clip_recorded(
+                                      lambda s, case, fx: s.update(backbone="ViT-B-32", clip_checkpoint=None,
+                                                                   pretrained=str(case / "gone.safetensors")))),
+        "coop-weights-changed": Case(T, "coop on features whose recorded checkpoint was replaced by other weights",
+                                     "--features f.pt --method coop --shots 2", clip_recorded(weights_replaced)),
+        "coop-init-and-n-ctx": Case(T, "`--coop-init` (4 tokens) with `--n-ctx 8`",
+                                    "--features {dtd_features} --method coop --shots 2 --coop-init --n-ctx 8"),
+        "coop-n-ctx-above-context": Case(T, "`--n-ctx 80`, above the text encoder's 77 tokens",
+                                         "--features {dtd_features} --method coop --shots 2 --n-ctx 80"),
     },
     "checkpoints": {
         "eval-only-method": Case(T, "`--eval-only` with a conflicting `--method`",
@@ -582,8 +723,23 @@ FAMILIES = {  # family -> {case name -> Case}
                                           "--dataset dtd --root {data} --shots 2", features_before_open_clip),
         "features-at-output-empty": Case(X, "an empty file at the features file's path", "--dataset dtd --root {data}",
                                          cut("feats", FEATURES, 0)),
-        "other-settings": Case(X, "an existing features file made with other settings (`--views 2`)",
-                               "--dataset dtd --root {data} --views 3", copied_features),
+        "other-weights": Case(X, "an existing features file made with other weights of the same architecture "
+                              "(another `--clip-checkpoint`)", "--dataset dtd --root {data} --clip-checkpoint other.pt",
+                              other_checkpoint),
+    },
+    "stale features (controls: redone, never reused)": {
+        "changed-image": Case(X, "control: an image drawn anew under its name (size and mtime kept) since the features "
+                              "were made", "--dataset dtd --root data --clip-checkpoint clip.pt", changed_image,
+                              control=True, check=as_fresh(), rewrites=(FEATURES,)),
+        "replaced-checkpoint": Case(X, "control: the `--clip-checkpoint` replaced by other weights at its path",
+                                    "--dataset dtd --root data --clip-checkpoint clip.pt", replaced_checkpoint,
+                                    control=True, check=as_fresh(), rewrites=(FEATURES,)),
+        "folder-elsewhere": Case(X, "control: a folder of the same name elsewhere, one picture other",
+                                 "--dataset b/mine --clip-checkpoint clip.pt", folder_elsewhere, control=True,
+                                 check=as_fresh("b/mine", "."), rewrites=(f"features/mine_{TINY_NAMES['vit']}.pt",)),
+        "prompt-change": Case(X, "control: other prompts (`--template`) on an existing features file",
+                              "--dataset dtd --root data --clip-checkpoint clip.pt --template 'a close-up of {{}}.'",
+                              extracted(), control=True, check=prompts_added, rewrites=(FEATURES,)),
     },
     "devices": {
         "device-cuda-train": Case(T, "`--device cuda` on a machine without CUDA", "--features {feats} --device cuda"),
@@ -654,11 +810,12 @@ def complete(path):
         return False
 
 
-def files_lost(before, after, root):
-    """Pre-existing files changed or deleted, hidden .tmp left, new files that are half-written or stray."""
+def files_lost(before, after, root, rewritten=()):
+    """Pre-existing files changed or deleted (but those `rewritten` on purpose, if complete), hidden .tmp left, new
+    files that are half-written or stray."""
     name = lambda p: str(p.relative_to(root))
     lost = [f"changed {name(p)}" if p in after else f"deleted {name(p)}"
-            for p, digest in before.items() if after.get(p) != digest]
+            for p, digest in before.items() if after.get(p) != digest and not (p in rewritten and complete(p))]
     for p in after.keys() - before.keys():
         if p.name.endswith(".tmp"):
             lost.append(f"left {name(p)}")
@@ -710,7 +867,8 @@ def judge(outcome, rc, stdout, stderr, before, fx):
     shown = shown_lines(outcome.stderr)
     outcome.errors = [line for line in shown if line.startswith("error:")]
     outcome.others = [line for line in shown if not line.startswith("error:")]
-    outcome.lost = files_lost(before, snapshot(folder, fx.dir), folder.parents[1])
+    outcome.lost = files_lost(before, snapshot(folder, fx.dir), folder.parents[1],
+                              {folder / rel for rel in outcome.case.rewrites})
     p = outcome.problems
     if outcome.case.control:
         if rc != 0 or outcome.errors:
