@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fewshot.backbones import OPENAI_NAMES, OPENAI_TAG
-from fewshot.datasets import dataset_name
+from fewshot.datasets import DATASETS, dataset_name, is_folder
 from fewshot.errors import DataError
 from fewshot.files import load_torch_file
 
@@ -79,8 +79,13 @@ class Settings:
 
 def features_path(out_dir, dataset: str, backbone: str) -> Path:
     """The file a dataset's features are written to, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32); a folder
-    dataset's is named after the folder (path/to/my_images -> features/my_images_RN50.pt)."""
-    return Path(out_dir) / f"{dataset_name(dataset)}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
+    dataset's is named after the folder (path/to/my_images -> features/my_images_RN50.pt), and a folder named like
+    a benchmark gets ".folder" (./dtd -> features/dtd.folder_RN50.pt), so that neither file is taken, or replaced
+    with --overwrite, for the other."""
+    name = dataset_name(dataset)
+    if is_folder(dataset) and name in DATASETS:
+        name += ".folder"
+    return Path(out_dir) / f"{name}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
 
 
 def load_features(path) -> dict:
