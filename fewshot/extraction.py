@@ -55,7 +55,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     are scaled to 8 bits first, by the range their values are stored in: the 16-bit modes (I;16, I;16B, ...)
     and I (32-bit integers, which some decoders give for 16-bit PNG, TIFF or PGM files) as 0..65535 (/ 257),
     F (floats) as 0..1. An image whose values fall outside that range has no range to go by, so it is scaled
-    by its own min..max. NaN or infinite pixels are taken as the image's darkest value (ImageFiles says so).
+    by its own min..max. NaN or infinite pixels are taken as black (ImageFiles says so).
     """
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image.convert("RGB")
@@ -63,8 +63,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     finite = np.isfinite(x)
     lo, hi = 0.0, 1.0 if image.mode == "F" else 65535.0
     if not finite.all():  # NaN or infinite pixels (a float TIFF) have no value: they are taken as black
-        x = np.where(finite, x, x[finite].min() if finite.any() else lo)
-        lo = min(lo, x.min())
+        x = np.where(finite, x, min(lo, x[finite].min()) if finite.any() else lo)
     if x.size and (x.min() < lo or x.max() > hi):
         lo, hi = x.min(), (x.max() if x.max() > x.min() else x.min() + 1)  # a constant image: black
     gray = np.round((x - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)  # [H, W]

@@ -159,6 +159,18 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkp
     assert np.asarray(ef.to_rgb(Image.fromarray(gray.astype(np.float32) * 4 - 300))).max() == 255
 
 
+def test_nan_and_infinite_pixels_are_black_and_the_others_keep_their_values(recwarn):
+    """A float image with NaN and infinite pixels: those become black, the others scale as without them, and no
+    warning of numpy's (invalid value in cast) is raised (the extraction says it once, in its words)."""
+    x = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    spoiled = x.copy()
+    spoiled[0, 1], spoiled[2, 2] = np.nan, np.inf
+    clean, out = (np.asarray(ef.to_rgb(Image.fromarray(a, mode="F")))[..., 0] for a in (x, spoiled))
+    assert out[0, 1] == out[2, 2] == 0
+    keep = np.isfinite(spoiled)
+    assert (out[keep] == clean[keep]).all() and not recwarn.list
+
+
 def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoint, tmp_path, capsys):
     root, first, _, _ = cli
     # the same seeds and settings without loader workers, into another folder: the identical bytes

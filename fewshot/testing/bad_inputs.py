@@ -300,7 +300,7 @@ FAMILIES = {  # family -> {case name -> Case}
     },
     "the protocol and the methods": {
         "no-negatives": Case(T, "no negative text features, method hegraph", "--features f.pt --shots 2 --epochs 1",
-                             spoiled(lambda d: d["text"].pop("negative"))),
+                             spoiled(lambda d: d["text"].pop("negative")), expect=W("--no-negatives")),
         "hegraph-tn-no-negatives": Case(T, "`--method hegraph-tn --no-negatives`", "--features {feats} --method "
                                         "hegraph-tn --no-negatives", expect=W("cannot run with --no-negatives")),
         "other-dataset": Case(T, "`--features` of another dataset than `--dataset`",
@@ -640,10 +640,16 @@ FAMILIES = {  # family -> {case name -> Case}
                                                 "ViT-B-16")),
         "backbone-not-the-checkpoints": Case(X, "`--backbone RN50` with a ViT `--clip-checkpoint`",
                                              "--dataset dtd --root {data} --backbone RN50",
-                                             expect=W("does not match --clip-checkpoint")),
+                                             expect=W("--backbone RN50 does not match --clip-checkpoint", "whose "
+                                                      "weights are a ViT-l1-w64-p16-32px-d32: drop --backbone")),
         "pretrained-with-checkpoint": Case(X, "`--pretrained openai` with a `--clip-checkpoint`",
                                            "--dataset dtd --root {data} --pretrained openai",
-                                           expect=W("drop one of them")),
+                                           expect=W("--pretrained openai names weights for --backbone",
+                                                    "drop one of them")),
+        "pretrained-with-hf-hub": Case(X, "`--pretrained` with `--backbone hf-hub:ORG/REPO`", "--dataset dtd --root "
+                                       "{data} --backbone hf-hub:org/repo --pretrained laion2b_e16", common=NO_CLIP,
+                                       expect=W("--backbone hf-hub:org/repo brings its own weights; drop "
+                                                "--pretrained")),
     },
     "nothing blocks": {
         "image-a-fifo": Case(X, "a test image that is a named pipe", "--dataset dtd --root data",
