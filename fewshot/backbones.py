@@ -95,8 +95,8 @@ def resolve(settings: Settings) -> Settings:
             folder = Path(backbone.removeprefix("local-dir:")).expanduser().resolve()
             if not (folder / "open_clip_config.json").is_file():
                 raise DataError(f"--backbone {backbone}: {folder} holds no open_clip_config.json; a local-dir: "
-                                f"model is a folder in open_clip's layout (open_clip_config.json and the weights, "
-                                f"as on the Hugging Face hub)")
+                                f"model is a folder in open_clip's layout: open_clip_config.json and its weights "
+                                f"(open_clip_model.safetensors or open_clip_pytorch_model.bin)")
             backbone = f"local-dir:{folder}"
         return dataclasses.replace(settings, backbone=backbone)
     if pretrained is None and _openai_spelling(backbone) in OPENAI_NAMES:
@@ -442,7 +442,7 @@ def _create(oc, name: str, pretrained: str | None, shown: str):
     except Exception as e:
         what = misfit(e)
         if what:
-            raise DataError(f"{source} do not fit {shown}: {what}") from None
+            raise DataError(f"{source}: the weights do not fit {shown}: {what}") from None
         first = str(e).strip().splitlines()[0].split(". Last error")[0] if str(e).strip() else type(e).__name__
         local = ("--clip-checkpoint PATH to a local copy of OpenAI's file" if pretrained == OPENAI_TAG else
                  "--backbone local-dir:FOLDER holding a copy of the repository" if schema else

@@ -41,6 +41,7 @@ from fewshot.extraction import extract_features
 from fewshot.features import Settings
 from fewshot.testing.breaking import (
     FEATURES,
+    NOT_UTF8,
     a_file,
     a_folder,
     a_pipe,
@@ -83,6 +84,7 @@ from fewshot.testing.breaking import (
     other_classes,
     pil_limit,
     results_json,
+    results_json_of,
     rows,
     same_16_and_8_bit_features,
     served_archive,
@@ -604,6 +606,10 @@ FAMILIES = {  # family -> {case name -> Case}
                                           json.dumps({**TINY_OPEN_CLIP, "model_cfg": {
                                           **TINY_OPEN_CLIP["model_cfg"], "embed_dim": 16}}))), common=NO_CLIP,
                                       expect=W("does not fit", "of another shape"), avoid=W("hub")),
+        "local-dir-no-config": Case(X, "a `local-dir:` folder without open_clip_config.json", "--dataset dtd --root "
+                                    "{data} --backbone local-dir:oc", local_dir(lambda f: (
+                                        f / "open_clip_config.json").unlink()), common=NO_CLIP,
+                                    expect=W("holds no open_clip_config.json"), avoid=W("hub")),
         "local-dir-bad-json": Case(X, "a `local-dir:` folder whose config is not json", "--dataset dtd --root {data} "
                                    "--backbone local-dir:oc", local_dir(config_text("{model_cfg: ")), common=NO_CLIP,
                                    expect=W("open_clip_config.json is not an open_clip config", "JSONDecodeError"),
@@ -678,6 +684,9 @@ FAMILIES = {  # family -> {case name -> Case}
         "class-folder-not-utf8": Case(X, "a class folder whose name is Latin-1 bytes, not UTF-8", "--dataset mine",
                                       image_folder(latin1_class), expect=W("caf\\xe9", "not valid UTF-8",
                                                                            "rename the folder")),
+        "dataset-folder-not-utf8": Case(T, "control: a dataset folder whose name is Latin-1 bytes, trained on",
+                                        f"--dataset {NOT_UTF8}x --shots 2 --epochs 0 --out out.json", image_folder(
+                                            name=f"{NOT_UTF8}x"), control=True, check=results_json_of(0)),
         "image-name-not-utf8": Case(X, "control: an image whose name is Latin-1 bytes", "--dataset mine",
                                     image_folder(latin1_image), control=True,
                                     check=silent("features/mine_" + FEATURES.split("_", 1)[1],
@@ -706,6 +715,8 @@ FAMILIES = {  # family -> {case name -> Case}
                                            "--dataset dtd --root absent --views 3 --shots 2", copied_features),
         "features-before-open-clip": Case(T, "a features file extracted with OpenAI's clip package, before open_clip",
                                           "--dataset dtd --root {data} --shots 2", features_before_open_clip),
+        "features-at-output-a-fifo": Case(X, "a named pipe at the features file's path", "--dataset dtd --root {data}",
+                                          fifo(FEATURES), seconds=30, expect=W("named pipe", "not a regular file")),
         "features-at-output-empty": Case(X, "an empty file at the features file's path", "--dataset dtd --root {data}",
                                          cut("feats", FEATURES, 0), expect=W("is truncated", "--overwrite")),
         "other-settings": Case(X, "an existing features file made with other settings (`--views 2`)",
@@ -820,7 +831,7 @@ def prepare(name, case, folder, fx):
 
 def new_features(before, folder):
     """Features files an extraction wrote (a bad input must write none)."""
-    return [p.name for p in (folder / "features").glob("*.pt") if p not in before]
+    return [p.name for p in (folder / "features").glob("*.pt") if p.is_file() and p not in before]
 
 
 def judge(outcome, rc, stdout, stderr, before, fx, seconds=0.0, startup=0.0):

@@ -515,6 +515,14 @@ def results_json(outcome):
     return [] if r["test_accuracy"] >= 0 and r["recipe"]["epochs"] == 0 else ["control.json is not the run's"]
 
 
+def results_json_of(epochs):
+    """A train.py control's check: out.json (its --out) holds this run's results, trained `epochs` epochs."""
+    def check(outcome):
+        r = json.loads((outcome.folder / "out.json").read_text())
+        return [] if r["test_accuracy"] >= 0 and r["recipe"]["epochs"] == epochs else ["out.json is not the run's"]
+    return check
+
+
 def warned(*words, file=FEATURES, paths=None):
     """A control's check: exactly one stderr line, a warning holding `words`; the features file `file` loads
     and, with paths=callable(all paths) -> problems, its image paths pass."""
