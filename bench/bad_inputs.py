@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from fewshot.cli import printable
 from fewshot.features import load_features
 from fewshot.testing.bad_inputs import (
     CASES,
@@ -269,8 +270,9 @@ def run_parallel(tmp, fx):
 # the table
 
 def cell(text, width=110):
-    """A markdown table cell: one line, no pipes, at most `width` characters."""
-    text = " ".join(str(text).split()).replace("|", "\\|")
+    """A markdown table cell: one line, no pipes, at most `width` characters, bytes that are not UTF-8 (a case's
+    Latin-1 names) escaped."""
+    text = " ".join(printable(text).split()).replace("|", "\\|")
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -278,7 +280,7 @@ def display(case):
     """The case's command as a reader should see it: the script and the case's own flags ($fixture for shared
     files; other paths are the case's own folder, the command's working directory)."""
     script = "train.py" if case.script == T else "extract_features.py"
-    return f"`{script} {case.args.replace('{', '$').replace('}', '')}`"
+    return printable(f"`{script} {case.args.replace('{', '$').replace('}', '')}`")
 
 
 def table(outcomes):
@@ -347,7 +349,7 @@ def failures(outcomes):
     for o in outcomes:
         if o.problems:
             text.append(f"\n{o.name}: {'; '.join(o.problems)}\n  cd {o.folder} && "
-                        f"{shlex.join(script_argv(o.case.script, o.argv))}  (--keep keeps "
+                        f"{printable(shlex.join(script_argv(o.case.script, o.argv)))}  (--keep keeps "
                         f"the folder)\n"
                         f"  exit {o.rc}; stderr as shown:\n" + "".join(f"    {line}\n" for line in
                                                                      shown_lines(o.stderr)[:25]))
@@ -381,7 +383,7 @@ def main(argv=None):
           f"$feats, $data, $clip, $ck are shared fixtures.\n")
     print(family_table(outcomes))
     print()
-    print(table(outcomes))
+    print(table(outcomes).replace(str(tmp), "$TMP"))  # the temporary folder, gone by now
     if scenarios:
         print()
         print(parallel_table(scenarios))
