@@ -1,10 +1,16 @@
-"""Training-step speed and memory: HeGraphAdapter (full, with negatives) against Tip-Adapter-F.
+"""Training-step speed and memory: HeGraphAdapter (full, with negatives), or CoOp (--coop), against Tip-Adapter-F.
 
 What is measured: one training step = forward + backward + torch.optim.AdamW step, on the same random
 L2-normalised features (C classes, d = 1024, K = 16 shots, so N = C K cache entries), the batch images
 being cache images, trained as train.py trains them (HeGraphAdapter leaves each image's own key out), for
     HeGraphAdapter: variant "full" with negative nodes; parameters W_n, W_p, W_v and b_n, b_p, b_v (3 d^2 + 3 C d).
     Tip-Adapter-F:  baselines.TipAdapter(config=TipConfig(learn_keys=True)); parameters the cache keys (N d).
+    CoOp (--coop):  coop.CoOp with its defaults (16 context tokens shared by the classes) through the text encoder
+                    of a random CLIP of --coop-backbone's architecture (default RN50: 12 layers of width 512),
+                    stepped by SGD as CoOp trains (lr 2e-3, momentum 0.9, L2 5e-4). Its class names are
+                    --name-tokens words of one token each, so every prompt is 1 + 16 + names + 2 tokens
+                    ("." and EOT); --full-context runs the prompts over the whole context (77 tokens), as
+                    CoOp's own code does, instead of cutting them after the EOT token.
 The two are timed in the same process, interleaved (after warm-up steps each, the repeats alternate
 between the two, swapping which goes first), and the median over the repeats is reported. Batch: 256
 for every C, and the whole few-shot set (B = N) where it fits in time and memory.
@@ -22,9 +28,11 @@ mark. RSS counts pages touched, so it includes allocator slack and is an upper-b
 
     python bench/bench_speed.py                 # C = 47, 1000, 5000 (a few minutes on 2 CPU cores)
     python bench/bench_speed.py --quick         # smoke run: C = 47 only, few repeats
+    python bench/bench_speed.py --coop --classes 47 1000 --repeats 3   # CoOp against Tip-F
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -35,10 +43,15 @@ import time
 
 import torch
 
+from fewshot import backbones
 from fewshot.baselines import TipAdapter, TipConfig
+from fewshot.coop import CoOp, TextEncoder
 from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
-METHODS = ("full", "tipf")
+METHODS = ("full", "tipf")   # what is timed, against Tip-F; main() makes it ("coop", "tipf") with --coop
+LABELS = {"full": "full", "coop": "CoOp", "tipf": "Tip-F"}
+COOP = {"backbone": "RN50", "name_tokens": 6, "full_context": False}   # --coop-backbone, --name-tokens, ...
+WORDS = "red blue green small large old young dark light tall short round flat soft hard bright".split()
 
 
 def unit_randn(rows, d, gen, device):
@@ -57,10 +70,32 @@ def make_features(C, d, K, device, seed=0):
     return pos, neg, cache, labels
 
 
+@functools.cache
+def coop_text_encoder(backbone, full_context):
+    """The frozen text encoder of a random CLIP of open_clip's architecture `backbone` (its weights do not change
+    the time); full_context: never cut the prompts (as CoOp's own code runs them)."""
+    oc = backbones.import_open_clip()
+    with backbones.quiet_logging():   # "No pretrained weights loaded": random, on purpose
+        text = TextEncoder(oc.create_model(backbone), oc.get_tokenizer(backbone), backbone)
+    if full_context:
+        text.causal = lambda: False   # then CoOp keeps every position of the context
+    return text
+
+
+def class_names(C, tokens):
+    """C distinct class names of `tokens` one-token words each."""
+    return [" ".join(WORDS[(c // len(WORDS) ** k) % len(WORDS)] for k in range(tokens)) for c in range(C)]
+
+
 def build(method, feats):
-    """The model and its AdamW optimizer."""
+    """The model and its optimizer: AdamW, or for CoOp its SGD."""
     pos, neg, cache, labels = feats
     cfg = HeGraphConfig(variant="full")
+    if method == "coop":
+        text = coop_text_encoder(COOP["backbone"], COOP["full_context"])
+        model = CoOp(text, class_names(len(pos), COOP["name_tokens"]))
+        model.train()
+        return model, torch.optim.SGD([model.ctx], lr=2e-3, momentum=0.9, weight_decay=5e-4)
     if method == "full":
         model = HeGraphAdapter(pos, neg, cache, labels, config=cfg)
     else:
@@ -120,7 +155,7 @@ def time_pair(feats, B, device, warmup, repeats, max_step_s=float("inf")):
     for r in range(repeats):
         for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
             times[m].append(timed_step(*models[m], batch, device))
-    return {m: statistics.median(t) for m, t in times.items()}, len(times["full"])
+    return {m: statistics.median(t) for m, t in times.items()}, len(times[METHODS[0]])
 
 
 def peak_memory_here(method, C, d, K, B, device):
@@ -178,7 +213,8 @@ def peak_memory(method, C, d, K, B, device):
         torch.cuda.empty_cache()
         return peak_memory_here(method, C, d, K, B, device)
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory", method, str(C), str(d), str(K), str(B),
-           "--device", str(device), "--threads", str(torch.get_num_threads())]
+           "--device", str(device), "--threads", str(torch.get_num_threads()), "--coop-backbone", COOP["backbone"],
+           "--name-tokens", str(COOP["name_tokens"])] + (["--full-context"] if COOP["full_context"] else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["bytes"]
 
@@ -209,6 +245,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--quick", action="store_true", help="smoke run: C = 47, 1 warm-up, 3 repeats")
+    p.add_argument("--coop", action="store_true", help="time CoOp against Tip-F instead of the full model")
+    p.add_argument("--coop-backbone", default="RN50", help="open_clip architecture of CoOp's random text encoder, "
+                   "or local-dir:FOLDER (default RN50; its output size must be --dim)")
+    p.add_argument("--name-tokens", type=int, default=6, help="tokens per class name in CoOp's prompts (default 6)")
+    p.add_argument("--full-context", action="store_true", help="CoOp over the whole context, not cut after EOT")
     p.add_argument("--_memory", nargs=5, help=argparse.SUPPRESS)  # internal: method C d K B, one measurement
     args = p.parse_args(argv)
     if args.quick:
@@ -228,8 +269,9 @@ def print_header(device, d, K, warmup, repeats):
             print("warning: the CPUs are busy; multi-threaded ops then wait for preempted threads and small "
                   "steps slow down many-fold. Compare with --threads 1.")
     mem_what = ("peak CUDA allocated" if device.type == "cuda" else "peak RSS increase, own subprocess")
-    header = (f"{'C':>5} {'N':>6} {'batch':>6} {'full ms':>9} {'Tip-F ms':>9} {'ratio':>6} "
-              f"{'full MiB':>9} {'Tip-F MiB':>9}   (ms: median per training step; MiB: {mem_what})")
+    first = LABELS[METHODS[0]]
+    header = (f"{'C':>5} {'N':>6} {'batch':>6} {first + ' ms':>9} {'Tip-F ms':>9} {'ratio':>6} "
+              f"{first + ' MiB':>9} {'Tip-F MiB':>9}   (ms: median per training step; MiB: {mem_what})")
     print(header)
     print("-" * len(header))
 
@@ -263,21 +305,26 @@ def time_class_count(C, args, device):
             limit = args.max_step_s
         sec, n = time_pair(feats, B, device, args.warmup, args.repeats, limit)
         if sec is None:
-            print(f"{row}   skipped: one step took {n['full']:.0f} s (full), {n['tipf']:.0f} s (Tip-F); "
-                  f"limit {args.max_step_s:.0f} s")
+            print(f"{row}   skipped: one step took {n[METHODS[0]]:.0f} s ({LABELS[METHODS[0]]}), {n['tipf']:.0f} s "
+                  f"(Tip-F); limit {args.max_step_s:.0f} s")
             continue
         if B <= args.batch:
             step_small = sec
         mem = {m: float("nan") for m in METHODS}
         if not args.no_memory:
             mem = {m: peak_memory(m, C, d, K, B, device) / 2**20 for m in METHODS}
-        print(f"{row} {sec['full'] * 1e3:>9.1f} {sec['tipf'] * 1e3:>9.1f} "
-              f"{sec['full'] / sec['tipf']:>6.2f} {mem['full']:>9.0f} {mem['tipf']:>9.0f}"
+        first = METHODS[0]
+        print(f"{row} {sec[first] * 1e3:>9.1f} {sec['tipf'] * 1e3:>9.1f} "
+              f"{sec[first] / sec['tipf']:>6.2f} {mem[first]:>9.0f} {mem['tipf']:>9.0f}"
               + (f"   (median of {n})" if n != args.repeats else ""), flush=True)
 
 
 def main(argv=None):
+    global METHODS
     args = parse_args(argv)
+    if args.coop:
+        METHODS = ("coop", "tipf")
+    COOP.update(backbone=args.coop_backbone, name_tokens=args.name_tokens, full_context=args.full_context)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

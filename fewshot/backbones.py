@@ -9,7 +9,8 @@ The encoder library is open_clip (Ilharco et al., "OpenCLIP", 2021), which loads
     --clip-checkpoint PATH                              an OpenAI-format checkpoint (state dict or TorchScript, as
                                                         clip.load caches them), named from the sizes of its weights
 
-resolve() turns the flags into the (backbone, pretrained) pair a features file records; load() builds the model.
+resolve() turns the flags into the (backbone, pretrained) pair a features file records; weights() says which
+weights those are, by content; load() builds the model.
 Importing this module is cheap: open_clip (seconds to import) is imported when a model is read or loaded.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fewshot import files
 from fewshot.errors import DataError
 from fewshot.files import check_regular, load_torch_file
 
@@ -59,7 +61,8 @@ def quiet_logging():
 
 
 def import_open_clip():
-    """open_clip, imported on first use (it imports timm and torchvision, which train.py never needs)."""
+    """open_clip, imported on first use (it imports timm and torchvision, which train.py needs only to extract
+    features or to run coop)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # timm's and huggingface_hub's deprecation notices
         import open_clip
@@ -113,6 +116,35 @@ def resolve(settings: Settings) -> Settings:
 def _openai_spelling(name: str) -> str:
     """OpenAI's name of an open_clip name of one of OpenAI's models (ViT-L-14-336 -> ViT-L/14@336px), else name."""
     return next((openai for openai, ours in OPENAI_NAMES.items() if ours == name), name)
+
+
+# ----------------------------------------------------------------------------- which weights, by content
+
+def weights(settings: Settings, known: dict | None = None) -> dict:
+    """The weights of resolved `settings`, identified by their content: what every feature made with them depends on.
+
+    {"at": where they are read from, "content": what is compared, "files": {path: (sha256, stat)}}. A
+    --clip-checkpoint or a --pretrained file is its sha256, a local-dir: folder the sha256 of each of its files
+    (config, weights, tokenizer), so that the same weights copied elsewhere are the same and a file replaced at
+    the same path is not; a hub tag is its name and tag (open_clip downloads and caches the file itself), an
+    hf-hub: model its name. known: an earlier record, whose hashes a file keeps while its size, times and inode
+    are unchanged (files.fingerprints).
+    """
+    old = {p: tuple(v) for p, v in (known or {}).get("files", {}).items()}
+    single = settings.clip_checkpoint or (settings.pretrained if settings.pretrained and
+                                          Path(settings.pretrained).is_file() else None)
+    if single:
+        path = str(Path(single).resolve())
+        found = files.fingerprints([path], old)
+        return {"at": path, "content": {"sha256": found[path][0]}, "files": found}
+    if settings.backbone.startswith("local-dir:"):
+        folder = Path(settings.backbone.removeprefix("local-dir:"))
+        paths = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        found = files.fingerprints(paths, old)
+        return {"at": str(folder), "content": {"sha256": {Path(p).name: found[p][0] for p in paths}}, "files": found}
+    if settings.backbone.startswith("hf-hub:"):
+        return {"at": None, "content": {"hub": settings.backbone}, "files": {}}
+    return {"at": None, "content": {"tag": f"{settings.backbone}:{settings.pretrained}"}, "files": {}}
 
 
 # ----------------------------------------------------------------------------- OpenAI-format checkpoints

@@ -162,8 +162,9 @@ def add_extraction_args(parser):
                    help="template of the negative prompts (default 'a photo of no {}.')")
     g.add_argument("--seeds", type=number_arg("seeds", int), nargs="+", default=[1, 2, 3],
                    help="few-shot seeds (default 1 2 3)")
-    g.add_argument("--max-shots", type=number_arg("max_shots", int), default=16,
-                   help="training images per class sampled per seed; K shots are the first K (default 16)")
+    g.add_argument("--max-shots", type=number_arg("max_shots", int),
+                   help="training images per class sampled per seed; K shots are the first K (default 16; train.py "
+                   "on a folder of your own: --shots); a features file grows when a run asks for more")
     g.add_argument("--views", type=number_arg("views", int), default=10,
                    help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
     g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int), default=256,
@@ -173,8 +174,9 @@ def add_extraction_args(parser):
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--allow-repeats", action="store_true",
                    help="let a class with fewer images than --max-shots repeat its images instead of failing")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing features file made with "
-                   "other settings (train.py: also another run's checkpoints in --save)")
+    g.add_argument("--overwrite", action="store_true", help="extract afresh, replacing an existing features file "
+                   "(one of other weights or another view recipe, or of an older format; train.py: also another "
+                   "run's checkpoints in --save)")
     return g
 
 

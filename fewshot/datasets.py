@@ -474,8 +474,10 @@ def load_splits(dataset: str, root, outputs=()) -> Splits:
 # ----------------------------------------------------------------------------- few-shot protocol
 
 def sample_fewshot(labels: list[int], num_classes: int, shots: int, seed: int, allow_repeats: bool = False,
-                   what: str = "training", classnames: list[str] | None = None) -> torch.Tensor:
-    """[C, shots] indices into `labels`, drawn with a generator seeded by `seed` alone.
+                   what: str = "training", classnames: list[str] | None = None,
+                   flag: str = "--max-shots") -> torch.Tensor:
+    """[C, shots] indices into `labels`, drawn with a generator seeded by `seed` alone. flag: the flag that set
+    `shots`, which a class with fewer images is told to lower.
 
     Each class draws a full permutation of its items whatever `shots` is, so the K-shot subset is the first K
     columns of any larger subset (nested) and does not depend on the other settings.
@@ -491,17 +493,18 @@ def sample_fewshot(labels: list[int], num_classes: int, shots: int, seed: int, a
             raise DataError(f"class {y}{name} has no {what} images; every class needs at least one ({LAYOUT_HINT})")
         if len(idx) < shots and not allow_repeats:
             raise DataError(f"class {y}{name} has {len(idx)} {what} images, fewer than the {shots} needed; "
-                            f"lower --max-shots or pass --allow-repeats to reuse its images")
+                            f"lower {flag} or pass --allow-repeats to reuse its images")
         order = torch.randperm(len(idx), generator=generator)
         order = order.repeat(-(-shots // len(idx)))[:shots]  # every image once before any repeats
         picks.append(torch.tensor(idx)[order])
     return torch.stack(picks)
 
 
-def fewshot_rows(labels: list[int], classnames: list[str], shots: int, seeds, allow_repeats: bool, what: str):
+def fewshot_rows(labels: list[int], classnames: list[str], shots: int, seeds, allow_repeats: bool, what: str,
+                 flag: str = "--max-shots"):
     """The split indices needed by any seed (deduplicated, sorted) and, per seed, [C, shots] rows into them."""
     C = len(classnames)
-    picks = {seed: sample_fewshot(labels, C, shots, seed, allow_repeats, what, classnames) for seed in seeds}
+    picks = {seed: sample_fewshot(labels, C, shots, seed, allow_repeats, what, classnames, flag) for seed in seeds}
     needed = torch.cat([p.flatten() for p in picks.values()]).unique()
     row = torch.full((len(labels),), -1, dtype=torch.long)
     row[needed] = torch.arange(len(needed))

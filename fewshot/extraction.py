@@ -2,9 +2,9 @@
 
 The datasets (CoOp's layouts, split files, templates and few-shot protocol) are read by datasets.py, the prompts
 by prompts.py, the CLIP is named and loaded by backbones.py; the augmented training views are Tip-Adapter's
-(Zhang et al., 2022). Here: decoding the images, encoding images and prompts with CLIP, and extract_features(),
-which writes the file or reuses one made with the same settings. All features are L2-normalised float16. Only
-the images some seed needs are encoded, plus the test split.
+(Zhang et al., 2022); what an existing file holds and lacks is cache.py's. Here: decoding the images, encoding
+images and prompts with CLIP, and extract(), which writes the file, reuses it, or grows it by what it lacks. All
+features are L2-normalised float16. Only the images some seed needs are encoded, plus the test split.
 """
 import dataclasses
 import hashlib
@@ -23,18 +23,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from fewshot import backbones, files
+from fewshot import backbones, cache, files, progress
 from fewshot.datasets import (
     LAYOUT_HINT,
-    VAL_SHOTS,
     Splits,
     dataset_folder,
     dataset_name,
     dataset_spec,
     dataset_template,
-    fewshot_rows,
     is_folder,
     load_splits,
     resolve_dataset,
@@ -42,7 +39,7 @@ from fewshot.datasets import (
 from fewshot.devices import resolve_device
 from fewshot.download import cupl_prompts, download_dataset
 from fewshot.errors import DataError
-from fewshot.features import FORMAT, Settings, check_served, existing, features_path, reusable
+from fewshot.features import DEFAULT_MAX_SHOTS, FORMAT, Settings, existing, features_path, load_features
 from fewshot.prompts import CUPL, load_prompts
 from fewshot.ranges import RANGES
 
@@ -73,11 +70,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class Views:
     """One decoded image -> [V, 3, H, W]: view 0 is the model's own eval transform, the others Tip-Adapter's
     augmentation (a random crop of 50-100% of the image, resized, and a random flip) at the model's input size,
-    with its resampling, mean and std."""
+    with its resampling, mean and std. first: the first view made (a file that holds an image's first views gets
+    only the others: each view is seeded by itself)."""
 
-    def __init__(self, transform, preprocess: backbones.Preprocess, views: int):
+    def __init__(self, transform, preprocess: backbones.Preprocess, views: int, first: int = 0):
         import torchvision.transforms as T  # here: training imports this module and never augments (1.5 s saved)
-        self.transform, self.size, self.views = transform, preprocess.size, views
+        self.transform, self.size, self.views, self.first = transform, preprocess.size, views, first
         resample = T.InterpolationMode.BILINEAR if preprocess.interpolation == "bilinear" else \
             T.InterpolationMode.BICUBIC
         self.augment = T.Compose([
@@ -88,11 +86,11 @@ class Views:
         ])
 
     def __call__(self, image: Image.Image, key: str) -> torch.Tensor:
-        out = [self.transform(image)]
+        out = [self.transform(image)] if self.first == 0 else []
         # seed the CPU generator from the file and view only (restored afterwards): the same crops on
         # every run, machine and worker, so a second run writes the same file
         with torch.random.fork_rng(devices=[]):
-            for v in range(1, self.views):
+            for v in range(max(1, self.first), self.first + self.views):
                 torch.default_generator.manual_seed(zlib.crc32(os.fsencode(f"{key}#{v}")))  # a name's own bytes
                 out.append(self.augment(image))
         return torch.stack(out)
@@ -184,7 +182,7 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
     loader = DataLoader(files, batch_size=max(1, batch_size // views), num_workers=workers,
                         pin_memory=device.type == "cuda")
     chunks, notes = [], []
-    with tqdm(total=len(files) * views, desc=desc, unit="img", disable=None) as bar:  # a bar on a terminal only
+    with progress.bar(total=len(files) * views, desc=desc, unit="views") as bar:  # a bar on a terminal, lines in a log
         for x, errors, said in loader:
             if any(errors):
                 raise DataError(f"{next(e for e in errors if e)}; replace the file or remove it from the split")
@@ -260,67 +258,85 @@ def check_flags(settings: Settings, batch_size: int, workers):
 
 # ----------------------------------------------------------------------------- the whole job
 
-def plan_encoding(splits: Splits, seeds: list[int], max_shots: int, views: int, allow_repeats: bool):
-    """What to encode, {split: ((path, label) items, views)}, and the few-shot subsets as rows into them:
-    {"fewshot": {seed: [C, max_shots]}, "val_fewshot": {seed: [C, min(max_shots, 4)]}} (those that exist)."""
-    jobs, subsets = {"test": (splits.test, 1)}, {}
-    labels = lambda items: [y for _, y in items]
-    if splits.train:
-        rows, subsets["fewshot"] = fewshot_rows(labels(splits.train), splits.classnames, max_shots, seeds,
-                                                allow_repeats, "training")
-        jobs["train"] = ([splits.train[i] for i in rows], views)
-    if splits.val:
-        rows, subsets["val_fewshot"] = fewshot_rows(labels(splits.val), splits.classnames,
-                                                    min(max_shots, VAL_SHOTS), seeds, allow_repeats, "validation")
-        jobs["val"] = ([splits.val[i] for i in rows], 1)
-    return jobs, subsets
+VIEW_RECIPE = ("view 0: the model's eval transform; views 1...: Tip-Adapter's augmentation (a random resized crop "
+               "of 50-100 % at the model's input size and resampling, a random flip), seeded by the path and view")
 
 
-def encode_splits(encoder: backbones.Encoder, folder: Path, jobs: dict, batch_size: int, workers: int,
-                  device: torch.device, dataset: str) -> dict:
-    """{split: {"features": [V, N, d] for train, [M, d] otherwise, "labels"}, "paths": {split: [path]}}."""
-    out, n_forward, seconds = {"paths": {}}, 0, 0.0
-    for split, (items, views) in jobs.items():
-        paths, labels = [p for p, _ in items], [y for _, y in items]
-        files = ImageFiles(folder, paths, Views(encoder.transform, encoder.preprocess, views))
-        start = time.perf_counter()
-        features = encode_images(encoder.model, files, batch_size, workers, device, f"{dataset} {split}")
-        seconds += time.perf_counter() - start
-        n_forward += len(paths) * views
-        out[split] = {"features": features if split == "train" else features[0],
-                      "labels": torch.tensor(labels, dtype=torch.long)}
-        out["paths"][split] = paths
-    print(f"encoded {n_forward} images (training views counted) in {seconds:.1f} s, "
-          f"{n_forward / max(seconds, 1e-9):.1f} images/s on {device}")
-    return out
+def counted(n: int, thing: str) -> str:
+    """1 image, 2 images."""
+    return f"{n} {thing}{'s' * (n != 1)}"
+
+
+def image_recipe(settings: Settings) -> dict:
+    """What an image's features depend on besides the image and the model's weights: how its views are made. Every
+    setting that changes an image's features joins it (a numeric precision would), so that a file made otherwise is
+    refused with the difference named, never mixed with this run's features."""
+    return {"views": VIEW_RECIPE}
 
 
 def prompts_for(settings: Settings, classnames: list[str]):
-    """The positive and negative sentences of each class, and the settings with their hash filled in."""
+    """The run's prompt set, (key, {"prompts": {"positive", "negative"}: sentences per class, "made_with": the
+    flags}), keyed by the sha256 of its sentences; and the settings with that key filled in (prompts_sha256)."""
     template = settings.template or dataset_template(settings.dataset)
     source = cupl_prompts(settings.dataset) if settings.prompts == CUPL else settings.prompts
     positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
     negative = [[settings.negative_template.format(c)] for c in classnames]
     digest = hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest()
-    return positive, negative, dataclasses.replace(settings, prompts_sha256=digest)
+    made_with = {k: settings.record()[k] for k in ("prompts", "negative_template")} | {"template": template}
+    return (digest, {"prompts": {"positive": positive, "negative": negative}, "made_with": made_with}), \
+        dataclasses.replace(settings, prompts_sha256=digest)
 
 
-def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int, workers: int,
-                   device: torch.device) -> dict:
-    """Everything a features file holds, encoded with the settings' CLIP. prompts: (positive, negative)."""
-    jobs, subsets = plan_encoding(splits, list(settings.seeds), settings.max_shots, settings.views,
-                                  settings.allow_repeats)
-    check_images(splits.images, [p for items, _ in jobs.values() for p, _ in items])  # before CLIP loads
-    encoder = backbones.load(settings, device)
-    positive, negative = prompts
-    name = dataset_name(settings.dataset)
-    out = {"format": FORMAT, "dataset": name, "backbone": settings.name,
-           "classnames": splits.classnames, "logit_scale": encoder.model.logit_scale.exp().item(),
-           "prompts": {"positive": positive, "negative": negative},
-           "text": {"positive": encode_text(encoder, positive, batch_size, device),
-                    "negative": encode_text(encoder, negative, batch_size, device)},
-           **encode_splits(encoder, splits.images, jobs, batch_size, workers, device, name),
-           **subsets, "settings": settings.record()}
+def encode_texts(encoder: backbones.Encoder, texts: dict, batch_size: int, device: torch.device) -> dict:
+    """The prompt sets with the text features of those that lack them encoded."""
+    return {key: t if t["text"] is not None else
+            {**t, "text": {side: encode_text(encoder, t["prompts"][side], batch_size, device)
+                           for side in ("positive", "negative")}}
+            for key, t in texts.items()}
+
+
+def encode_rows(encoder, work: cache.Work, old: dict | None, folder: Path, d: int, batch_size: int, workers: int,
+                device: torch.device, dataset: str) -> dict:
+    """{split: {"features": [V, N, d] for train, [M, d] otherwise, "labels"}}: each row's views taken from the old
+    file where it holds them, the views it lacks encoded (only those: view v does not depend on the others)."""
+    out, start = {}, time.perf_counter()
+    for split, (items, views) in work.jobs.items():
+        feats = torch.empty(views, len(items), d, dtype=torch.float16)                      # [V, N, d]
+        groups = {}  # (old split, views kept) -> [(row, old row)]
+        for row, (old_split, old_row, kept) in enumerate(work.kept[split]):
+            if kept:
+                groups.setdefault((old_split, kept), []).append((row, old_row))
+        for (old_split, kept), pairs in groups.items():
+            rows, old_rows = (list(r) for r in zip(*pairs))
+            have = old[old_split]["features"]                                               # [V', N', d] or [M', d]
+            feats[:kept, rows] = have[:kept, old_rows] if old_split == "train" else have[old_rows][None]
+        for first, rows in work.missing(split).items():
+            files = ImageFiles(folder, [items[r][0] for r in rows],
+                               Views(encoder.transform, encoder.preprocess, views - first, first))
+            feats[first:, rows] = encode_images(encoder.model, files, batch_size, workers, device, f"{dataset} {split}")
+        out[split] = {"features": feats if split == "train" else feats[0],
+                      "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
+    if work.views:
+        seconds = time.perf_counter() - start
+        print(f"encoded {counted(work.images, 'image')} ({counted(work.views, 'view')}) in {seconds:.1f} s, "
+              f"{work.views / max(seconds, 1e-9):.1f} views/s on {device}")
+    return out
+
+
+def assemble(work: cache.Work, splits: Splits, key: str, feats: dict, logit_scale: float, recipe: dict) -> dict:
+    """The features file's dict: what a fresh extraction of work.settings writes, with every prompt set."""
+    settings, texts = work.settings, work.texts
+    prints = lambda items: [work.prints[str(splits.images / p)] for p, _ in items]
+    out = {"format": FORMAT, "dataset": dataset_name(settings.dataset), "backbone": settings.name,
+           "classnames": splits.classnames, "logit_scale": logit_scale,
+           "text": texts[key]["text"], "prompts": texts[key]["prompts"], "texts": texts, **feats,
+           "paths": {split: [p for p, _ in items] for split, (items, _) in work.jobs.items()},
+           "content": {split: {"sha256": [sha for sha, _ in prints(items)],
+                               "stat": torch.tensor([stat for _, stat in prints(items)], dtype=torch.long).view(-1, 4)}
+                       for split, (items, _) in work.jobs.items()},
+           **work.subsets, "settings": settings.record(),
+           "identity": {"model": {"name": settings.name, **work.weights}, "recipe": recipe,
+                        "source": cache.source_of(settings, splits.images)}}
     if splits.class_map is not None:
         out["class_map"] = torch.tensor(splits.class_map, dtype=torch.long)
     if is_folder(settings.dataset):  # the split made for it: kept, it reproduces the file (as split.json)
@@ -328,29 +344,97 @@ def encode_dataset(settings: Settings, splits: Splits, prompts, batch_size: int,
     return out
 
 
-def serve_without_dataset(path: Path, settings: Settings, folder: Path) -> Path:
-    """train.py on a features file whose dataset folder is absent: the file serves only if it was made as
-    asked (with the file's own class names, the prompts asked for are rebuilt and compared)."""
+@dataclass(frozen=True)
+class Extracted:
+    """What an extraction gives a run: the file, and what in it the run asked for."""
+    path: Path
+    text: str | None = None    # the key of the run's prompt set in the file's texts; None: the file's own text
+    views: int | None = None   # the training views the run asked for; None: all the file holds
+    images: int = 0            # images encoded by this run (each once, whatever views it lacked)
+    views_encoded: int = 0     # views encoded (forward passes)
+    texts: int = 0             # prompt sets encoded
+
+
+def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, recipe: dict, overwrite: bool,
+         known: dict, batch_size: int, workers: int, device: torch.device) -> Extracted:
+    """Under the file's lock: plan again (another process may have written it while this one waited), encode what
+    the file lacks, and write it whole."""
+    old = None if overwrite or not path.exists() else existing(path)
+    work = cache.plan(path, old, settings, splits, prompt_set, recipe, known)
+    key = prompt_set[0]
+    if not work.write and not work.refresh:
+        print(f"reusing {path}: another process wrote what this run asks for")
+        return Extracted(path, key, settings.views)
+    check_images(splits.images, [work.jobs[s][0][r][0] for s in work.jobs for rows in work.missing(s).values()
+                                 for r in rows])                                          # before CLIP loads
+    if work.notes:
+        print(f"{path}: {'; '.join(work.notes)}")
+    if work.write:
+        kept = sum(len(rows) for rows in work.kept.values()) - work.images
+        print(f"encoding {counted(work.images, 'image')} ({counted(work.views, 'view')}) and the text of "
+              f"{counted(len(work.new_texts), 'prompt set')}" + (f"; {counted(kept, 'image')} kept from the file"
+                                                                 if old else ""), flush=True)
+    new_texts = len(work.new_texts)
+    encoder = backbones.load(settings, device) if work.images or new_texts else None
+    texts = encode_texts(encoder, work.texts, batch_size, device) if encoder else work.texts
+    work = dataclasses.replace(work, texts=texts)
+    d = next(iter(texts.values()))["text"]["positive"].shape[1]
+    feats = encode_rows(encoder, work, old, splits.images, d, batch_size, workers, device,
+                        dataset_name(settings.dataset))
+    scale = encoder.model.logit_scale.exp().item() if encoder else float(old["logit_scale"])
+    out = assemble(work, splits, key, feats, scale, recipe)
+    files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20), flag="--features-dir")
+    print(f"wrote {path}")
+    return Extracted(path, key, settings.views, work.images, work.views, new_texts)
+
+
+def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_size: int,
+                          device: torch.device) -> Extracted:
+    """train.py on a features file whose dataset folder is absent: the file serves only what it holds (with the
+    file's own class names, the prompts asked for are rebuilt; a prompt set it lacks is encoded, which needs the
+    model only)."""
     old = existing(path)
     if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
         print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
-        return path
-    _, _, settings = prompts_for(settings, list(old.get("classnames", [])))
-    check_served(path, old["settings"], settings.record(), absent=folder)
-    return path
+        return Extracted(path)
+    prompt_set, settings = prompts_for(settings, list(old.get("classnames", [])))
+    key, recipe = prompt_set[0], image_recipe(settings)
+    cache.check_absent(path, old, settings, recipe, folder)
+    if key not in old["texts"]:
+        with files.acquire(files.file_lock(path), path):
+            old = existing(path)
+            if key not in old["texts"]:
+                print(f"{path}: adds the prompt set of {cache.prompt_note(prompt_set[1]['made_with'])} (the dataset "
+                      f"folder {folder} is absent; the text needs the model only)")
+                texts = encode_texts(backbones.load(settings, device), {key: {**prompt_set[1], "text": None}},
+                                     batch_size, device)
+                made = {**old["settings"], **{k: settings.record()[k] for k in
+                                              ("prompts", "template", "negative_template", "prompts_sha256")}}
+                out = {**old, "texts": {**old["texts"], **texts}, "text": texts[key]["text"],
+                       "prompts": texts[key]["prompts"], "settings": made}
+                files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20),
+                                   flag="--features-dir")
+                print(f"wrote {path}")
+                return Extracted(path, key, settings.views, texts=1)
+    print(f"reusing {path}: it holds what this run asks for (the dataset folder {folder} is absent)")
+    return Extracted(path, key, settings.views)
 
 
-def extract_features(settings: Settings, root, out_dir="features", *, batch_size: int = 256,
-                     workers: int | None = None, device=None, overwrite: bool = False, download: bool = False) -> Path:
-    """Encode `settings.dataset` (under `root`, or a folder of its own) with CLIP and write one features file;
-    returns its path. download: fetch a benchmark dataset into `root` first if it is not there.
+def extract(settings: Settings, root, out_dir="features", *, batch_size: int = 256, workers: int | None = None,
+            device=None, overwrite: bool = False, download: bool = False, shots_flag: str = "--max-shots") -> Extracted:
+    """Encode `settings.dataset` (under `root`, or a folder of its own) with CLIP into its features file, or reuse
+    and grow the one there (cache.py); what the run asked for in it. download: fetch a benchmark dataset into
+    `root` first if it is not there. shots_flag: the flag that set max-shots (train.py's --shots sets it for a
+    folder), which a class with too few images is told to lower.
 
-    An existing file is reused when it was made with the settings asked for (or more seeds / max-shots), also
-    when the dataset folder is absent, and refused otherwise unless `overwrite`. Processes writing the same
-    file take turns (file_lock): the second reuses or refuses what the first wrote.
+    A file that holds what the run asks for is reused (also when the dataset folder is absent); one that lacks
+    some of it gets only that encoded (images by content, prompt sets by their sentences); one made with other
+    weights or another view recipe is refused unless `overwrite`, which extracts afresh. Processes writing the
+    same file take turns (file_lock): the second plans again with what the first wrote.
     """
     settings = dataclasses.replace(settings, dataset=resolve_dataset(settings.dataset),
-                                   seeds=tuple(dict.fromkeys(int(s) for s in settings.seeds)))
+                                   seeds=tuple(dict.fromkeys(int(s) for s in settings.seeds)),
+                                   max_shots=DEFAULT_MAX_SHOTS if settings.max_shots is None else settings.max_shots)
     check_flags(settings, batch_size, workers)
     device = resolve_device(device)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
@@ -364,7 +448,7 @@ def extract_features(settings: Settings, root, out_dir="features", *, batch_size
                         f"--download")
     if not folder.exists() and path.exists() and not overwrite:
         try:
-            return serve_without_dataset(path, settings, folder)
+            return serve_without_dataset(path, settings, folder, batch_size, device)
         except DataError:
             if not download:  # else the dataset is fetched, and the file compared again below
                 raise
@@ -372,20 +456,35 @@ def extract_features(settings: Settings, root, out_dir="features", *, batch_size
         download_dataset(settings.dataset, root)
 
     splits = load_splits(settings.dataset, root, outputs=(out_dir,))  # --features-dir is never a class
-    if is_folder(settings.dataset):  # a folder's split is made from its files: compared on reuse
+    splits.images = splits.images.absolute()  # what the file records its images' place and dates by
+    if is_folder(settings.dataset):  # a folder's split is made from its files: recorded, and said when it changes
         settings = dataclasses.replace(settings, split_sha256=splits.sha256())
-    positive, negative, settings = prompts_for(settings, splits.classnames)
-    if reusable(path, settings.record(), overwrite):  # reading needs no lock (a shared folder may be read-only)
-        return path
-    # held from the check to the write: a second process waits, then reuses or refuses what this one wrote
-    with files.acquire(files.file_lock(path), path):
-        if reusable(path, settings.record(), overwrite):  # another process wrote it while this one waited
-            return path
-        out = encode_dataset(settings, splits, (positive, negative), batch_size, workers, device)
-        files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20),
-                           flag="--features-dir")
-    print(f"wrote {path}")
-    return path
+    prompt_set, settings = prompts_for(settings, splits.classnames)
+    # the run's own request, checked as a fresh extraction checks it: one line if it cannot be met
+    cache.plan_encoding(splits, settings.seeds, settings.max_shots, settings.views, settings.allow_repeats, shots_flag)
+    recipe = image_recipe(settings)
+    # reading needs no lock (a shared folder may be read-only)
+    work = cache.plan(path, None if overwrite or not path.exists() else existing(path), settings, splits, prompt_set,
+                      recipe)
+    if not work.write and not work.refresh:
+        print(f"reusing {path}: it holds what this run asks for")
+        return Extracted(path, prompt_set[0], settings.views)
+    try:  # held from the plan to the write: a second process waits, then plans with what this one wrote
+        with files.acquire(files.file_lock(path), path):
+            return grow(path, settings, splits, prompt_set, recipe, overwrite, work.prints, batch_size, workers,
+                        device)
+    except OSError:
+        if work.write:
+            raise
+        # only the images' recorded dates were to be refreshed (their content is the same): a folder that cannot
+        # be written serves as it is, and the next run reads the images again
+        print(f"reusing {path}: it holds what this run asks for")
+        return Extracted(path, prompt_set[0], settings.views)
+
+
+def extract_features(settings: Settings, root, out_dir="features", **options) -> Path:
+    """extract() of these settings; returns the features file's path (the options: extract()'s)."""
+    return extract(settings, root, out_dir, **options).path
 
 
 def _nbytes(data) -> int:
@@ -408,18 +507,35 @@ class Extraction:
     workers: int | None = None             # data loading processes; None: CPU count, at most 8
     download: bool = False                 # fetch a benchmark dataset into root first if it is not there
 
-    def extract(self, dataset: str, seeds, device=None, overwrite: bool = False, like: dict | None = None) -> Path:
-        """extract_features of `dataset` with these settings and `seeds`. like: a features file's dict whose CLIP
-        is used instead of the one the settings name (its recorded model, or for a file without settings its
-        backbone's name)."""
-        settings = dataclasses.replace(self.settings, dataset=dataset, seeds=tuple(seeds))
+    def run(self, dataset: str, seeds, device=None, overwrite: bool = False, like: dict | None = None,
+            shots: int | None = None) -> Extracted:
+        """extract() of `dataset` with these settings and `seeds`. like: a features file's dict whose CLIP is used
+        instead of the one the settings name (its recorded model, or for a file without settings its backbone's
+        name). shots: the run's K, which max-shots defaults to for a folder dataset (at least
+        DEFAULT_MAX_SHOTS for a benchmark, so that one file serves the protocol's K)."""
+        settings, flag = dataclasses.replace(self.settings, dataset=dataset, seeds=tuple(seeds)), "--max-shots"
+        if settings.max_shots is None and shots is not None:
+            folder = is_folder(resolve_dataset(dataset))
+            settings = dataclasses.replace(settings, max_shots=shots if folder else max(shots, DEFAULT_MAX_SHOTS))
+            flag = "--shots" if folder else flag
         if like is not None:
             made = like.get("settings") if isinstance(like.get("settings"), dict) else {}
             settings = dataclasses.replace(settings, backbone=made.get("backbone", like.get("backbone")),
                                            pretrained=made.get("pretrained"),
                                            clip_checkpoint=made.get("clip_checkpoint"))
-        return extract_features(settings, self.root, self.features_dir, batch_size=self.batch_size,
-                                workers=self.workers, device=device, overwrite=overwrite, download=self.download)
+        return extract(settings, self.root, self.features_dir, batch_size=self.batch_size, workers=self.workers,
+                       device=device, overwrite=overwrite, download=self.download, shots_flag=flag)
+
+    def extract(self, dataset: str, seeds, device=None, overwrite: bool = False, like: dict | None = None,
+                shots: int | None = None) -> Path:
+        """run(); the features file's path."""
+        return self.run(dataset, seeds, device, overwrite, like, shots).path
+
+    def features(self, dataset: str, seeds, device=None, overwrite: bool = False, like: dict | None = None,
+                 shots: int | None = None) -> dict:
+        """run(); the features as training reads them, with the prompt set and the views the run asked for."""
+        done = self.run(dataset, seeds, device, overwrite, like, shots)
+        return load_features(done.path, views=done.views, text=done.text)
 
     def backbone_name(self) -> str:
         """The name of the CLIP the settings ask for, as features files and results show it."""
@@ -429,6 +545,6 @@ class Extraction:
         """The features file `dataset` is extracted into or reused from; None while its CLIP cannot be named (a
         checkpoint that is not there yet): the extraction then says why, in its turn."""
         try:
-            return features_path(self.features_dir, dataset, self.backbone_name())
+            return features_path(self.features_dir, dataset_name(dataset), self.backbone_name())
         except DataError:
             return None

@@ -2,17 +2,20 @@
 
 One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.md has the full layout):
 
-    format "hegraphadapter-features-v1", dataset, backbone (the model's name), logit_scale, classnames [C], prompts,
-    text {positive [C, d], negative [C, d]},
+    format "hegraphadapter-features-v2", dataset, backbone (the model's name), logit_scale, classnames [C],
+    text {positive [C, d], negative [C, d]} and prompts: the prompt set of the last run (texts: every set),
     train {features [V, N, d], labels [N]}, val / test {features [M, d], labels [M]},
     fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
-    plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths, and
-    settings: the Settings it was extracted with.
+    plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths and content
+    (each row's image and its sha256), identity (the model's weights by content, the view recipe, the images'
+    folder) and settings: what every run asked of it together (cache.py grows it).
 
-Here: the Settings (what a file records and what its reuse compares), reading a file and checking every
-tensor training uses, and whether an existing file serves the settings asked for.
+Here: the Settings (what an extraction is asked for and a file records), reading a file (the prompt set and the
+views a run asked for) and checking every tensor training uses, and the identity of what a run reads.
 """
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,20 +24,23 @@ from pathlib import Path
 import torch
 
 from fewshot.backbones import OPENAI_NAMES, OPENAI_TAG
-from fewshot.datasets import DATASETS, dataset_name, is_folder
+from fewshot.datasets import VAL_SHOTS, dataset_name
 from fewshot.errors import DataError
 from fewshot.files import load_torch_file
 
-FORMAT = "hegraphadapter-features-v1"
+FORMAT = "hegraphadapter-features-v2"
+OLD_FORMAT = "hegraphadapter-features-v1"  # read for training; not grown (it does not record what its images held)
+DEFAULT_MAX_SHOTS = 16                     # max-shots of a benchmark's file unless asked: one file for K 1 ... 16
 
 
 # ----------------------------------------------------------------------------- what a file was made with
 
 @dataclass(frozen=True)
 class Settings:
-    """What a features file is extracted with: what extract_features takes, what the file records (record())
-    and what decides whether an existing file can be reused (check_served). The encoding's speed settings
-    (batch size, workers, device) change no feature and are not part of it."""
+    """What a features file is extracted with: what extract_features takes and what the file records (record()).
+    An existing file serves a run whose seeds, max-shots and views it holds, and grows to serve one that asks for
+    more (cache.py). The encoding's speed settings (batch size, workers, device) change no feature and are not
+    part of it."""
     dataset: str                           # dataset key, e.g. "dtd", or a folder of class subfolders (absolute)
     backbone: str | None = None            # the CLIP (backbones.py); None: RN50, or what clip_checkpoint holds
     pretrained: str | None = None          # its weights: an open_clip tag or file; None: OpenAI's, or its own
@@ -43,10 +49,12 @@ class Settings:
     template: str | None = None            # template of the positive prompts; None: the dataset's own
     negative_template: str = "a photo of no {}."  # template of the negative prompts
     seeds: tuple[int, ...] = (1, 2, 3)     # few-shot seeds, each drawing its own subsets
-    max_shots: int = 16                    # training images per class per seed; K shots are the first K
+    max_shots: int | None = None           # training images per class per seed; K shots are the first K. None:
+                                           # DEFAULT_MAX_SHOTS, or for a folder dataset the run's K (train.py)
     views: int = 10                        # views per training image: CLIP's preprocessing + augmented crops
     allow_repeats: bool = False            # a class with fewer images than max_shots repeats them
-    prompts_sha256: str | None = None      # hash of the positive and negative sentences (filled in once read)
+    prompts_sha256: str | None = None      # hash of the positive and negative sentences (filled in once read):
+                                           # the key of their prompt set in the file's texts
     split_sha256: str | None = None        # a folder dataset's split, hashed (filled in once read); None: a
                                            # benchmark's split, fixed by its own files
 
@@ -79,21 +87,35 @@ class Settings:
 
 def features_path(out_dir, dataset: str, backbone: str) -> Path:
     """The file a dataset's features are written to, e.g. features/dtd_RN50.pt (ViT-B/32 -> ViT-B-32); a folder
-    dataset's is named after the folder (path/to/my_images -> features/my_images_RN50.pt), and a folder named like
-    a benchmark gets ".folder" (./dtd -> features/dtd.folder_RN50.pt), so that neither file is taken, or replaced
-    with --overwrite, for the other."""
-    name = dataset_name(dataset)
-    if is_folder(dataset) and name in DATASETS:
-        name += ".folder"
-    return Path(out_dir) / f"{name}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
+    dataset's is named after the folder (path/to/my_images -> features/my_images_RN50.pt)."""
+    return Path(out_dir) / f"{dataset_name(dataset)}_{re.sub(r'[^A-Za-z0-9_.-]', '-', backbone)}.pt"
 
 
-def load_features(path) -> dict:
-    """Read a features file and check every tensor train.py will use; one DataError line otherwise."""
+def load_features(path, views: int | None = None, text: str | None = None) -> dict:
+    """Read a features file and check every tensor train.py will use; one DataError line otherwise.
+
+    views: the training views a run asked for (the first ones; None: all). text: the key of the prompt set it asked
+    for (its prompts_sha256; None: the file's `text`, the last run's). The dict returned is what training reads,
+    with text_set saying which prompt set that is."""
     data = load_torch_file(path, "features file")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in (FORMAT, OLD_FORMAT):
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise DataError(f"{path} is not a features file of format {FORMAT!r} (found {found!r})")
+    texts, made = data.get("texts"), data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    key = text if text is not None else made.get("prompts_sha256")
+    if text is not None and (not isinstance(texts, dict) or text not in texts):
+        raise DataError(f"{path} holds no prompt set {text[:12]}; run the extraction again, which adds it")
+    if isinstance(texts, dict) and key in texts:
+        chosen = texts[key]
+        data["text"], data["prompts"] = chosen["text"], chosen["prompts"]
+        data["text_set"] = {"sha256": key, **chosen.get("made_with", {})}
+    if views is not None and isinstance(data.get("train"), dict) and \
+            isinstance(data["train"].get("features"), torch.Tensor):
+        held = data["train"]["features"].shape[0]
+        if views > held:
+            raise DataError(f"{path} holds {held} views of each training image, and {views} were asked for; run "
+                            f"the extraction again, which adds them")
+        data["train"]["features"] = data["train"]["features"][:views]
     check_features(data, path)
     return data
 
@@ -201,7 +223,7 @@ def check_features(data, path):
         _labels(data, "class_map", C, 10**9, path)
 
 
-# ----------------------------------------------------------------------------- reuse of an existing file
+# ----------------------------------------------------------------------------- what a run reads
 
 def existing(path: Path) -> dict:
     """The dict in the features file at `path`, its tensors mapped rather than read; one line if it is none."""
@@ -215,53 +237,26 @@ def existing(path: Path) -> dict:
     return data
 
 
-def check_served(path: Path, recorded, wanted: dict, absent: Path | None = None):
-    """Return if the file at `path`, made with the `recorded` settings, serves the `wanted` ones (both as
-    Settings.record() gives them); else one line why not.
-
-    A file made with more seeds or more max-shots than asked serves too: the subsets of a seed do not
-    depend on the other seeds, and K shots are the first K columns of any larger max-shots. `absent`: the
-    dataset folder, when it is absent (then the file cannot be extracted again).
-    """
-    if not isinstance(recorded, dict):
-        raise DataError(f"{path} exists and is not a features file written by extract_features.py; pass "
-                        f"--overwrite to replace it or choose another --features-dir")
-    if "pretrained" not in recorded:  # written before the move to open_clip, when no setting named the weights
-        why = f"{path} was extracted with OpenAI's clip package, before this project used open_clip"
-        if absent:
-            raise DataError(f"{why}, and the dataset folder {absent} is absent: train on it with --features {path}, "
-                            f"or put the dataset under --root and pass --overwrite to extract it again")
-        raise DataError(f"{why}: pass --overwrite to extract it again, or choose another --features-dir")
-    shown = lambda k, v: str(v)[:12] if k.endswith("sha256") else v
-    differ = [f"{k}: {shown(k, recorded.get(k))!r} in the file, {shown(k, v)!r} asked" for k, v in wanted.items()
-              if k not in ("seeds", "max_shots") and recorded.get(k) != v]
-    old_seeds, old_shots = recorded.get("seeds", []), recorded.get("max_shots", 0)
-    if not set(wanted["seeds"]) <= set(old_seeds) or wanted["max_shots"] > old_shots:
-        differ.append(f"seeds {old_seeds} and max-shots {old_shots} in the file, seeds {wanted['seeds']} and "
-                      f"max-shots {wanted['max_shots']} asked")
-    if not differ:
-        print(f"reusing {path}: it was extracted with the same settings"
-              + (f" (the dataset folder {absent} is absent)" if absent else ""))
-        return
-    if absent:
-        raise DataError(f"{path} was extracted with other settings ({'; '.join(differ)}) and the dataset folder "
-                        f"{absent} is absent, so it cannot be extracted again: ask for the file's settings or put "
-                        f"the dataset under --root")
-    if len(differ) == 1 and differ[0].startswith("seeds"):  # most likely per-seed jobs sharing one file
-        seeds = " ".join(map(str, sorted(set(old_seeds) | set(wanted["seeds"]))))
-        raise DataError(f"{path} exists with {differ[0]}: extract it once for all the seeds before starting "
-                        f"per-seed jobs (python extract_features.py --dataset {wanted['dataset']} --seeds {seeds} "
-                        f"--max-shots {max(old_shots, wanted['max_shots'])} and the same other flags), or pass "
-                        f"--overwrite to replace it")
-    raise DataError(f"{path} exists with different settings ({'; '.join(differ)}); pass --overwrite to replace it "
-                    f"or choose another --features-dir")
+def used_rows(data, seeds, max_shots) -> dict:
+    """{split: sorted rows} that a run of these seeds and max-shots reads: its few-shot and validation subsets,
+    and the whole test split."""
+    rows = {"test": list(range(len(data["test"]["labels"])))}
+    for split, key, shots in (("train", "fewshot", max_shots), ("val", "val_fewshot", min(max_shots, VAL_SHOTS))):
+        if key in data and split in data:
+            picked = [data[key][s][:, :shots].flatten() for s in seeds if s in data[key]]
+            rows[split] = torch.cat(picked).unique().tolist() if picked else []
+    return rows
 
 
-def reusable(path: Path, wanted: dict, overwrite: bool) -> bool:
-    """True if the file at `path` serves `wanted`, False if there is none (or overwrite); else one line why not."""
-    if overwrite or not path.exists():
-        return False
-    check_served(path, existing(path).get("settings"), wanted)
-    return True
-
-
+def identity(data, seeds, max_shots) -> str | None:
+    """What the features a run of these seeds and max-shots reads depend on, as one sha256: the model's weights (by
+    content) and the view recipe, and every image it reads (its path and content). A file grown with other seeds or
+    prompt sets keeps it; one whose weights or images changed does not. None for a file that does not record
+    them (another tool's, or format v1)."""
+    ident, content = data.get("identity"), data.get("content")
+    if not isinstance(ident, dict) or not isinstance(content, dict):
+        return None
+    images = {split: [[data["paths"][split][i], content[split]["sha256"][i]] for i in rows]
+              for split, rows in used_rows(data, seeds, max_shots).items()}
+    what = {"model": ident["model"]["content"], "recipe": ident["recipe"], "images": images}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()

@@ -1,9 +1,11 @@
 """Files a command reads and writes safely: torch files read with weights_only and one line for any that cannot
-be read, atomic writes (a file is complete or untouched), the lock that makes parallel writers take turns, the
-removal of the temporary files that killed writers left, and the checks an output gets before any work (it
-destroys no input, it can be written, its disk has room)."""
+be read, files known by their content (a sha256 read again only on doubt), atomic writes (a file is complete or
+untouched), the lock that makes parallel writers take turns, the removal of the temporary files that killed
+writers left, and the checks an output gets before any work (it destroys no input, it can be written, its disk
+has room)."""
 import errno
 import glob
+import hashlib
 import os
 import pickle
 import re
@@ -13,6 +15,7 @@ import stat
 import time
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -74,6 +77,51 @@ def load_torch_file(path, what: str, mmap: bool = False):
             raise DataError(f"{what} {path} holds objects other than tensors and plain Python containers, "
                             f"which are not loaded (torch.load weights_only=True; {reason})") from None
         raise DataError(f"{what} {path} is truncated or not a file written by torch.save ({reason})") from None
+
+
+# ----------------------------------------------------------------------------- a file's content
+
+def file_sha256(path) -> str:
+    """The sha256 (hex) of a file's bytes; one line for a pipe, socket or device, which is never read."""
+    check_regular(path, "file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stat_of(path) -> list[int]:
+    """What tells that a file was not touched since it was last hashed: [size, mtime_ns, ctime_ns, inode]. The
+    ctime changes with every write and every utime() (which can put an mtime back), a copy or a move to another
+    file system gets a new inode: any of them changed is a doubt, and the file is hashed again."""
+    s = os.stat(path)
+    return [s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino]
+
+
+def fingerprints(paths, known: dict | None = None) -> dict:
+    """{path: (sha256, stat)} of each file (stat_of); (None, None) for one that cannot be read (the caller says
+    why, for all of them at once). known: such a dict from an earlier record, whose sha256 a file keeps, unread,
+    while its stat is the one recorded; every other file is read and hashed (threads overlap the reads on a slow
+    file system)."""
+    def stat(p):
+        try:
+            return stat_of(p)
+        except OSError:
+            return None
+
+    def sha256(p):
+        try:
+            return None if node_kind(p) else file_sha256(p)  # a pipe would block the read for ever
+        except OSError:
+            return None
+    known = known or {}
+    stats = {p: stat(p) for p in paths}
+    doubt = [p for p in paths if stats[p] is None or p not in known or list(known[p][1]) != stats[p]]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        hashed = dict(zip(doubt, pool.map(sha256, doubt)))
+    return {p: (hashed[p] if p in hashed else known[p][0], stats[p]) if stats[p] is not None else (None, None)
+            for p in paths}
 
 
 # ----------------------------------------------------------------------------- writing safely

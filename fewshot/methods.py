@@ -25,6 +25,7 @@ from fewshot.baselines import (
     ZeroShot,
     fit_linear_probe,
 )
+from fewshot.coop import CoOp, CoOpConfig
 from fewshot.errors import DataError
 from hegraphadapter import HeGraphAdapter, HeGraphConfig
 
@@ -44,6 +45,7 @@ class Recipe:
     weight_decay: float = 0.01   # AdamW's decoupled decay, or the L2 of adam / sgd
     eps: float = 1e-8            # Adam's epsilon
     warmup: bool = True          # one epoch rising linearly from WARMUP_LR, then cosine to 0 (per step)
+    constant_warmup: bool = False  # the warm-up epoch stays at WARMUP_LR instead (Dassl's, as CoOp trains)
     leave_one_out: bool = False  # a training image's own cache key is left out of its cache logits
 
 
@@ -73,6 +75,15 @@ def coop_recipe(dataset, shots):
     200 from K = 8."""
     return Recipe(50 if shots <= 1 else 100 if shots <= 4 else 200, 2e-3, batch_size=32, optimizer="sgd",
                   weight_decay=5e-4)
+
+
+def coop_own_recipe(dataset, shots):
+    """CoOp's own (github.com/KaiyangZhou/CoOp): configs/trainers/CoOp/rn50_ep50.yaml (K = 1), rn50_ep100.yaml
+    (K = 2, 4), rn50.yaml (K = 8, 16) as COOP.md's commands pick them, and *_ep50.yaml for ImageNet at every K:
+    SGD lr 0.002 (Dassl's momentum 0.9, weight decay 5e-4), batch 32, cosine, one warm-up epoch at a constant
+    1e-5 (WARMUP_TYPE constant, WARMUP_CONS_LR 1e-5)."""
+    recipe = dataclasses.replace(coop_recipe(dataset, shots), constant_warmup=True)
+    return dataclasses.replace(recipe, epochs=50) if dataset == "imagenet" else recipe
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +168,11 @@ def cache_model(model):
                                       logit_scale=task.logit_scale)
 
 
+def prompt_model(model):
+    """A model of learned prompts through CLIP's frozen text encoder (CoOp): the class names and the encoder."""
+    return lambda task, config: model(task.text_encoder, task.classnames, config=config, logit_scale=task.logit_scale)
+
+
 def hegraph_model(task, config):
     """HeGraphAdapter: the positive and negative text features (None without negatives) and the cache."""
     return HeGraphAdapter(task.pos_text, task.neg_text, task.cache_feats, task.cache_labels, config=config,
@@ -178,6 +194,7 @@ class Method:
     post_hoc: tuple = ()             # knobs set after training without retraining (a cache's α, γ)
     negatives: str = ""              # "optional": reads the negative nodes unless --no-negatives; "required"
     frozen: tuple = ()               # names of parameters kept at their initial value (the bias-only ablation)
+    text_encoder: bool = False       # runs CLIP's text encoder (task.text_encoder): runs.run loads it once per run
 
 
 def hegraph(variant, about, frozen=()):
@@ -203,6 +220,9 @@ METHODS = {
     "clip-adapter": Method(text_model(CLIPAdapter), lambda dataset: CLIPAdapterConfig(),
                            "CLIP-Adapter: a residual bottleneck MLP on the image feature", coop_recipe,
                            knobs=lr_and("ratio", (0.2, 0.4, 0.6))),
+    "coop": Method(prompt_model(CoOp), lambda dataset: CoOpConfig(),
+                   "CoOp: learned prompt context through CLIP's frozen text encoder", coop_own_recipe,
+                   knobs=lr_and("csc", (False, True)), text_encoder=True),
     "graphadapter": Method(cache_model(GraphAdapter), lambda dataset: GraphAdapterConfig(),
                            "GraphAdapter: textual and visual knowledge graphs refine the text classifier",
                            taskres_recipe, knobs=lr_and("beta", (0.5, 0.7, 0.9))),

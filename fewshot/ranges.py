@@ -38,4 +38,6 @@ RANGES = {  # every number a flag feeds into a formula, by its destination (a co
     # TaskRes, CLIP-Adapter, GraphAdapter, the linear probe
     "scale": Range(0), "ratio": Range(0, 1), "reduction": Range(1), "beta": Range(0, 1), "fusion": Range(0, 1),
     "inverse_l2": Range(0, open_low=True), "max_iter": Range(1),
+    # CoOp
+    "n_ctx": Range(1),
 }

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from fewshot import checkpoints, files, training
+from fewshot import checkpoints, coop, files, training
 from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
 from fewshot.extraction import Extraction
-from fewshot.features import load_features
+from fewshot.features import identity, load_features
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
 from fewshot.tasks import make_task
 
@@ -41,7 +41,7 @@ class RunRequest:
     load: Path | None = None              # evaluate the checkpoints of this folder instead of training
     eval_datasets: tuple[str, ...] = ()   # also evaluate on these ImageNet shift sets
     device: str | None = None             # torch device; None: cuda if available, else cpu
-    overwrite: bool = False               # replace a features file made otherwise, or another run's checkpoints
+    overwrite: bool = False               # extract the features afresh, and replace another run's checkpoints
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,9 @@ def new_record(plan, data, request, device, shifts):
             "seeds": {}, "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "fit": {}, "search": {},
             "shift": {name: {} for name in shifts}, "recipe": plan.recipe and dataclasses.asdict(plan.recipe),
             "no_negatives": plan.no_negatives, "search_val": bool(plan.grid), "grid": list(plan.grid),
-            "device": str(device), "features": str(request.features) if request.features else None}
+            "device": str(device), "features": str(request.features) if request.features else None,
+            "prompts": data.get("text_set"),  # the prompt set of the file it used: its sha256 and the flags
+            "features_identity": identity(data, request.seeds, plan.shots)}  # the weights and images it read
 
 
 def record_seed(results, seed, model, info, searched, scores, seconds):
@@ -162,9 +164,10 @@ def run(request: RunRequest):
     shifts = shift_sets(request, data)
     results, trained = new_record(plan, data, request, device, shifts), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
+    text_encoder = text_encoder_for(request, plan, data, device)
     for seed in request.seeds:
         torch.manual_seed(seed)
-        task = make_task(data, seed, plan.shots, device, negatives)
+        task = make_task(data, seed, plan.shots, device, negatives, text_encoder)
         if seed == request.seeds[0]:
             stale = check_room(request, plan, data, task) if not ckpts else []
         start = time.perf_counter()
@@ -176,6 +179,15 @@ def run(request: RunRequest):
     print_table(results)
     write_outputs(request, results, {} if ckpts else trained, stale)
     return results
+
+
+def text_encoder_for(request, plan, data, device):
+    """CLIP's frozen text encoder, loaded once per run from the features file's recorded CLIP, for a row that runs
+    it (coop); None for every other row, which never imports or loads a CLIP."""
+    if not METHODS[plan.method].text_encoder:
+        return None
+    source = request.features or request.extraction.path(request.dataset) or "the features file"
+    return coop.load_text_encoder(data, device, source)
 
 
 def write_outputs(request, results, trained, stale):
@@ -214,7 +226,7 @@ def prepare(request):
     deterministic()
     check_outputs(request)
     shots, max_shots = request.shots or 16, request.extraction.settings.max_shots
-    if not request.features and not request.load and shots > max_shots:
+    if not request.features and not request.load and max_shots is not None and shots > max_shots:
         raise DataError(f"--shots {shots} is above --max-shots {max_shots}, the largest K extracted; "
                         f"pass --max-shots {shots}")
     return device
@@ -224,7 +236,8 @@ def features_for(request, dataset, like=None):
     """The features of a dataset in the features folder, extracted first or reused when they were made with the
     settings asked for (the extraction checks, also when the dataset folder is absent). like: a features
     file's dict whose CLIP to use instead of the one the request names."""
-    return load_features(request.extraction.extract(dataset, request.seeds, request.device, request.overwrite, like))
+    return request.extraction.features(dataset, request.seeds, request.device, request.overwrite, like,
+                                       shots=request.shots or 16)
 
 
 def check_dataset(request, data):

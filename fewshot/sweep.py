@@ -12,22 +12,24 @@ A run is one call of train.py's own code, in this process: runs.run(request) for
 all --seeds, its RunRequest built from this command's flags and the train.py flags given after --. It writes
 results/runs/<dataset>_<backbone>_<method>_<K>shot_<hash>.json (train.py's results plus a "reproduce" record
 holding the request), the hash being that of the run's configuration (dataset, backbone, method, K, seeds,
-extraction settings, prompts, the train.py flags after --). A run whose file
-exists is skipped, so a rerun or an interrupted sweep continues where it stopped. Each run is checked, run
+extraction settings, prompts, the train.py flags after --) and of the identity of the features it reads (the
+CLIP's weights by content, the view recipe, the path and content of every image it reads: features.identity).
+A run whose file exists is skipped, so a rerun or an interrupted sweep continues where it stopped, and a run
+whose features changed (a checkpoint replaced, an image fixed) is another run, run again. Each run is checked, run
 and written under its own lock; a sweep that finds a run locked by another sweep leaves it, goes on, and
 at the end waits for it (and runs it if that sweep died). So sweeps on one results folder, e.g. one per
 GPU with --datasets split between them, never run a run twice.
 
-Features are extracted once per (dataset, backbone), with all --seeds and --max-shots = the largest --shots
-(the default here; a larger --max-shots is kept), and reused by every K and method. (runs.run loads the
-file again in each run; that takes 0.2 s for 430 MB, so it is left as it is.)
+Features are extracted (or reused, or grown) once per (dataset, backbone) before the runs, with all --seeds and
+--max-shots = the largest --shots (the default here; a larger --max-shots is kept), and reused by every K and
+method. (runs.run loads the file again in each run; that takes 0.2 s for 430 MB, so it is left as it is.) A
+log gets the runs' progress lines (extraction, training) and the sweep's own, at a steady pace (progress.py).
 """
 
 import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import hashlib
 import io
 import json
@@ -43,7 +45,7 @@ import torch
 from filelock import Timeout
 from tqdm import tqdm
 
-from fewshot import report, runs
+from fewshot import features, progress, report, runs
 from fewshot.cli import (
     Parser,
     add_extraction_args,
@@ -55,11 +57,11 @@ from fewshot.cli import (
     path_arg,
     train_parser,
 )
-from fewshot.datasets import SHIFT_DATASETS, dataset_folder, dataset_name, is_folder, load_splits
+from fewshot.datasets import SHIFT_DATASETS, dataset_folder, dataset_name
 from fewshot.download import DOWNLOADS
 from fewshot.errors import DataError
 from fewshot.features import features_path
-from fewshot.files import check_output, file_lock, write_atomic
+from fewshot.files import check_output, file_lock, file_sha256, write_atomic
 from fewshot.methods import METHODS, config_fields
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
@@ -75,7 +77,8 @@ class Run:
     shots: int
     request: runs.RunRequest  # what train.py's code runs
     key: dict            # the configuration; its hash names the result file
-    path: Path           # results/runs/<name>.json
+    name: str            # <dataset>_<backbone>_<method>_<K>shot[_shift]: the result file's name, before the hash
+    path: Path           # results/runs/<name>_<hash>.json
     features: Path       # the features file the run reads
     checkpoint: Path | None = None   # train.py --save folder (the run the t-SNE figure is drawn from)
 
@@ -138,36 +141,21 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # planning: the runs of a sweep, each with its configuration and file name
 
-def file_sha256(path):
-    """Content hash of a file (prompts, a --features file): a changed file is another configuration."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shared_key(args, extra, backbone):
-    """The part of every run's configuration that the whole sweep shares; backbone: the CLIP's name.
+    """The part of every run's configuration that the whole sweep shares; backbone: the CLIP's name (its weights
+    are in each run's features identity, filled in once the features are extracted: identify).
 
     Left out on purpose: where things are (--root, --features-dir, --results), how fast (--device,
     --workers, --encode-batch-size) and --max-shots (K shots are the first K of any larger max-shots).
     """
-    if args.features:
+    if args.features:  # a file's content (prompts, a --features file): a changed file is another configuration
         return {"features_sha256": file_sha256(args.features), "seeds": sorted(set(args.seeds)), "train_args": extra}
     key = {"backbone": backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
-           "clip_checkpoint": args.clip_checkpoint.name if args.clip_checkpoint else None,
            "prompts_sha256": file_sha256(args.prompts) if args.prompts else None,
            "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
     if args.template:  # only when given: the runs of sweeps without it keep their names
         key["template"] = args.template
     return key
-
-
-@functools.cache
-def folder_split_sha256(folder: str) -> str:
-    """The split hash of a folder dataset (read once per sweep), which its features file also records."""
-    return load_splits(folder, None).sha256()
 
 
 def run_template(args, extra):
@@ -187,22 +175,51 @@ def settings_of(method, config):
     return {name: value for name, value in config.items() if method in owners[name][1]}
 
 
+def run_path(args, key, name):
+    """results/runs/<name>_<hash of the key>.json"""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return args.results / "runs" / f"{name}_{digest}.json"
+
+
 def make_run(args, shared, template, dataset, method, shots, backbone, eval_datasets=()):
     """A Run: its request, the configuration and the file name derived from it."""
     key = {**shared, "dataset": dataset_name(dataset), "method": method, "shots": shots,
            "eval_datasets": list(eval_datasets)}
-    if is_folder(dataset) and not args.features:  # its images are its identity, not where it is
-        key["split_sha256"] = folder_split_sha256(dataset)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = features_path("", dataset, backbone).stem + f"_{method}_{shots}shot{'_shift' if eval_datasets else ''}"
-    path = args.results / "runs" / f"{name}_{digest}.json"
     if args.features:
-        source, features = {"features": args.features}, args.features
+        source, read = {"features": args.features}, args.features
     else:
-        source, features = {"dataset": dataset}, features_path(args.features_dir, dataset, backbone)
+        source, read = {"dataset": dataset}, features_path(args.features_dir, dataset, backbone)
     request = dataclasses.replace(template, **source, method=method, shots=shots,
                                   config=settings_of(method, template.config), eval_datasets=tuple(eval_datasets))
-    return Run(dataset, method, shots, request, key, path, features.resolve())
+    return Run(dataset, method, shots, request, key, name, run_path(args, key, name), read.resolve())
+
+
+def identify(planned, args):
+    """Extract (or reuse, or grow) the features of every dataset the runs read, once, and put their identity
+    (features.identity: the weights by content, the view recipe, every image the run reads by content) into each
+    run's key and file name: a run whose features changed is another run. The runs then reuse the files as they
+    are (so --overwrite extracts once, here, not in every run)."""
+    if args.features or not planned:
+        return planned
+    extraction = planned[0].request.extraction
+
+    known = {}  # dataset -> its features file's dict (tensors mapped, not read)
+    for run in planned:
+        for dataset in (run.dataset, *run.request.eval_datasets):
+            if dataset not in known:
+                like = known[run.dataset] if dataset != run.dataset else None  # a shift set: ImageNet's CLIP
+                known[dataset] = features.existing(extraction.extract(dataset, args.seeds, args.device,
+                                                                      args.overwrite, like))
+        run.key["features"] = features.identity(known[run.dataset], args.seeds, run.shots)  # what its K reads
+        if run.request.eval_datasets:
+            run.key["shift_features"] = {name: features.identity(known[name], (), 0)
+                                         for name in run.request.eval_datasets}
+        run.path = run_path(args, run.key, run.name)
+        if run.checkpoint:
+            run.checkpoint = args.results / "checkpoints" / run.path.stem
+        run.request = dataclasses.replace(run.request, overwrite=False, save=run.checkpoint)
+    return planned
 
 
 def plan(args, extra):
@@ -253,11 +270,12 @@ def device_name(device):
 
 
 def execute(run):
-    """runs.run on the run's request (its printed table kept back); the result with a "reproduce" record."""
+    """runs.run on the run's request (its printed table kept back, its progress lines passed through to the sweep's
+    log); the result with a "reproduce" record."""
     start = time.perf_counter()
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with progress.to(sys.stdout), contextlib.redirect_stdout(printed):
             result = runs.run(run.request)
     except ValueError as e:  # DataError, and the model's checks of its inputs: say which run
         raise DataError(f"{run.path.stem}: {e}") from None
@@ -310,8 +328,8 @@ def sweep(planned, args):
     print(f"{len(planned)} runs: skipped {len(finished_before)} finished already, {len(todo)} to do "
           f"(results in {args.results})")
     counts = {"ran": 0, "skipped": len(finished_before), "by_others": 0}
-    bar = tqdm(total=len(planned), initial=len(finished_before), desc="sweep", unit="run", dynamic_ncols=True,
-               disable=None)  # on a terminal only: a log gets the one line per run above
+    bar = progress.bar(total=len(planned), initial=len(finished_before), desc="sweep", unit="runs",
+                       dynamic_ncols=True)  # a bar on a terminal; a log gets the one line per run and progress lines
     deferred = []
     try:
         for run in todo:
@@ -347,7 +365,7 @@ def main(argv=None):
         check_results(args)
         if not args.report:
             try:
-                sweep(plan(args, extra), args)
+                sweep(identify(plan(args, extra), args), args)
             except KeyboardInterrupt:
                 fail("interrupted; the same command continues where this one stopped")
         print(f"wrote {report.write_report(args.results, args.tsne_dataset)}")

@@ -24,6 +24,8 @@ class Task:
     val: tuple | None                # (features [m, d], labels [m]) of the min(K, 4)-shot val subset
     test: tuple                      # (features [T, d], labels [T])
     logit_scale: float
+    classnames: list | None = None   # [C] the features file's class names
+    text_encoder: object = None      # coop.TextEncoder: CLIP's frozen text encoder, for rows that run it; else None
 
     @property
     def cache_labels(self):
@@ -31,18 +33,21 @@ class Task:
         return self.train_labels
 
 
-def make_task(data, seed, shots, device, negatives=True):
-    """The K-shot task of one seed: few-shot views and cache, val subset, test set, text features."""
+def make_task(data, seed, shots, device, negatives=True, text_encoder=None):
+    """The K-shot task of one seed: few-shot views and cache, val subset, test set, text features, class names;
+    text_encoder: CLIP's frozen text encoder (coop.load_text_encoder), loaded once per run by the rows that need
+    it."""
     if "fewshot" not in data or "train" not in data:
         raise DataError(f"the features of {data.get('dataset')!r} have no training split (a test-only set?)")
     if seed not in data["fewshot"]:
         raise DataError(f"the features file has no few-shot subset for seed {seed} (it has seeds "
-                        f"{sorted(data['fewshot'])}); run with those --seeds, or extract features with --seeds "
-                        f"{seed} (--overwrite replaces the file)")
+                        f"{sorted(data['fewshot'])}); run with those --seeds, or with --dataset instead of --features, "
+                        f"which adds the seed to the dataset's features file")
     subset = data["fewshot"][seed].long()                                     # [C, max_shots]
     if shots > subset.shape[1]:
-        raise DataError(f"--shots {shots} is above {subset.shape[1]}, the max-shots of the features file; "
-                        f"extract features with --max-shots {shots} or more (--overwrite replaces the file)")
+        raise DataError(f"--shots {shots} is above {subset.shape[1]}, the max-shots of the features file; run with "
+                        f"--shots {subset.shape[1]} or fewer, or with --dataset instead of --features, which adds the "
+                        f"images {shots} shots need to the dataset's features file")
     if negatives and "negative" not in data["text"]:
         raise DataError("the features file has no negative text features: run with --no-negatives")
     f32 = lambda t: t.to(device=device, dtype=torch.float32)
@@ -61,6 +66,8 @@ def make_task(data, seed, shots, device, negatives=True):
         val=val,
         test=(f32(data["test"]["features"]), data["test"]["labels"].to(device, torch.long)),
         logit_scale=float(data["logit_scale"]),
+        classnames=list(data["classnames"]),
+        text_encoder=text_encoder,
     )
 
 

@@ -9,18 +9,19 @@ import math
 import time
 
 import torch
-from tqdm import tqdm
 
+from fewshot import progress
 from fewshot.errors import Diverged
 from fewshot.methods import WARMUP_LR, build
 
 # -----------------------------------------------------------------------------
 # training: it sees the training views, their labels, the recipe and the seed, nothing else
 
-def schedule(step, warmup_steps, total_steps, lr):
-    """Learning rate at a step: warm-up rising linearly from WARMUP_LR, then cosine decay to 0."""
+def schedule(step, warmup_steps, total_steps, lr, constant_warmup=False):
+    """Learning rate at a step: warm-up rising linearly from WARMUP_LR (or staying there: constant_warmup), then
+    cosine decay to 0."""
     if step < warmup_steps:
-        return WARMUP_LR + (lr - WARMUP_LR) * step / warmup_steps
+        return WARMUP_LR if constant_warmup else WARMUP_LR + (lr - WARMUP_LR) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * lr * (1 + math.cos(math.pi * progress))
 
@@ -50,12 +51,14 @@ def train(model, views, labels, recipe, seed, desc=""):
     total = recipe.epochs * steps_per_epoch
     optimizer = make_optimizer(params, recipe)
     warmup = steps_per_epoch if recipe.warmup else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup, total, recipe.lr) / recipe.lr)
+    rate = lambda s: schedule(s, warmup, total, recipe.lr, recipe.constant_warmup) / recipe.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     gen = torch.Generator().manual_seed(seed)                                # shuffles and view draws
     first_bad = torch.tensor(-1, device=views.device)                        # first step with a bad loss
     model.train()
     start, step = time.perf_counter(), 0
-    with tqdm(total=recipe.epochs, desc=desc, leave=False, dynamic_ncols=True, disable=None) as bar:
+    with progress.bar(total=recipe.epochs, desc=f"training {desc}".strip(), unit="epochs", leave=False,
+                      dynamic_ncols=True) as bar:  # a bar on a terminal, lines in a log
         for _ in range(recipe.epochs):
             view = torch.randint(views.shape[0], (n,), generator=gen).to(views.device)
             order = torch.randperm(n, generator=gen).to(views.device)

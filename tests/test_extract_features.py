@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,8 +68,8 @@ def cli(tmp_path_factory, make_dataset, tiny_vit_checkpoint):
 
 def test_cli_writes_the_documented_format(cli):
     _, path, stdout, f = cli
-    assert path.name == f"dtd_{VIT}.pt" and "images/s" in stdout
-    assert f["format"] == "hegraphadapter-features-v1" and f["dataset"] == "dtd" and f["backbone"] == VIT
+    assert path.name == f"dtd_{VIT}.pt" and "views/s" in stdout
+    assert f["format"] == "hegraphadapter-features-v2" and f["dataset"] == "dtd" and f["backbone"] == VIT
     assert f["settings"]["backbone"] == VIT and f["settings"]["pretrained"] is None
     assert f["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)  # the checkpoint's own, not a constant 100
     C, d = 3, 32
@@ -182,19 +183,13 @@ def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoin
     assert "reusing" in capsys.readouterr().out and again.stat().st_mtime_ns == stamp
 
 
-def test_a_file_with_more_seeds_and_shots_serves_fewer_but_not_others(cli, tiny_vit_checkpoint, capsys):
-    root, path, _, _ = cli                                    # seeds 1 2, max-shots 5
+def test_a_file_with_more_seeds_shots_and_views_serves_fewer_as_it_is(cli, tiny_vit_checkpoint, capsys):
+    root, path, _, _ = cli                                    # seeds 1 2, max-shots 5, views 3
     stamp = path.stat().st_mtime_ns
     capsys.readouterr()
     assert extract("dtd", root, path.parent, clip_checkpoint=tiny_vit_checkpoint, seeds=(2,),
-                   max_shots=3, views=3, workers=0, device="cpu") == path
+                   max_shots=3, views=2, workers=0, device="cpu") == path
     assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
-    for more in (dict(seeds=(3,), max_shots=5), dict(seeds=(1,), max_shots=6)):
-        with pytest.raises(DataError, match="exists with seeds .1, 2. and max-shots 5 in the file, .*: extract "
-                                               "it once for all the seeds"):
-            extract("dtd", root, path.parent, clip_checkpoint=tiny_vit_checkpoint, views=3,
-                    workers=0, device="cpu", **more)
-    assert path.stat().st_mtime_ns == stamp
 
 
 def test_reusing_a_file_takes_no_lock(cli, tiny_vit_checkpoint, monkeypatch, capsys):
@@ -207,13 +202,10 @@ def test_reusing_a_file_takes_no_lock(cli, tiny_vit_checkpoint, monkeypatch, cap
     assert "reusing" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("first, second, refusal", [
-    (dict(seeds=(1,)), dict(seeds=(2,)), "extract it once for all the seeds before starting per-seed jobs "
-                                         "(python extract_features.py --dataset dtd --seeds 1 2 --max-shots 4"),
-    (dict(views=3), dict(views=2), "exists with different settings (views: "),
-])
-def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dataset, tiny_vit_checkpoint,
-                                                                        tmp_path, capfd, first, second, refusal):
+@pytest.mark.parametrize("first, second", [(dict(seeds=(1,)), dict(seeds=(2,))),    # per-seed jobs on one file
+                                           (dict(views=3), dict(views=2))])
+def test_concurrent_extractions_take_turns_and_the_file_serves_both(make_dataset, tiny_vit_checkpoint, tmp_path,
+                                                                     capfd, first, second):
     root, context = make_dataset("dtd"), multiprocessing.get_context("fork")
     start, outcomes = context.Barrier(2), context.Queue()
 
@@ -221,7 +213,7 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
         start.wait()
         try:
             run(root, tmp_path, tiny_vit_checkpoint, **kwargs)
-            outcomes.put((name, "wrote"))
+            outcomes.put((name, "served"))
         except DataError as e:
             outcomes.put((name, str(e)))
     jobs = [context.Process(target=job, args=args) for args in (("first", first), ("second", second))]
@@ -230,56 +222,62 @@ def test_concurrent_extractions_take_turns_and_never_replace_each_other(make_dat
     for p in jobs:
         p.join(timeout=120)
     assert [p.exitcode for p in jobs] == [0, 0]
-    result = dict(outcomes.get(timeout=10) for _ in jobs)
-    [winner] = [name for name, r in result.items() if r == "wrote"]   # the other waited, then refused
-    [loser] = [name for name, r in result.items() if r != "wrote"]
-    assert refusal in result[loser] and "\n" not in result[loser]
+    assert dict(outcomes.get(timeout=10) for _ in jobs) == {"first": "served", "second": "served"}
     assert "waiting for another process to finish writing" in capfd.readouterr().out
-    settings = torch.load(ff.features_path(tmp_path, "dtd", VIT), weights_only=True)["settings"]
-    for key, value in dict(first=first, second=second)[winner].items():  # the file is the winner's
-        assert settings[key] == (list(value) if key == "seeds" else value)
+    # the second planned again with what the first wrote: the file holds both runs' asks, as one extraction would
+    union = {**FAST, "seeds": tuple(sorted({*first.get("seeds", FAST["seeds"]), *second.get("seeds", FAST["seeds"])})),
+             "views": max(first.get("views", FAST["views"]), second.get("views", FAST["views"]))}
+    made = torch.load(ff.features_path(tmp_path, "dtd", VIT), weights_only=True)
+    alone, _ = run(root, tmp_path / "alone", tiny_vit_checkpoint, **union)
+    assert made["settings"]["seeds"] in (list(union["seeds"]), list(union["seeds"])[::-1])
+    for split in ("train", "val", "test"):
+        order = [made["paths"][split].index(p) for p in alone["paths"][split]]
+        assert torch.equal(made[split]["features"][..., order, :], alone[split]["features"])
 
 
-def test_without_the_dataset_folder_a_file_serves_only_the_settings_it_was_made_with(cli, tiny_vit_checkpoint,
-                                                                                     tmp_path, capsys):
-    _, path, _, _ = cli                    # seeds 1 2, max-shots 5, views 3, DTD's template, tiny_vit_checkpoint
+def test_without_the_dataset_folder_a_file_serves_only_what_it_holds(cli, tiny_vit_checkpoint, tmp_path, capsys):
+    path = tmp_path / cli[1].name                           # a copy: this test adds a prompt set to it
+    shutil.copy(cli[1], path)                               # seeds 1 2, max-shots 5, views 3, DTD's template
     stamp, absent = path.stat().st_mtime_ns, tmp_path / "no-data"
-    again = lambda **kw: extract("dtd", absent, path.parent, **{
-        "clip_checkpoint": tiny_vit_checkpoint, "views": 3, "workers": 0, "device": "cpu", **kw})
+    again = lambda overwrite=False, **kw: ef.extract(ff.Settings("dtd", **{
+        "clip_checkpoint": str(tiny_vit_checkpoint), "views": 3, "seeds": (1, 2), "max_shots": 5, **kw}),
+        absent, tmp_path, workers=0, device="cpu", overwrite=overwrite)
     capsys.readouterr()
-    assert again(seeds=(2,), max_shots=3) == path  # fewer seeds and shots serve, as with the dataset
+    assert again(seeds=(2,), max_shots=3, views=2).path == path  # fewer seeds, shots and views serve
     assert f"(the dataset folder {absent / 'dtd'} is absent)" in capsys.readouterr().out
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({c: [f"a photo of {c}."] for c in ("class a_0", "class b_1", "class c_2")}))
-    other_checkpoint = tmp_path / "clip.pt"
-    other_checkpoint.write_bytes(tiny_vit_checkpoint.read_bytes())
-    for kwargs, setting in ((dict(views=2), "views: 3 in the file, 2 asked"),
+    copied = tmp_path / "clip.pt"
+    copied.write_bytes(tiny_vit_checkpoint.read_bytes())   # the same weights elsewhere are the same weights
+    assert again(clip_checkpoint=str(copied)).path == path and path.stat().st_mtime_ns == stamp
+    other = tmp_path / "other.pt"
+    torch.save({k: -v if k == "text_projection" else v for k, v in torch.load(tiny_vit_checkpoint).items()}, other)
+    for kwargs, setting in ((dict(views=4), "views: 3 in the file, 4 asked"),
                             (dict(seeds=(3,)), "seeds [1, 2] and max-shots 5 in the file"),
-                            (dict(negative_template="not a {}."), "negative_template: "),
-                            (dict(prompts=prompts), "prompts: "),
-                            (dict(clip_checkpoint=other_checkpoint), "clip_checkpoint: "),
-                            (dict(allow_repeats=True), "allow_repeats: ")):
+                            (dict(max_shots=6), "seeds [1, 2] and max-shots 5 in the file"),
+                            (dict(clip_checkpoint=str(other)), "other weights than this run asks for")):
         with pytest.raises(DataError) as e:
             again(**kwargs)
-        assert setting in str(e.value) and f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
+        assert setting in str(e.value) and "\n" not in str(e.value), str(e.value)
+        if "weights" not in setting:
+            assert f"the dataset folder {absent / 'dtd'} is absent" in str(e.value)
     with pytest.raises(DataError, match="dataset folder not found"):  # --overwrite cannot extract either
         again(overwrite=True)
     assert path.stat().st_mtime_ns == stamp
+    # other prompts need the text encoder only, not the images: added without the dataset
+    done = again(negative_template="not a {}.")
+    assert (done.images, done.texts) == (0, 1) and len(torch.load(path, weights_only=True)["texts"]) == 2
+    assert ff.load_features(path, text=done.text)["prompts"]["negative"][0] == ["not a class a_0."]
     # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
     torch.save({"format": ff.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
     assert extract("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
     assert "records no extraction settings, so it is used as it is" in capsys.readouterr().out
 
 
-def test_overwrite_is_refused_and_the_first_file_kept(make_dataset, tiny_resnet_checkpoint, tmp_path):
+def test_overwrite_extracts_afresh(make_dataset, tiny_resnet_checkpoint, tmp_path):
     root = make_dataset("eurosat")
     f, path = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat")
-    before = path.read_bytes()
-    with pytest.raises(DataError, match="different settings.*views.*--overwrite"):
-        run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2)
-    assert path.read_bytes() == before
-    g, _ = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2, overwrite=True)
+    g, _ = run(root, tmp_path, tiny_resnet_checkpoint, "eurosat", views=2, seeds=(3,), overwrite=True)
     assert g["train"]["features"].shape[0] == 2 and f["train"]["features"].shape[0] == 3
+    assert list(g["fewshot"]) == [3] and g["settings"]["seeds"] == [3]    # what this run asked for, not more
 
 
 def test_interrupted_write_leaves_no_file(make_dataset, tiny_vit_checkpoint, tmp_path, monkeypatch):
@@ -317,7 +315,8 @@ def test_a_disk_that_fills_up_during_the_write_says_how_much_room_and_where(make
 
         def __exit__(self, *exc):
             self.f.close()
-    monkeypatch.setattr(files, "open", lambda path, mode="r": Filling(real_open(path, mode)), raising=False)
+    monkeypatch.setattr(files, "open", lambda path, mode="r", *a, **k: Filling(real_open(path, mode)) if "w" in mode
+                        else real_open(path, mode, *a, **k), raising=False)
     with pytest.raises(DataError, match=rf"^no room for {re.escape(str(tmp_path))}/dtd_{VIT}.pt: it needs "
                                         rf"[0-9.]+ MiB and the disk of .* free; free some space there or choose "
                                         rf"another --features-dir$"):

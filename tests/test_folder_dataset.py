@@ -4,6 +4,8 @@ as a dataset, links that alias or leave a class, names that are not UTF-8: cases
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import unicodedata
 from pathlib import Path
@@ -138,25 +140,75 @@ def test_train_py_runs_on_a_folder_of_images_end_to_end(run, my_images, tiny_vit
     assert data["settings"]["dataset"] == "my_images" and data["settings"]["split_sha256"] == splits.sha256()
     assert [len(getattr(splits, s)) for s in ("train", "val", "test")] == [16 + 16 + 17, 6 + 7 + 7, 10 + 10 + 10]
     assert set(data["paths"]["test"]) == {p for p, _ in splits.test}
-    # the same command reuses the file; a folder whose images changed is another split: refused, not reused
+    assert data["settings"]["max_shots"] == 4                          # the run's K: what a folder's run asks for
+    # the same command reuses the file; a folder whose images changed is another split: said, and only the images
+    # the file lacks are encoded (the few that moved between splits or into a subset)
     capsys.readouterr()
     run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
     assert "reusing" in capsys.readouterr().out
     shutil.copy(my_images / "red_panda" / "0.jpg", my_images / "red_panda" / "new.jpg")
-    with pytest.raises(DataError, match=r"exists with different settings \(split_sha256: .*--overwrite"):
-        run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
+    run("--dataset", my_images, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 0)
+    out = capsys.readouterr().out
+    assert "the folder's split changed (1 images added, 0 removed)" in out
+    encoded = int(re.search(r"^encoding (\d+) images? ", out, re.M)[1])
+    assert 0 < encoded < len(data["paths"]["test"]) + len(data["paths"]["val"])
+    data = torch.load(path, weights_only=True)
+    assert data["split"] == fd.load_splits(str(my_images), None).coop_split()
 
 
-def test_template_sets_the_positive_prompts_and_is_compared_on_reuse(run, my_images, tiny_vit_checkpoint, tmp_path):
+def test_template_sets_the_positive_prompts_and_another_adds_a_prompt_set(run, my_images, tiny_vit_checkpoint,
+                                                                          tmp_path, capsys):
     common = ["--dataset", my_images, "--shots", 1, "--max-shots", 1, "--seeds", 1, "--views", 1, "--epochs", 0,
               "--clip-checkpoint", tiny_vit_checkpoint, *TINY]
-    run(*common, "--template", "a photo of a {}, a type of bird.")
+    bird = run(*common, "--template", "a photo of a {}, a type of bird.")
     data = torch.load(tmp_path / "features" / f"my_images_{VIT}.pt", weights_only=True)
     assert data["prompts"]["positive"][1] == ["a photo of a red panda, a type of bird."]
     assert data["settings"]["template"] == "a photo of a {}, a type of bird."
-    with pytest.raises(DataError, match=r"different settings \(template: 'a photo of a \{\}, a type of bird.' in "
-                                           r"the file, None asked; prompts_sha256"):
-        run(*common)
+    capsys.readouterr()
+    plain = run(*common)
+    assert "adds the prompt set of the template 'a photo of a {}.'" in capsys.readouterr().out
+    assert plain["prompts"]["template"] == "a photo of a {}." and bird["prompts"]["template"].endswith("bird.")
+    assert len(torch.load(tmp_path / "features" / f"my_images_{VIT}.pt", weights_only=True)["texts"]) == 2
+
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_the_readme_states_how_many_images_a_class_needs_for_k_shots():
+    """The README's table is the least n whose 50 / 20 / 30 % split gives K training and min(K, 4) validation images."""
+    section = README[README.index("## Your own images"):README.index("## Methods")]
+    shots = [int(k) for k in re.search(r"^\| `--shots` \|(.*)\|$", section, re.M)[1].split("|")]
+    cells = re.search(r"^\| images a class needs \(train / val / test\) \|(.*)\|$", section, re.M)[1].split("|")
+    for k, cell in zip(shots, cells, strict=True):
+        n = next(n for n in range(3, 1000) if (lambda t, v, _: len(t) >= k and len(v) >= min(k, fd.VAL_SHOTS))(
+            *fd._split_class([f"{i}.jpg" for i in range(n)])))
+        parts = [len(p) for p in fd._split_class([f"{i}.jpg" for i in range(n)])]
+        assert cell.strip() == f"{n} ({' / '.join(map(str, parts))})", (k, cell)
+
+
+def test_the_readmes_own_images_command_runs_on_18_images_a_class(run, tiny_vit_checkpoint, tmp_path):
+    """`python train.py --dataset path/to/my_images --shots 4 ...` as the README writes it, on a folder with 18 images
+    a class (the least for 4 shots), with a tiny CLIP on the CPU."""
+    command = re.search(r"## Your own images\n\n```bash\npython train\.py (.*)\n```", README)[1]
+    folder = write_image_folder(tmp_path / "path" / "to" / "my_images", {"red_panda": 18, "snow-leopard": 18})
+    argv = [a.replace("path/to/my_images", str(folder)) for a in shlex.split(command)]
+    results = run(*argv, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 1)
+    assert results["dataset"] == "my_images" and len(results["seeds"]) == 3 and results["shots"] == 4
+    assert results["prompts"]["template"] == "a photo of a {}, a type of bird."
+
+
+def test_a_short_classs_line_names_flags_that_run(fail, run, tmp_path, tiny_vit_checkpoint):
+    """A class with fewer training images than --shots: the line names --shots (the folder's --max-shots follows
+    it) or --max-shots when given, and what it suggests runs. (The folder's other bad inputs: the registry.)"""
+    few = write_image_folder(tmp_path / "few", {"a": 3, "b": 20})      # 1 training image: below --shots 4
+    assert fail("--dataset", few, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY) == (
+        "error: class 0 ('a') has 1 training images, fewer than the 4 needed; lower --shots or pass "
+        "--allow-repeats to reuse its images")
+    assert fail("--dataset", few, "--shots", 4, "--max-shots", 4, "--clip-checkpoint", tiny_vit_checkpoint,
+                *TINY).endswith("lower --max-shots or pass --allow-repeats to reuse its images")
+    for fix in (["--shots", 1], ["--shots", 4, "--allow-repeats"]):             # what the lines say runs
+        assert run("--dataset", few, *fix, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 1,
+                   "--seeds", 1)["seeds"]
 
 
 def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from fewshot import report, runs, sweep
+from fewshot import progress, report, runs, sweep
 from fewshot.testing.fixtures import TINY_NAMES
 
 VIT = TINY_NAMES["vit"]  # the tiny checkpoint's name, read from its weights
@@ -276,7 +277,7 @@ def test_report_puts_the_paper_beside_ours_with_the_difference(tmp_path):
     assert (cells[(a16, "Δ `hegraph`", "DTD")] == "+1.85"
             and cells[(a16, "Δ `hegraph`", "Average")] == f"{76 - 77.95:+.2f}")
     assert cells[(a16, "Δ `graphadapter`", "DTD")] == "-7.90" and cells[(a16, "Δ `graphadapter`", "EuroSAT")] == ""
-    assert cells[(a16, "paper: CoOp", "EuroSAT")] == "83.53"                          # a method we lack
+    assert cells[(a16, "paper: CoOp", "EuroSAT")] == "83.53"                          # no run of ours
     assert cells[(a16, "`graphadapter`", "Average")] == "–"                           # no eurosat run
     ablation = "B. Ablation (RN50, K = 16)"
     assert cells[(ablation, "full (`hegraph`)", "EuroSAT")] == "81.00 ± 1.41"
@@ -301,10 +302,10 @@ def test_a_folder_of_images_is_swept_by_its_name_and_its_images(tiny_vit_checkpo
     assert name.startswith(f"my_images_{VIT}_zeroshot_1shot_")
     run = json.loads((tmp_path / "results" / "runs" / name).read_text())
     assert run["dataset"] == "my_images" and run["reproduce"]["key"]["dataset"] == "my_images"
-    sweep.folder_split_sha256.cache_clear()
     (folder / "red_panda" / "0.jpg").rename(folder / "red_panda" / "renamed.jpg")  # another split: another run
-    argv.insert(argv.index("--"), "--overwrite")          # the features file is of the old split: replaced
-    [second] = ran(main(argv))
+    output = main(argv)                                   # the features file grows by what the new split needs
+    assert "the folder's split changed (1 images added, 1 removed)" in output
+    [second] = ran(output)
     assert second != name and second.startswith(f"my_images_{VIT}_zeroshot_1shot_")
 
 
@@ -361,14 +362,47 @@ def test_results_that_is_a_file_is_refused_before_the_sweep(tmp_path, capsys):
     assert (tmp_path / "results").read_text() == "a file"
 
 
-def test_a_logged_sweep_has_one_line_per_run_and_no_progress_bars(tiny_vit_checkpoint, make_dataset, tmp_path):
-    """Redirected to a file, a sweep writes no progress bar, only what happened, one line per run."""
+def test_a_logged_sweep_has_one_line_per_run_and_no_progress_bars(tiny_vit_checkpoint, make_dataset, tmp_path,
+                                                                  monkeypatch):
+    """Redirected to a file, a sweep writes no progress bar: what happened, one line per run, and at a steady pace
+    (here a fake clock: every reading 40 s on) the progress lines of its extraction, its runs' training and its own,
+    passed through from the runs whose printed tables it keeps back."""
+    seconds = iter(range(0, 10**6, 40))
+    monkeypatch.setattr(progress, "clock", lambda: next(seconds))
     root = make_dataset("dtd")
     argv = sweep_argv(root, tiny_vit_checkpoint, tmp_path / "features", tmp_path / "results", datasets=["dtd"],
-                      methods=["zeroshot", "tip-f"], shots=[1], seeds=[1], epochs=1)
+                      methods=["zeroshot", "tip-f"], shots=[1], seeds=[1], epochs=2)
     log = tmp_path / "sweep.log"
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):  # not a terminal
         sweep.main(argv)
     text = log.read_text()
     assert b"\r" not in log.read_bytes() and "%|" not in text, text[-2000:]     # no bar: no carriage return
     assert len([line for line in text.splitlines() if line.startswith("ran ")]) == 2
+    for step in ("dtd train: ", "dtd test: ", "training seed 1: 1/2 epochs (50 %), ", "sweep: 1/2 runs (50 %), "):
+        assert re.search(rf"^{re.escape(step)}.* (left|done in .*)", text, re.M), (step, text[-2000:])
+    assert "test acc %" not in text                                          # the runs' tables are kept back
+
+
+def test_a_run_whose_features_changed_is_run_again(tiny_vit_checkpoint, make_dataset, tmp_path, monkeypatch):
+    """The run key holds the features' identity: a checkpoint replaced at its path, or an image changed under its
+    name, makes the runs that read them new runs (their features are encoded again first), not skipped ones."""
+    from fewshot.testing.fixtures import TINY_CLIPS, openai_state_dict, write_image
+    monkeypatch.setattr(report, "write_report", lambda *args: "no report")   # other tests check the report
+    root, checkpoint = make_dataset("dtd"), tmp_path / "clip.pt"
+    checkpoint.write_bytes(tiny_vit_checkpoint.read_bytes())
+    argv = sweep_argv(root, checkpoint, tmp_path / "features", tmp_path / "results", datasets=["dtd"],
+                      methods=["zeroshot"], shots=[1], seeds=[1])
+    [first] = ran(main(argv))
+    assert "skipped 1 finished already" in main(argv)                        # nothing changed: skipped
+    state = openai_state_dict(TINY_CLIPS["vit"])
+    state["text_projection"] = -state["text_projection"]
+    torch.save(state, checkpoint)                                             # other weights at the same path
+    output = main(argv)
+    assert f"the weights at {checkpoint} changed since the features were made" in output
+    [second] = ran(output)
+    assert second != first
+    write_image(root / "dtd" / "images" / "class a_0" / "test_0.jpg", 99)      # a test image fixed
+    output = main(argv)
+    assert "1 image changed content since it was encoded (class a_0/test_0.jpg)" in output
+    [third] = ran(output)
+    assert third not in (first, second) and len(run_files(tmp_path / "results")) == 3

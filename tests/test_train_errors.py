@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fewshot.extraction as ef
 import fewshot.features as ff
 import fewshot.files as files
 from fewshot import cli, methods, runs, tasks, training
@@ -105,6 +106,17 @@ def test_checkpoints_of_another_config_version_are_refused_not_rebuilt_with_toda
     line = fail("--features", feats, "--eval-only", "--load", ck, "--seeds", 1)
     assert "another version of train.py" in line and "lacks weight_scale and has the unknown old_knob" in line
     assert f"--save {ck} --overwrite" in line
+
+
+def test_max_shots_defaults_to_what_the_run_asks_for(monkeypatch):
+    """16 for a benchmark (one file for K 1 ... 16), more when --shots asks for more; --shots for a folder."""
+    asked = []
+    monkeypatch.setattr(ef, "extract", lambda settings, *a, **k: asked.append(settings.max_shots) or 1 / 0)
+    for dataset, shots, expected in (("dtd", 4, 16), ("dtd", 32, 32), ("/my/images", 4, 4)):
+        monkeypatch.setattr(ef, "resolve_dataset", lambda d: d)           # no folder needed to name one
+        with pytest.raises(ZeroDivisionError):
+            ef.Extraction().run(dataset, (1,), shots=shots)
+        assert asked.pop() == expected
 
 
 def test_tilde_is_expanded_in_path_flags(feats, tmp_path, monkeypatch):

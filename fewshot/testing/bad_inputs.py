@@ -15,8 +15,10 @@ input. What a bad input must get:
   and kept in ROOT/FOLDER.download/ for the rerun, are its documented staging);
 - an end within the case's `seconds`, where it has one (nothing may hang).
 
-Controls (a 16-bit PNG, --epochs 0, a link not followed) are not bad inputs: they must succeed, their stderr
-must hold their `expect` words, and their check must pass.
+Controls (a 16-bit PNG, --epochs 0, a link not followed, a stale features file) are not bad inputs: they must
+succeed, their stderr must hold their `expect` words, and their check must pass. A stale features file (an image
+changed under its name, a checkpoint replaced at its path, a folder of the same name elsewhere) is such a control:
+it must not be reused, and the file rewritten (its `rewrites`) must equal a fresh extraction.
 """
 import contextlib
 import dataclasses
@@ -45,22 +47,26 @@ from fewshot.testing.breaking import (
     a_file,
     a_folder,
     a_pipe,
+    as_fresh,
     both,
-    both_features,
+    changed_image,
     checkpoint_changed,
     checkpoints,
     classes_here,
     classes_here_only,
     clip_changed,
+    clip_recorded,
     config_text,
     copied_features,
     cut,
     dataset,
     disk_free,
     dtd_folder_beside_dtd,
+    extracted,
     feats_copy,
     features_before_open_clip,
     fifo,
+    folder_elsewhere,
     folder_fifo,
     fractional_label,
     hand_placed,
@@ -81,8 +87,12 @@ from fewshot.testing.breaking import (
     none_under,
     older_config,
     once,
+    other_checkpoint,
     other_classes,
     pil_limit,
+    prompts_added,
+    quiet,
+    replaced_checkpoint,
     results_json,
     results_json_of,
     rows,
@@ -103,10 +113,18 @@ from fewshot.testing.breaking import (
     unreadable_images,
     warned,
     weights_changed,
+    weights_replaced,
     without_split_file,
     zip_member,
 )
-from fewshot.testing.fixtures import TINY_OPEN_CLIP, synthetic_features, tiny_clip, tiny_open_clip, write_dataset
+from fewshot.testing.fixtures import (
+    TINY_NAMES,
+    TINY_OPEN_CLIP,
+    synthetic_features,
+    tiny_clip,
+    tiny_open_clip,
+    write_dataset,
+)
 
 SENTINEL = b"previous results\n"             # what --out (and features/previous.pt) hold before each case
 # every command gets these first; a case's own flags come after and win (argparse keeps the last value)
@@ -177,13 +195,6 @@ class Fixtures:
         return self.dir / name
 
 
-@contextlib.contextmanager
-def quiet():
-    """Silence an in-process run (its table, its progress bars) while building fixtures."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
 # -----------------------------------------------------------------------------
 # the cases, by family: name -> Case
 
@@ -201,6 +212,7 @@ class Case:
     common: str = COMMON              # the flags every command of the case gets first
     seconds: float | None = None      # it must end within this many seconds (besides starting Python)
     applies: Callable | None = None   # () -> False where the case is not a bad input (a machine with CUDA)
+    rewrites: tuple = ()              # control: files of the case's folder it is meant to rewrite (a stale cache)
     family: str = ""                  # the kind of input it breaks: its key in FAMILIES
 
 
@@ -288,7 +300,8 @@ FAMILIES = {  # family -> {case name -> Case}
             ("beta-inf", "--beta-vp inf", "--beta-vp: must be at least 0, got inf"),
             ("bias-scale-minus-inf", "--bias-scale=-inf", "--bias-scale: must be at least 0"),
             ("gamma-zero", "--method tip --gamma 0", "--gamma: must be positive"),
-            ("ratio-above-1", "--method clip-adapter --ratio 1.5", "--ratio: must be between 0 and 1"))},
+            ("ratio-above-1", "--method clip-adapter --ratio 1.5", "--ratio: must be between 0 and 1"),
+            ("n-ctx-zero", "--method coop --n-ctx 0", "--n-ctx"))},
         "encode-batch-size-zero": Case(X, "`--encode-batch-size 0`", "--dataset dtd --root {data} "
                                        "--encode-batch-size 0", expect=W("--encode-batch-size")),
         "workers-negative": Case(X, "`--workers -1`", "--dataset dtd --root {data} --workers -1",
@@ -344,6 +357,23 @@ FAMILIES = {  # family -> {case name -> Case}
         "negative-template": Case(X, "`--negative-template` without `{}`", "--dataset dtd --root {data} "
                                   "--negative-template 'a photo of nothing.'", expect=W("--negative-template must "
                                                                                         "contain {}")),
+    },
+    "CoOp's CLIP text encoder": {
+        "coop-no-settings": Case(T, "coop on features that record no CLIP (another tool's file)",
+                                 "--features {feats} --method coop --shots 2"),
+        "coop-checkpoint-gone": Case(T, "coop on features whose recorded `--clip-checkpoint` is gone",
+                                     "--features f.pt --method coop --shots 2", clip_recorded(
+                                         lambda s, case, fx: s.__setitem__("clip_checkpoint", str(case / "moved.pt")))),
+        "coop-weights-gone": Case(T, "coop on features whose recorded `--pretrained` weights file is gone",
+                                  "--features f.pt --method coop --shots 2", clip_recorded(
+                                      lambda s, case, fx: s.update(backbone="ViT-B-32", clip_checkpoint=None,
+                                                                   pretrained=str(case / "gone.safetensors")))),
+        "coop-weights-changed": Case(T, "coop on features whose recorded checkpoint was replaced by other weights",
+                                     "--features f.pt --method coop --shots 2", clip_recorded(weights_replaced)),
+        "coop-init-and-n-ctx": Case(T, "`--coop-init` (4 tokens) with `--n-ctx 8`",
+                                    "--features {dtd_features} --method coop --shots 2 --coop-init --n-ctx 8"),
+        "coop-n-ctx-above-context": Case(T, "`--n-ctx 80`, above the text encoder's 77 tokens",
+                                         "--features {dtd_features} --method coop --shots 2 --n-ctx 80"),
     },
     "checkpoints": {
         "eval-only-method": Case(T, "`--eval-only` with a conflicting `--method`",
@@ -464,9 +494,10 @@ FAMILIES = {  # family -> {case name -> Case}
             expect=W("both give the class name 'red panda'")),
         "folder-class-no-name": Case(X, "a class folder named `_`", "--dataset mine", touched(
             *[f"_/{i}.jpg" for i in range(3)]), expect=W("mine/_ gives no class name")),
-        "folder-dtd-beside-dtd": Case(X, "control: a folder named dtd (`--dataset ./dtd`) beside the benchmark dtd's "
-                                      "features file", "--dataset ./dtd", dtd_folder_beside_dtd, control=True,
-                                      check=both_features),
+        "folder-dtd-beside-dtd": Case(X, "a folder named dtd (`--dataset ./dtd`) beside the benchmark dtd's features "
+                                      "file of the same name", "--dataset ./dtd", dtd_folder_beside_dtd,
+                                      expect=W("holds the features of the benchmark dtd", "the folder",
+                                               "choose another --features-dir"), avoid=W("--overwrite")),
     },
     "paths that stay inside the dataset": {
         "split-dotdot": Case(X, "a split-file path with `..` out of the images folder", "--dataset dtd --root data",
@@ -719,9 +750,25 @@ FAMILIES = {  # family -> {case name -> Case}
                                           fifo(FEATURES), seconds=30, expect=W("named pipe", "not a regular file")),
         "features-at-output-empty": Case(X, "an empty file at the features file's path", "--dataset dtd --root {data}",
                                          cut("feats", FEATURES, 0), expect=W("is truncated", "--overwrite")),
-        "other-settings": Case(X, "an existing features file made with other settings (`--views 2`)",
-                               "--dataset dtd --root {data} --views 3", copied_features),
+        "other-weights": Case(X, "an existing features file made with other weights of the same architecture "
+                              "(another `--clip-checkpoint`)", "--dataset dtd --root {data} --clip-checkpoint other.pt",
+                              other_checkpoint),
     },
+    "stale features (controls: redone, never reused)": {
+        "changed-image": Case(X, "control: an image drawn anew under its name (size and mtime kept) since the features "
+                              "were made", "--dataset dtd --root data --clip-checkpoint clip.pt", changed_image,
+                              control=True, check=as_fresh(), rewrites=(FEATURES,)),
+        "replaced-checkpoint": Case(X, "control: the `--clip-checkpoint` replaced by other weights at its path",
+                                    "--dataset dtd --root data --clip-checkpoint clip.pt", replaced_checkpoint,
+                                    control=True, check=as_fresh(), rewrites=(FEATURES,)),
+        "folder-elsewhere": Case(X, "control: a folder of the same name elsewhere, one picture other",
+                                 "--dataset b/mine --clip-checkpoint clip.pt", folder_elsewhere, control=True,
+                                 check=as_fresh("b/mine", "."), rewrites=(f"features/mine_{TINY_NAMES['vit']}.pt",)),
+        "prompt-change": Case(X, "control: other prompts (`--template`) on an existing features file",
+                              "--dataset dtd --root data --clip-checkpoint clip.pt --template 'a close-up of {{}}.'",
+                              extracted(), control=True, check=prompts_added, rewrites=(FEATURES,)),
+    },
+
     "controls (not bad inputs: they must succeed)": {
         "16-bit-png": Case(X, "control: a 16-bit PNG (and its 8-bit twin) in the test split",
                            "--dataset dtd --root data",
@@ -777,12 +824,13 @@ def complete(path):
         return False
 
 
-def files_lost(before, after, root):
-    """Pre-existing files changed or deleted, hidden .tmp left, new files that are half-written or stray (a
-    download's staging folder ROOT/FOLDER.download/ keeps the files it fetched and checked, for the rerun)."""
+def files_lost(before, after, root, rewritten=()):
+    """Pre-existing files changed or deleted (but those `rewritten` on purpose, if complete), hidden .tmp left, new
+    files that are half-written or stray (a download's staging folder ROOT/FOLDER.download/ keeps the files it
+    fetched and checked, for the rerun)."""
     name = lambda p: str(p.relative_to(root))
     lost = [f"changed {name(p)}" if p in after else f"deleted {name(p)}"
-            for p, digest in before.items() if after.get(p) != digest]
+            for p, digest in before.items() if after.get(p) != digest and not (p in rewritten and complete(p))]
     for p in after.keys() - before.keys():
         if p.name.endswith(".tmp"):
             lost.append(f"left {name(p)}")
@@ -842,7 +890,8 @@ def judge(outcome, rc, stdout, stderr, before, fx, seconds=0.0, startup=0.0):
     shown = shown_lines(outcome.stderr)
     outcome.errors = [line for line in shown if line.startswith("error:")]
     outcome.others = [line for line in shown if not line.startswith("error:")]
-    outcome.lost = files_lost(before, snapshot(folder, fx.dir), folder.parents[1])
+    outcome.lost = files_lost(before, snapshot(folder, fx.dir), folder.parents[1],
+                              {folder / rel for rel in case.rewrites})
     p = outcome.problems
     said = " ".join(outcome.errors if not case.control else shown)
     if case.control:

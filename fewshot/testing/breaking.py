@@ -25,8 +25,17 @@ from PIL import Image
 
 import fewshot.datasets as fd
 from fewshot import download
-from fewshot.features import load_features
-from fewshot.testing.fixtures import TINY_NAMES, write_dataset, write_image, write_image_folder
+from fewshot.extraction import extract_features
+from fewshot.features import Settings, load_features
+from fewshot.testing.fixtures import (
+    TINY_CLIPS,
+    TINY_NAMES,
+    openai_state_dict,
+    redraw_image,
+    write_dataset,
+    write_image,
+    write_image_folder,
+)
 from fewshot.testing.servers import Server, closed_port
 
 FEATURES = f"features/dtd_{TINY_NAMES['vit']}.pt"  # the file the extraction cases and parallel runs write
@@ -446,6 +455,127 @@ def hand_placed(name, data=b"not the archive"):
     return prepare
 
 
+# ----------------------------------------------------------------------------- stale features files
+
+@contextlib.contextmanager
+def quiet():
+    """Silence an in-process run (its table, its progress bars) while building fixtures."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# made in the case's folder, then made stale; the rerun must redo exactly that work
+
+def extracted(dataset="dtd", root="data", clip="clip.pt"):
+    """features/: the case's own features of `dataset` (under the case's `root`, or a folder of its own), made with
+    COMMON's settings and its own copy of the random CLIP (clip.pt); before.pt: a copy of that file."""
+    def make(case, fx):
+        if not (case / clip).exists():
+            shutil.copy(fx.clip, case / clip)
+        if dataset == "dtd" and not (case / root).exists():
+            write_dataset(case / root, "dtd")
+        with quiet():
+            settings = Settings(dataset if dataset == "dtd" else str(case / dataset), clip_checkpoint=str(case / clip),
+                                seeds=(1,), max_shots=2, views=2)
+            path = extract_features(settings, case / root, case / "features", workers=0, device="cpu")
+        shutil.copy(path, case / "before.pt")
+    return make
+
+
+def other_weights(path):
+    """A random CLIP of the fixtures' architecture with other weights (its projections negated) at `path`."""
+    state = openai_state_dict(TINY_CLIPS["vit"])
+    for key in ("visual.proj", "text_projection"):
+        state[key] = -state[key]
+    torch.save(state, path)
+
+
+def changed_image(case, fx):
+    """features/ made from data/, then a test image of it drawn anew, its byte size and modification time kept."""
+    extracted()(case, fx)
+    redraw_image(case / "data" / "dtd" / "images" / "class a_0" / "test_0.jpg", 4242)
+
+
+def replaced_checkpoint(case, fx):
+    """features/ made with clip.pt, then clip.pt replaced by other weights."""
+    extracted()(case, fx)
+    other_weights(case / "clip.pt")
+
+
+def folder_elsewhere(case, fx):
+    """features/ of the folder a/mine; b/mine, a folder of the same name, holds one other picture."""
+    write_image_folder(case / "a" / "mine", {"red_panda": 8, "snow-leopard": 8})
+    extracted("a/mine", root=".")(case, fx)
+    shutil.copytree(case / "a" / "mine", case / "b" / "mine")
+    write_image(case / "b" / "mine" / "red_panda" / "0.jpg", 4343)
+
+
+def other_checkpoint(case, fx):
+    """FEATURES made with the shared CLIP; other.pt: other weights of the same architecture."""
+    copied_features(case, fx)
+    other_weights(case / "other.pt")
+
+
+def as_fresh(dataset="dtd", root="data", clip="clip.pt"):
+    """check of a stale features control: the rewritten file equals a fresh extraction of the case's inputs now
+    (every tensor, path and hash), and differs from the stale one it replaced."""
+    def check(outcome):
+        case = outcome.folder
+        settings = Settings(dataset if dataset == "dtd" else str(case / dataset), clip_checkpoint=str(case / clip),
+                            seeds=(1,), max_shots=2, views=2)
+        with quiet():
+            path = extract_features(settings, case / root, case / "fresh", workers=0, device="cpu")
+        now = torch.load(case / "features" / path.name, weights_only=True)
+        fresh, before = (torch.load(p, weights_only=True) for p in (path, case / "before.pt"))
+        problems = [f"{key} differs from a fresh extraction" for key in ("train", "val", "test", "text", "paths",
+                                                                          "content", "fewshot", "classnames")
+                    if not same(now.get(key), fresh.get(key))]
+        if all(same(now.get(split), before.get(split)) for split in ("train", "val", "test")):
+            problems.append("the stale features were kept")
+        return problems
+    return check
+
+
+def same(a, b):
+    """Two nested values equal, their tensors by torch.equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def prompts_added(outcome):
+    """check of the prompt change: the file gained the new prompt set, and its image features are those it had."""
+    case = outcome.folder
+    now, before = (torch.load(p, weights_only=True) for p in (case / FEATURES, case / "before.pt"))
+    problems = [] if len(now["texts"]) == 2 else [f"{len(now['texts'])} prompt sets, not 2"]
+    return problems + [f"{split} features changed" for split in ("train", "val", "test")
+                       if not same(now[split], before[split])]
+
+
+def clip_recorded(change):
+    """f.pt: dtd's features (extracted with the shared CLIP), their settings' record of that CLIP changed by
+    change(settings, case folder, fixtures): what coop loads its text encoder from."""
+    def prepare(case, fx):
+        data = torch.load(fx.dtd_features, weights_only=True)
+        change(data["settings"], case, fx)
+        torch.save(data, case / "f.pt")
+    return prepare
+
+
+def weights_replaced(settings, case, fx):
+    """The recorded checkpoint replaced since the extraction: the shared CLIP with its token embeddings permuted
+    (same architecture and name, other text features)."""
+    state = torch.load(fx.clip, weights_only=True)
+    state["token_embedding.weight"] = state["token_embedding.weight"].flip(0)
+    torch.save(state, case / "clip.pt")
+    settings["clip_checkpoint"] = str(case / "clip.pt")
+
+
+
 # ----------------------------------------------------------------------------- the machine
 
 @contextlib.contextmanager
@@ -572,14 +702,6 @@ def listed(*words):
         return [f"stdout lacks {w.format(case=outcome.folder)!r}" for w in words
                 if w.format(case=outcome.folder) not in outcome.stdout]
     return check
-
-
-def both_features(outcome):
-    """The folder ./dtd and the benchmark dtd keep a features file each."""
-    folder, benchmark = outcome.folder / f"features/dtd.folder_{VIT}.pt", outcome.folder / FEATURES
-    data = load_features(folder)
-    return [] if data["classnames"] == ["blue", "green", "red"] and load_features(benchmark)["classnames"] == [
-        "class a_0", "class b_1", "class c_2"] else ["the two features files are not the folder's and dtd's"]
 
 
 def classes_here_only(outcome):
