@@ -270,8 +270,6 @@ FAMILIES = {  # family -> {case name -> Case}
                                    expect=W("truncated or not a file written by torch.save")),
         "features-empty": Case(T, "an empty features `.pt`", "--features f.pt", cut("feats", "f.pt", 0),
                                expect=W("truncated")),
-        "features-a-fifo": Case(T, "`--features` a named pipe", "--features pipe.pt", fifo("pipe.pt"), seconds=30,
-                                expect=W("named pipe (FIFO)", "not a regular file")),
         **{f"logit-scale-{name}": Case(T, f"a features file whose `logit_scale` is {shown}", "--features f.pt "
                                        "--shots 2", spoiled(lambda d, v=value: d.__setitem__("logit_scale", v)),
                                        expect=W("'logit_scale' must be a finite number above 0"))
@@ -544,7 +542,7 @@ FAMILIES = {  # family -> {case name -> Case}
                                            "holding a file of an earlier run", "--dataset .", classes_here,
                                            control=True, check=classes_here_only),
     },
-    "archives": {
+    "downloads and archives": {
         **{name: Case(X, f"a downloaded {kind} whose member {what}", DOWNLOAD, served_archive(member, kind),
                       within=serving(), expect=W("would write outside", words), seconds=30)
            for name, kind, what, member, words in (
@@ -579,13 +577,6 @@ FAMILIES = {  # family -> {case name -> Case}
         "download-disk-full": Case(X, "`--download` onto a disk with 1 kB free", DOWNLOAD, served_archive(),
                                    within=both(serving(), disk_free(1000)),
                                    expect=W("no room for", "dtd.download", "it needs", "--root")),
-        "download-trickle": Case(X, "a host that trickles the archive (one byte every 50 ms)", DOWNLOAD,
-                                 served_archive(), within=serving("trickle", **FAST), seconds=20,
-                                 expect=W("is too slow", "past its deadline")),
-        "download-silent": Case(X, "a host that sends the headers and then nothing", DOWNLOAD, served_archive(),
-                                within=serving("silent", **FAST), seconds=20, expect=W("stalled", "nothing arrived")),
-        "download-no-answer": Case(X, "a host that answers only after 3 s", DOWNLOAD, served_archive(),
-                                   within=serving("stall", **FAST), seconds=20, expect=W("stalled: no answer")),
         "download-incomplete-folder": Case(X, "`--download` when the dataset folder is there but incomplete",
                                            DOWNLOAD, lambda case, fx: (case / "data/dtd/images").mkdir(parents=True),
                                            expect=W("exists but does not load", "split file not found",
@@ -607,9 +598,6 @@ FAMILIES = {  # family -> {case name -> Case}
                                                "--root {data} --clip-checkpoint clip.pt", clip_changed(
                                                    lambda s: s.pop("visual.ln_post.weight")),
                                                expect=W("clip.pt", "visual.ln_post.weight")),
-        "clip-checkpoint-a-fifo": Case(X, "a `--clip-checkpoint` that is a named pipe", "--dataset dtd --root {data} "
-                                       "--clip-checkpoint pipe.pt", fifo("pipe.pt"), seconds=30,
-                                       expect=W("--clip-checkpoint", "named pipe")),
         "clip-checkpoint-text": Case(X, "a text file as `--clip-checkpoint`", "--dataset dtd --root {data} "
                                      "--clip-checkpoint clip.txt", lambda case, fx: (case / "clip.txt").write_text(
                                          "model: ViT-B/32\n"), expect=W("truncated or not a file written by "
@@ -689,6 +677,20 @@ FAMILIES = {  # family -> {case name -> Case}
                                                 "--pretrained")),
     },
     "nothing blocks": {
+        "features-a-fifo": Case(T, "`--features` a named pipe", "--features pipe.pt", fifo("pipe.pt"), seconds=30,
+                                expect=W("named pipe (FIFO)", "not a regular file")),
+        "clip-checkpoint-a-fifo": Case(X, "a `--clip-checkpoint` that is a named pipe", "--dataset dtd --root {data} "
+                                       "--clip-checkpoint pipe.pt", fifo("pipe.pt"), seconds=30,
+                                       expect=W("--clip-checkpoint", "named pipe")),
+        "features-at-output-a-fifo": Case(X, "a named pipe at the features file's path", "--dataset dtd --root {data}",
+                                          fifo(FEATURES), seconds=30, expect=W("named pipe", "not a regular file")),
+        "download-trickle": Case(X, "a host that trickles the archive (one byte every 50 ms)", DOWNLOAD,
+                                 served_archive(), within=serving("trickle", **FAST), seconds=20,
+                                 expect=W("is too slow", "past its deadline")),
+        "download-silent": Case(X, "a host that sends the headers and then nothing", DOWNLOAD, served_archive(),
+                                within=serving("silent", **FAST), seconds=20, expect=W("stalled", "nothing arrived")),
+        "download-no-answer": Case(X, "a host that answers only after 3 s", DOWNLOAD, served_archive(),
+                                   within=serving("stall", **FAST), seconds=20, expect=W("stalled: no answer")),
         "image-a-fifo": Case(X, "a test image that is a named pipe", "--dataset dtd --root data",
                              dataset(then=test_image_a_fifo), seconds=30,
                              expect=W("class a_0/test_0.jpg (a named pipe (FIFO), not a regular file)")),
@@ -746,8 +748,6 @@ FAMILIES = {  # family -> {case name -> Case}
                                            "--dataset dtd --root absent --views 3 --shots 2", copied_features),
         "features-before-open-clip": Case(T, "a features file extracted with OpenAI's clip package, before open_clip",
                                           "--dataset dtd --root {data} --shots 2", features_before_open_clip),
-        "features-at-output-a-fifo": Case(X, "a named pipe at the features file's path", "--dataset dtd --root {data}",
-                                          fifo(FEATURES), seconds=30, expect=W("named pipe", "not a regular file")),
         "features-at-output-empty": Case(X, "an empty file at the features file's path", "--dataset dtd --root {data}",
                                          cut("feats", FEATURES, 0), expect=W("is truncated", "--overwrite")),
         "other-weights": Case(X, "an existing features file made with other weights of the same architecture "
