@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from fewshot.errors import DataError
+from fewshot.files import check_regular
 
 CUPL = "cupl"  # --prompts cupl: CuPL's class descriptions instead of a file
 # CuPL's GPT-3 class descriptions (Pratt et al., "What does a platypus look like?", ICCV 2023), one json
@@ -42,6 +43,7 @@ def load_prompts(path, classnames: list[str], template: str) -> list[list[str]]:
     Class names match after normalising case, underscores and spaces (CuPL files spell them their own way).
     A class the file has no sentences for gets template.format(name) instead, with one warning counting them.
     """
+    check_regular(path, "prompts file")
     try:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:

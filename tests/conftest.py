@@ -137,3 +137,45 @@ def fail(capsys):
         assert len(err) == 1 and err[0].startswith("error: "), err
         return err[0]
     return fail
+
+
+class Tripped(BaseException):
+    """A call that must not happen happened (a BaseException: the commands' guarded() lets it through)."""
+
+
+class Tripwire:
+    """`owner.name` replaced by a call that must not happen: calling it fails the test. A tripwire only guards
+    while the code still calls `owner.name`; proven(action) shows that it does, by running `action` (the same
+    command on a valid input, or one that gets that far), which must trip it. Each tripwire must be proven."""
+
+    def __init__(self, monkeypatch, owner, name, why):
+        self.owner, self.name, self.why, self.fired, self.live = owner, name, why, 0, False
+        monkeypatch.setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.fired += 1
+        raise Tripped(f"{self.why} ({getattr(self.owner, '__name__', self.owner)}.{self.name} was called)")
+
+    def proven(self, action):
+        """Run action(), which must call the patched name: the tripwire is live, so its guard can fail."""
+        fired = self.fired
+        try:
+            action()
+        except Tripped:
+            pass
+        assert self.fired > fired, f"the tripwire on {self.name} never fired: the code no longer calls it there"
+        self.live = True
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """tripwire(owner, name, why): owner.name must not be called (else the test fails with `why`); prove each one
+    live with .proven(action) in the same test, or the test fails."""
+    wires = []
+
+    def make(owner, name, why):
+        wires.append(Tripwire(monkeypatch, owner, name, why))
+        return wires[-1]
+    yield make
+    dead = [w.name for w in wires if not w.live]
+    assert not dead, f"tripwires never proven live with .proven(): {dead}"

@@ -101,11 +101,12 @@ def test_tuned_block_scores_every_grid_point_on_dev_folds_only(tmp_path, monkeyp
     assert again["tip"]["acc"] == out["acc"] and len(seen) == 9           # the rerun reads the cache
 
 
-def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bias_only(tmp_path, monkeypatch):
+def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bias_only(tmp_path, monkeypatch,
+                                                                                         tripwire):
     real = fake_real(C=4, per_class=8, d=8)
     monkeypatch.setattr(real_features, "STUDY", {"E2 sparse edges": real_features.STUDY["E2 sparse edges"]})
     monkeypatch.setattr(real_features, "SEEDS", (1, 2))
-    monkeypatch.setattr(real_features, "test_accuracy", lambda *a, **k: pytest.fail("the study read a test image"))
+    wire = tripwire(real_features, "test_accuracy", "the study read a test image")
     monkeypatch.setattr(training, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
     cache = real_features.Cache(tmp_path / "c.jsonl")
     out = real_features.study(cache, real, "t", ["hegraph-bias", "E2 sparse edges"])
@@ -116,6 +117,8 @@ def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bi
     assert out["E2 sparse edges"]["per_seed"][1] == pytest.approx(sum(seed2) / len(seed2))
     table = real_features.markdown_study(out, "t")
     assert "| `hegraph-bias` |" in table and "| `E2 sparse edges` |" in table
+    # live: the blocks that report test accuracy do call it
+    wire.proven(lambda: real_features.block(real_features.Cache(tmp_path / "d.jsonl"), real, "t", ["tip"], tuned=False))
 
 
 def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypatch):
