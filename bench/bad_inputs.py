@@ -2,9 +2,10 @@
 Bad inputs: what every bad input gets (docs/bad-inputs.md), measured on the real commands.
 
 Each case of the registry (fewshot/testing/bad_inputs.py, which the tests also run, in-process) runs here as a real
-command, `python train.py ...` or `python extract_features.py ...` in a subprocess (OMP_NUM_THREADS=1, --device
-cpu --workers 0), on tiny fixtures built in a temporary folder (fewshot/testing/fixtures.py's random CLIP,
-CoOp-layout datasets and synthetic features), and is judged by the registry's rules:
+command, `python train.py ...`, `python extract_features.py ...` or `python predict.py ...` in a subprocess
+(OMP_NUM_THREADS=1, --device cpu --workers 0), on tiny fixtures built in a temporary folder
+(fewshot/testing/fixtures.py's random CLIP, CoOp-layout datasets and synthetic features), and is judged by
+the registry's rules:
 
 - bad input gets exactly ONE `error: ...` line on stderr, as a terminal shows it (tqdm redraws a line after
   "\\r" and clears it when closed, so only the text after the last "\\r" of each line counts), and a non-zero
@@ -12,10 +13,11 @@ CoOp-layout datasets and synthetic features), and is judged by the registry's ru
 - nothing is lost: every file that existed before (a sentinel "previous results" at --out, the inputs, the
   shared fixtures) is unchanged, nothing half-written appears, no hidden .*.tmp is left.
 
-Control rows (a 16-bit PNG, --epochs 0, stale features files) are not bad inputs: they must succeed. Then three
-parallel runs: two extractions of one file with different --views, two train.py jobs (--seeds 1, --seeds 2)
-extracting one file on demand (each pair takes turns on the file, and it ends holding what both asked for), and
-an extraction killed with kill -9 inside its write, then run again.
+Control rows (a 16-bit PNG, --epochs 0, stale features files, a model evaluated without negatives, predict.py
+on an image) are not bad inputs: they must succeed. Then four parallel runs: two extractions of one file with
+different --views, two train.py jobs (--seeds 1, --seeds 2) extracting one file on demand (each pair takes turns
+on the file, and it ends holding what both asked for), an extraction killed with kill -9 inside its write, then
+run again, and two train.py runs of different methods saving into one --save folder.
 
     python bench/bad_inputs.py                      # every case, then the parallel runs
     python bench/bad_inputs.py --cases lr-zero nan-test --no-parallel
@@ -53,8 +55,10 @@ from fewshot.testing.bad_inputs import (
     COMMON,
     FAMILIES,
     FEATURES,
+    PREDICT_COMMON,
     Case,
     Fixtures,
+    P,
     T,
     X,
     command,
@@ -71,6 +75,7 @@ def case(script, args):
     return Case(script, "", args)
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {T: "train.py", X: "extract_features.py", P: "predict.py"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",  # tiny models, busy machine, no download:
        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),  # as in the tests
                                       *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -81,7 +86,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",  # tiny mode
 
 def script_argv(script, args):
     """python SCRIPT ARGS: a case's (or a parallel run's) real command."""
-    return [sys.executable, str(ROOT / f"{'train' if script == T else 'extract_features'}.py"), *args]
+    return [sys.executable, str(ROOT / SCRIPTS[script]), *args]
 
 
 STARTUP_S = 60  # what a process may take to import torch and open_clip on a busy machine, before its first flag
@@ -262,7 +267,31 @@ def killed_write(folder, fx):
     return s
 
 
-PARALLEL = {"two-extractions": two_extractions, "two-seed-jobs": two_seed_jobs, "killed-write": killed_write}
+def two_saves(folder, fx):
+    """train.py --method hegraph-t and --method hegraph with one --save folder, started together: one writes its
+    models, the other waits for it, then is refused (the folder holds another run's), and nothing is mixed."""
+    s = Parallel("2 x train.py, `--method hegraph-t` and `--method hegraph`, one `--save` folder")
+    folder.mkdir(parents=True)
+    argvs = [script_argv(T, command(T, f"--features {{feats}} --method {m} --shots 2 --epochs 2 --seeds 1 2 "
+                                       f"--save ck --out r_{m}.json", fx)) for m in ("hegraph-t", "hegraph")]
+    procs = [start(argv, folder) for argv in argvs]
+    outputs = finish_all(procs)
+    for label, proc, (out, err) in zip(("hegraph-t", "hegraph"), procs, outputs):
+        errors = [line for line in shown_lines(err) if line.startswith("error:")]
+        s.processes.append((label, proc.returncode, errors, out))
+        if proc.returncode != 0 and (len(errors) != 1 or "another run" not in errors[0]):
+            s.problems.append(f"{label}: exit {proc.returncode} with {len(shown_lines(err))} stderr lines")
+    if sorted(p.returncode == 0 for p in procs) != [False, True]:
+        s.problems.append(f"exits {[p.returncode for p in procs]}: exactly one run should have saved")
+    saved = sorted((folder / "ck").glob("seed*.pt"))
+    methods = {torch.load(p, weights_only=True)["run"]["method"] for p in saved}
+    if len(methods) != 1 or len(saved) != 2:
+        s.problems.append(f"the folder holds {[p.name for p in saved]} of {sorted(methods)}")
+    return s
+
+
+PARALLEL = {"two-extractions": two_extractions, "two-seed-jobs": two_seed_jobs, "killed-write": killed_write,
+            "two-saves": two_saves}
 
 
 def run_parallel(tmp, fx):
@@ -283,7 +312,7 @@ def cell(text, width=110):
 def display(case):
     """The case's command as a reader should see it: the script and the case's own flags ($fixture for shared
     files; other paths are the case's own folder, the command's working directory)."""
-    script = "train.py" if case.script == T else "extract_features.py"
+    script = SCRIPTS[case.script]
     args = case.args.replace("{{", "\0").replace("}}", "\1").replace("{", "$").replace("}", "")
     return printable(f"`{script} {args.replace(chr(0), '{').replace(chr(1), '}')}`")
 
@@ -384,8 +413,9 @@ def main(argv=None):
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"Every command also gets `{COMMON.format(clip='$clip')}` (and train.py `--out results.json`, a "
-          f"sentinel \"previous results\" file) first; its own flags follow. It runs in the case's own folder; "
-          f"$feats, $data, $clip, $ck are shared fixtures.\n")
+          f"sentinel \"previous results\" file; predict.py only `{PREDICT_COMMON}`) first; its own flags follow. It "
+          f"runs in the case's own folder; $feats, $data, $clip, $ck, $model, $photo, $other_clip are shared "
+          f"fixtures.\n")
     print(family_table(outcomes))
     print()
     print(table(outcomes).replace(str(tmp), "$TMP"))  # the temporary folder, gone by now

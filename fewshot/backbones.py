@@ -238,6 +238,7 @@ class Encoder:
     tokenize: Callable[[list[str]], torch.Tensor]  # sentences -> [n, context_length] token ids
     preprocess: Preprocess                        # what the augmented views use
     transform: Callable                           # view 0: the model's own eval transform, PIL image -> [3, H, W]
+    config: dict | None = None                    # open_clip's preprocessing configuration of it, as plain values
 
 
 def load(settings: Settings, device: torch.device) -> Encoder:
@@ -259,10 +260,17 @@ def load(settings: Settings, device: torch.device) -> Encoder:
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
     preprocess = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                             interpolation=cfg.get("interpolation", "bicubic"))
-    # view 0: what open_clip's create_model_and_transforms gives as the model's eval transform (resize mode too)
-    transform = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**{**cfg, "size": preprocess.size}),
-                                                is_train=False)
-    return Encoder(model, tokenizer, preprocess, transform)
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in {**cfg, "size": preprocess.size}.items()}
+    return Encoder(model, tokenizer, preprocess, eval_transform(config), config)
+
+
+def eval_transform(config: dict) -> Callable:
+    """View 0 of a preprocessing configuration (Encoder.config, as a features file and a model file record it):
+    what open_clip's create_model_and_transforms gives as the model's eval transform (resize mode too)."""
+    oc = import_open_clip()
+    known = {f.name for f in dataclasses.fields(oc.transform.PreprocessCfg)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+    return oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**values), is_train=False)
 
 
 def _load_openai_checkpoint(oc, path: str):

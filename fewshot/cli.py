@@ -243,10 +243,14 @@ def train_parser(description=None) -> Parser:
                    "12 settings) on the min(K, 4)-shot validation subset, never on test images")
     add_config_flags(p)
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=path_arg, help="write the results json here")
-    g.add_argument("--save", type=path_arg, help="write the learned parameters and configuration to DIR/seed<N>.pt")
-    g.add_argument("--eval-only", action="store_true", help="evaluate checkpoints from --load, no training")
-    g.add_argument("--load", type=path_arg, help="checkpoint folder written by --save (with --eval-only)")
+    g.add_argument("--out", type=path_arg, help="write the results json here (per-seed and per-class accuracy, "
+                   "confusion matrices, what was used)")
+    g.add_argument("--plots", action="store_true", help="also draw the test confusion matrix as confusion.png "
+                   "beside the --out file")
+    g.add_argument("--save", type=path_arg, help="write each seed's model to DIR/seed<N>.pt: everything predict.py "
+                   "needs to classify new images (no features file, no dataset)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate the models in --load, no training")
+    g.add_argument("--load", type=path_arg, help="model folder written by --save (with --eval-only)")
     g.add_argument("--eval-datasets", nargs="+", default=[], choices=SHIFT_DATASETS,
                    help="also evaluate on these ImageNet shift sets, restricted to their classes")
     return p
@@ -272,7 +276,8 @@ def train_request(argv=None, description=None) -> RunRequest:
     recipe, config = overrides_from_args(args)
     return RunRequest(features=args.features, dataset=args.dataset, extraction=extraction_from_args(args),
                       method=args.method, shots=args.shots, seeds=tuple(args.seeds), no_negatives=args.no_negatives,
-                      recipe=recipe, config=config, search_val=args.search_val, out=args.out, save=args.save,
+                      recipe=recipe, config=config, search_val=args.search_val, out=args.out, plots=args.plots,
+                      save=args.save,
                       load=args.load, eval_datasets=tuple(args.eval_datasets), device=args.device,
                       overwrite=args.overwrite)
 

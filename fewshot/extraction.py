@@ -199,6 +199,25 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
     return torch.cat(chunks).transpose(0, 1).contiguous()
 
 
+def probe_images() -> list[Image.Image]:
+    """Two fixed images, a colour gradient and seeded noise (96 x 128 pixels): what they encode into identifies a
+    CLIP and its preprocessing by what they compute, whatever the weights' file or name."""
+    y, x = np.mgrid[0:96, 0:128]
+    gradient = np.stack([x * 2, y * 2, 255 - x - y], axis=-1).clip(0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    return [Image.fromarray(gradient), Image.fromarray(noise)]
+
+
+@torch.no_grad()
+def encode_probe(encoder: backbones.Encoder, device: torch.device, transform=None) -> torch.Tensor:
+    """[2, d] features of probe_images() (view 0, L2-normalised float16, as a test image's). transform: view 0's,
+    default the encoder's own."""
+    x = torch.stack([(transform or encoder.transform)(image) for image in probe_images()]).to(device)
+    with _autocast(device):
+        f = encoder.model.encode_image(x)
+    return F.normalize(f.float(), dim=-1).half().cpu()
+
+
 def check_encoded(features: torch.Tensor, names: list[str], device: torch.device, what: str):
     """One line if CLIP gave a NaN, infinite or all-zero feature (its weights are finite, checked on loading, so
     its computation overflowed): such a feature must never reach a features file."""
@@ -344,6 +363,14 @@ def assemble(work: cache.Work, splits: Splits, key: str, feats: dict, logit_scal
     return out
 
 
+def clip_facts(encoder, old: dict | None, device: torch.device) -> dict:
+    """What the model files trained on the file carry of its CLIP: view 0's preprocessing (open_clip's
+    configuration) and the features of the two probe images; kept from the old file when no model was loaded."""
+    if encoder is not None:
+        return {"preprocess": encoder.config, "probe": encode_probe(encoder, device)}
+    return {k: old[k] for k in ("preprocess", "probe") if old and k in old}
+
+
 @dataclass(frozen=True)
 class Extracted:
     """What an extraction gives a run: the file, and what in it the run asked for."""
@@ -382,7 +409,7 @@ def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, reci
     feats = encode_rows(encoder, work, old, splits.images, d, batch_size, workers, device,
                         dataset_name(settings.dataset))
     scale = encoder.model.logit_scale.exp().item() if encoder else float(old["logit_scale"])
-    out = assemble(work, splits, key, feats, scale, recipe)
+    out = assemble(work, splits, key, feats, scale, recipe) | clip_facts(encoder, old, device)
     files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20), flag="--features-dir")
     print(f"wrote {path}")
     return Extracted(path, key, settings.views, work.images, work.views, new_texts)

@@ -155,3 +155,40 @@ def test_study_command_runs_the_designs_named(tmp_path, monkeypatch):
     rows = [line.split("|")[1].strip() for line in (tmp_path / "out" / "graph_study.md").read_text().splitlines()
             if line.startswith("| `")]
     assert rows == ["`hegraph-bias`", "`hegraph`", "`E2 sparse edges`", "`E1 own-class edges`"]
+
+
+def fake_blocks(tasks, rows, seeds=3):
+    """Results of the tuned block, row i scoring 60 + i (so the last rows are the strongest), per K and seed."""
+    return {(task, True): {row: {"acc": {k: [60.0 + i + k / 10 + s / 100 for s in range(seeds)]
+                                         for k in real_features.TEST_SHOTS}, "point": {}, "epoch_seconds": 0,
+                                 "params": 0, "dev": []} for i, row in enumerate(rows)} for task in tasks}
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures plot() closes, kept open to be measured."""
+    import matplotlib.pyplot as plt
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def test_the_figure_draws_hegraph_against_the_strongest_and_fits_its_title(tmp_path, drawn):
+    """Ten methods on four tasks: HeGraphAdapter, the three strongest others and zero-shot are drawn, the rest are
+    named under the panels (they are in the tables); with one task the title is not cut."""
+    rows = list(real_features.ROWS)                     # hegraph-bias, hegraph, hegraph-tp are the last three
+    blocks = fake_blocks(real_features.TASKS, rows)
+    real_features.plot(blocks, tmp_path / "four.png", "ViT-B/32")
+    fig = drawn[-1]
+    for ax in fig.axes[:4]:   # in the tables' order: zero-shot, the three strongest but hegraph, and hegraph
+        assert [bars.get_label() for bars in ax.containers] == ["zeroshot", "graphadapter", "hegraph-bias",
+                                                                "hegraph", "hegraph-tp"]
+    notes = fig.legends[0].get_title().get_text().replace("\n", " ")
+    assert "Not drawn (the tables give them): linear-probe, tip, tip-f, taskres, clip-adapter." in notes
+    real_features.plot(fake_blocks(["random-50"], rows), tmp_path / "one.png", "ViT-B/32")
+    fig = drawn[-1]
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and "seeds 1, 2, 3" in fig._suptitle.get_text()

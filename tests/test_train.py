@@ -246,7 +246,9 @@ def test_pipeline_from_images_through_the_command_line(make_dataset, tiny_vit_ch
 
 def test_train_does_not_import_clip_or_torchvision():
     """train.py on a features file never encodes an image, so it must not pay their import (open_clip: 3 s a
-    start); backbones.py imports open_clip when a model is first read or loaded."""
-    code = "import sys, train; print(sorted(m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules))"
+    start); backbones.py imports open_clip when a model is first read or loaded (predict.py too: a bad command
+    line is told so at once)."""
+    code = ("import sys, train, predict; "
+            "print(sorted(m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"

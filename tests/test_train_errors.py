@@ -76,7 +76,7 @@ def test_searched_checkpoints_join_one_folder_and_evaluate_as_searched(feats, tm
                 "--save", ck)
     run("--features", feats, "--method", "tip-f", "--shots", 2, "--epochs", 2, "--search-val", "--seeds", 2,
         "--save", ck)
-    assert sorted(p.name for p in ck.iterdir()) == ["seed1.pt", "seed2.pt"]
+    assert sorted(p.name for p in ck.iterdir() if not p.name.startswith(".")) == ["seed1.pt", "seed2.pt"]
     searched = torch.load(ck / "seed1.pt", weights_only=True)["model_config"]
     assert (searched["alpha"], searched["gamma"]) != (1.0, 5.0), "the search must move α or γ for this to test"
     again = run("--features", feats, "--eval-only", "--load", ck, "--seeds", 1)
@@ -229,12 +229,16 @@ def test_an_unforeseen_error_is_one_line_with_the_path_of_its_traceback(feats, m
 
 
 @pytest.mark.parametrize("spoil, words", [
-    (lambda c: c["state_dict"]["b_p"].__setitem__((0, 0), float("nan")), "b_p is not a tensor of finite numbers"),
+    (lambda c: c["state_dict"]["b_p"].__setitem__((0, 0), float("nan")), "'b_p' is not a tensor of finite numbers"),
     (lambda c: c["state_dict"].__setitem__("b_p", c["state_dict"]["b_p"][:, :5]), "does not fit this HeGraphAdapter"),
     (lambda c: c["state_dict"].__setitem__("extra", torch.zeros(3)), "does not fit this HeGraphAdapter"),
     (lambda c: c["state_dict"].pop("W_p"), "does not fit this HeGraphAdapter"),
-    (lambda c: c["model_config"].__setitem__("alpha", float("nan")), "hold alpha = nan, which must be at least 0"),
-    (lambda c: c["run"].pop("classnames_sha256"), "written by another version"),
+    (lambda c: c["model_config"].__setitem__("alpha", float("nan")), "holds alpha = nan, which must be at least 0"),
+    (lambda c: c["run"].pop("classnames_sha256"), "'classnames_sha256' is None, not a str"),
+    (lambda c: c.__setitem__("state_dict", list(c["state_dict"].values())), "its 'state_dict' is a list, not a dict"),
+    (lambda c: c["model_config"].__setitem__("variant", "t"), "its variant is 't', and a hegraph model's is 'full'"),
+    (lambda c: c["cache"].__setitem__("labels", c["cache"]["labels"] + 100), "cache.labels must be 20 class indices"),
+    (lambda c: c.__setitem__("format", "hegraphadapter-model-v0"), "not a model file of format"),
 ])
 def test_a_spoiled_checkpoint_gets_one_line_not_a_number(feats, tmp_path, spoil, words, run, fail):
     run("--features", feats, "--shots", 2, "--epochs", 1, "--seeds", 1, "--save", tmp_path / "ck")
@@ -242,7 +246,8 @@ def test_a_spoiled_checkpoint_gets_one_line_not_a_number(feats, tmp_path, spoil,
     ckpt = torch.load(path, weights_only=True)
     spoil(ckpt)
     torch.save(ckpt, path)
-    assert words in fail("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1)
+    line = fail("--features", feats, "--eval-only", "--load", tmp_path / "ck", "--seeds", 1)
+    assert words in line and str(path) in line and f"--save {tmp_path / 'ck'} --overwrite" in line
 
 
 def test_a_checkpoint_of_another_dataset_with_the_same_shapes_is_refused(feats, tmp_path, run, fail):
@@ -261,7 +266,7 @@ def test_outputs_that_are_inputs_are_refused_before_any_work(feats, tmp_path, tr
     assert "is the --features file" in fail("--features", feats, "--out", feats)
     (tmp_path / "link.pt").symlink_to(feats)
     assert "is the --features file" in fail("--features", feats, "--out", tmp_path / "link.pt")
-    assert "is the --save checkpoint of seed 1" in fail("--features", feats, "--save", tmp_path / "ck",
+    assert "is the --save model file of seed 1" in fail("--features", feats, "--save", tmp_path / "ck",
                                                        "--out", tmp_path / "ck" / "seed1.pt", "--seeds", 1)
     root = make_dataset("dtd")
     assert "is the dataset folder" in fail("--dataset", "dtd", "--root", root, "--out", root / "dtd" / "r.json")

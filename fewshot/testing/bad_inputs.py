@@ -1,8 +1,8 @@
 """The registry of bad inputs: every case once, with what the project promises for it, run by the tests (in
 this process) and by bench/bad_inputs.py (as real commands, for the table in docs/bad-inputs.md).
 
-A case is a command line of train.py or extract_features.py, a way to break a copy of the shared fixtures
-(a random CLIP, a CoOp-layout dataset, a synthetic features file, checkpoints; breaking.py), and at times a
+A case is a command line of train.py, extract_features.py or predict.py, a way to break a copy of the shared
+fixtures (a random CLIP, a CoOp-layout dataset, a synthetic features file, model files; breaking.py), and at times a
 stand-in it runs within (a local server, no network, a full disk); cases come in families, one per kind of
 input. What a bad input must get:
 
@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import tarfile
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot import cli, runs
+from fewshot import classify, cli, runs
 from fewshot.extraction import extract_features
 from fewshot.features import Settings
 from fewshot.testing.breaking import (
@@ -130,6 +131,7 @@ SENTINEL = b"previous results\n"             # what --out (and features/previous
 # every command gets these first; a case's own flags come after and win (argparse keeps the last value)
 COMMON = "--device cpu --workers 0 --clip-checkpoint {clip} --features-dir features --seeds 1 " \
          "--max-shots 2 --views 2"
+PREDICT_COMMON = "--device cpu"  # predict.py's: it has none of the extraction's flags
 NO_CLIP = "--device cpu --workers 0 --features-dir features --seeds 1 --max-shots 2 --views 2"  # a model named
 DOWNLOAD = "--dataset dtd --root data --download"                    # --download from the stand-in host
 FAST = dict(STALL_S=0.5, GRACE_S=0.5, MIN_RATE=1_000_000)          # a slow transfer ends in a second here
@@ -183,6 +185,27 @@ class Fixtures:
         return self._save("hegraph-t", (1, 2), "ck_t")
 
     @functools.cached_property
+    def model(self):
+        """A model folder trained on dtd's features (hegraph-t, 2 shots, seed 1): predict.py classifies images
+        with it, its CLIP being the ViT checkpoint `clip`."""
+        argv = ["--features", str(self.dtd_features), "--method", "hegraph-t", "--shots", "2", "--epochs", "1",
+                "--seeds", "1", "--save", str(self.dir / "model"), "--device", "cpu"]
+        with quiet():
+            runs.run(cli.train_request(argv))
+        return self.dir / "model"
+
+    @functools.cached_property
+    def photo(self):
+        """A JPEG of the dtd dataset, copied to a path without spaces."""
+        shutil.copy(Path(self.data) / "dtd" / "images" / "class a_0" / "test_0.jpg", self.dir / "photo.jpg")
+        return self.dir / "photo.jpg"
+
+    @functools.cached_property
+    def other_clip(self):
+        """Another random CLIP with the same feature size (the tiny ResNet)."""
+        return tiny_clip(self.dir / "other_clip.pt", "resnet")
+
+    @functools.cached_property
     def ck_full(self):
         """Another run's checkpoint folder: hegraph, 2 shots, seed 2."""
         return self._save("hegraph", (2,), "ck_full")
@@ -196,11 +219,92 @@ class Fixtures:
 
 
 # -----------------------------------------------------------------------------
+# how model files and predict.py's inputs are broken (the other inputs: breaking.py)
+
+def renamed_seed(ck, fx):
+    """seed1.pt renamed seed2.pt (seed 2's own file removed)."""
+    (ck / "seed2.pt").unlink()
+    (ck / "seed1.pt").rename(ck / "seed2.pt")
+
+
+def older_checkpoint(ck, fx):
+    """seed1.pt as train.py wrote checkpoints before model files stood alone: run, seed, state_dict, config."""
+    m = torch.load(ck / "seed1.pt", weights_only=True)
+    torch.save({k: m[k] for k in ("run", "seed", "state_dict", "model_config")}, ck / "seed1.pt")
+
+
+def no_val_subset_for_seed_2(case, fx):
+    """f.pt: the synthetic features (seeds 1 2) without seed 2's validation subset."""
+    spoiled(lambda d: d["val_fewshot"].pop(2))(case, fx)
+
+
+def other_fewshot_images(case, fx):
+    """f.pt: features of the same classes, backbone and sizes as the models in ck/, other images."""
+    synthetic_features(case / "f.pt", C=5, test_per_class=6, seeds=(1, 2), seed=7)
+    checkpoints()(case, fx)
+
+
+def no_negatives_file(case, fx):
+    """f.pt: the synthetic features without negative text features; full/: a hegraph model trained with them."""
+    spoiled(lambda d: d["text"].pop("negative"))(case, fx)
+    shutil.copytree(fx.ck_full, case / "full")
+
+
+def same_accuracy_without_negatives(outcome):
+    """check of the control: the model (trained with negatives, which it carries) evaluates as it did."""
+    return [] if json.loads((outcome.folder / "r.json").read_text())["seeds"] else ["no accuracy recorded"]
+
+
+def model_copy(then=None):
+    """model/: a copy of the dtd model folder, then then(model folder, fixtures)."""
+    def prepare(case, fx):
+        shutil.copytree(fx.model, case / "model")
+        if then:
+            then(case / "model", fx)
+    return prepare
+
+
+def model_changed(change):
+    """model/ with change(seed1.pt's dict) applied."""
+    def then(folder, fx):
+        m = torch.load(folder / "seed1.pt", weights_only=True)
+        change(m)
+        torch.save(m, folder / "seed1.pt")
+    return model_copy(then)
+
+
+def features_as_model(case, fx):
+    """model/seed1.pt: a features file, not a model file."""
+    (case / "model").mkdir()
+    shutil.copy(fx.feats, case / "model" / "seed1.pt")
+
+
+def moved_clip(folder, fx):
+    """model/: the model's CLIP checkpoint recorded at a path that no longer exists."""
+    m = torch.load(folder / "seed1.pt", weights_only=True)
+    m["clip"]["clip_checkpoint"] = str(folder / "gone" / "clip.pt")
+    torch.save(m, folder / "seed1.pt")
+
+
+def unreadable_photos(case, fx):
+    """photos/: a text file named .jpg and an empty .png, nothing readable."""
+    (case / "photos").mkdir()
+    (case / "photos" / "a.jpg").write_text("not an image")
+    (case / "photos" / "b.png").write_bytes(b"")
+
+
+def predictions_json(outcome):
+    """check of the predict control: the photo's 2 most probable classes in p.json."""
+    rows = json.loads((outcome.folder / "p.json").read_text())["predictions"]
+    return [] if len(rows) == 1 and len(rows[0]["top"]) == 2 else [f"p.json has {len(rows)} predictions"]
+
+
+# -----------------------------------------------------------------------------
 # the cases, by family: name -> Case
 
 @dataclass(frozen=True)
 class Case:
-    script: str                       # "train" or "extract"
+    script: str                       # "train", "extract" or "predict"
     bad: str                          # the bad input, in words
     args: str                         # after `common`; {name} is a shared fixture, other paths are the case's own
     prepare: Callable | None = None   # (case folder, fixtures): make the case's broken inputs (breaking.py)
@@ -216,7 +320,7 @@ class Case:
     family: str = ""                  # the kind of input it breaks: its key in FAMILIES
 
 
-T, X = "train", "extract"
+T, X, P = "train", "extract", "predict"
 W = lambda *words: tuple(words)
 NAN = float("nan")
 
@@ -401,6 +505,62 @@ FAMILIES = {  # family -> {case name -> Case}
                                          "--eval-only --load ck --seeds 1", other_classes),
         "save-mixed": Case(T, "`--save` into a folder holding another method's checkpoints",
                            "--features {feats} --method hegraph --shots 2 --epochs 1 --save ck", checkpoints()),
+        "checkpoint-renamed": Case(T, "`seed1.pt` renamed `seed2.pt`", "--features {feats} --eval-only --load ck "
+                                   "--seeds 2", checkpoints(renamed_seed)),
+        "checkpoint-seed-absent": Case(T, "`--eval-only --seeds 3` on a folder of seeds 1 and 2",
+                                       "--features {feats} --eval-only --load {ck} --seeds 3"),
+        "checkpoint-state-list": Case(T, "a model file whose state_dict is a list", "--features {feats} --eval-only "
+                                      "--load ck --seeds 1", checkpoint_changed(
+                                          lambda c: c.__setitem__("state_dict", list(c["state_dict"].values())))),
+        "checkpoint-run-not-a-dict": Case(T, "a model file whose run is a string", "--features {feats} --eval-only "
+                                          "--load ck --seeds 1",
+                                          checkpoint_changed(lambda c: c.__setitem__("run", "hegraph-t"))),
+        "checkpoint-older-layout": Case(T, "a checkpoint of an older train.py (no class names, text features, cache)",
+                                        "--features {feats} --eval-only --load ck --seeds 1",
+                                        checkpoints(older_checkpoint)),
+        "checkpoint-other-images": Case(T, "features of the same classes and sizes, other few-shot images",
+                                        "--features f.pt --eval-only --load ck --seeds 1", other_fewshot_images),
+        "eval-only-config-flag": Case(T, "`--eval-only --load DIR --alpha 5`",
+                                      "--features {feats} --eval-only --load {ck} --seeds 1 --alpha 5"),
+        "eval-only-recipe-flag": Case(T, "`--eval-only --load DIR --epochs 3`",
+                                      "--features {feats} --eval-only --load {ck} --seeds 1 --epochs 3"),
+        "eval-only-save": Case(T, "`--eval-only --load DIR --save OTHER`",
+                               "--features {feats} --eval-only --load {ck} --seeds 1 --save other"),
+        "load-a-file": Case(T, "`--load DIR/seed1.pt`, a file", "--features {feats} --eval-only --load {ck}/seed1.pt"),
+        "search-val-seed-without-val": Case(T, "`--search-val --seeds 1 2`, seed 2 without a validation subset",
+                                            "--features f.pt --method tip --shots 2 --search-val --seeds 1 2",
+                                            no_val_subset_for_seed_2),
+    },
+    "model files and predict.py": {
+        "predict-no-model": Case(P, "`--model` a folder that does not exist", "--model absent {photo}"),
+        "predict-empty-folder": Case(P, "`--model` a folder without model files", "--model folder {photo}",
+                                     a_folder),
+        "predict-features-as-model": Case(P, "a features file named `seed1.pt`", "--model model {photo}",
+                                          features_as_model),
+        "predict-state-list": Case(P, "a model file whose state_dict is a list", "--model model {photo}",
+                                   model_changed(lambda m: m.__setitem__("state_dict", list(m["state_dict"])))),
+        "predict-text-nan": Case(P, "NaN text features in a model file", "--model model {photo}",
+                                 model_changed(lambda m: m["text"]["positive"].fill_(float("nan")))),
+        "predict-other-format": Case(P, "a model file of another format", "--model model {photo}",
+                                     model_changed(lambda m: m.__setitem__("format", "hegraphadapter-model-v0"))),
+        "predict-unknown-method": Case(P, "a model file of a method this version lacks", "--model model {photo}",
+                                       model_changed(lambda m: m["run"].__setitem__("method", "coop-next"))),
+        "predict-renamed": Case(P, "`seed1.pt` renamed `seed3.pt`", "--model model {photo}",
+                                model_copy(lambda f, fx: (f / "seed1.pt").rename(f / "seed3.pt"))),
+        "predict-seed-absent": Case(P, "`--seed 4` of a folder holding seed 1", "--model {model} --seed 4 {photo}"),
+        "predict-other-clip": Case(P, "`--clip-checkpoint` another CLIP of the same feature size",
+                                   "--model {model} --clip-checkpoint {other_clip} {photo}"),
+        "predict-clip-moved": Case(P, "the model's CLIP checkpoint no longer at its recorded path",
+                                   "--model model {photo}", model_copy(moved_clip)),
+        "predict-features-without-clip": Case(P, "a model of features that name no CLIP (synthetic) on an image",
+                                              "--model {ck} {photo}"),
+        "predict-unreadable": Case(P, "a folder of images none of which can be read", "--model {model} photos",
+                                   unreadable_photos),
+        "predict-no-images": Case(P, "an empty folder of images", "--model {model} folder", a_folder),
+        "predict-top-k-zero": Case(P, "`--top-k 0`", "--model {model} --top-k 0 {photo}"),
+        "predict-out-suffix": Case(P, "`--out p.txt`", "--model {model} --out p.txt {photo}"),
+        "predict-out-in-model": Case(P, "`--out` inside the `--model` folder", "--model model --out model/p.csv "
+                                     "{photo}", model_copy()),
     },
     "outputs": {
         "out-unwritable": Case(T, "an unwritable `--out` (its folder is a file)",
@@ -770,6 +930,12 @@ FAMILIES = {  # family -> {case name -> Case}
     },
 
     "controls (not bad inputs: they must succeed)": {
+        "eval-only-without-negatives": Case(T, "control: a model trained with negatives, evaluated on a file "
+                                            "without them (it carries its own)", "--features f.pt --eval-only "
+                                            "--load full --seeds 2 --out r.json", no_negatives_file, control=True,
+                                            check=same_accuracy_without_negatives),
+        "predict-an-image": Case(P, "control: predict.py on an image, `--out p.json`", "--model {model} --out p.json "
+                                 "--top-k 2 {photo}", control=True, check=predictions_json),
         "16-bit-png": Case(X, "control: a 16-bit PNG (and its 8-bit twin) in the test split",
                            "--dataset dtd --root data",
                            dataset(then=sixteen_bit_png), control=True, check=same_16_and_8_bit_features),
@@ -802,7 +968,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 @functools.cache
 def flags_of(script):
     """The flags a script's --help lists: an error must only name those (no dead ends)."""
-    parser = cli.train_parser() if script == T else cli.extract_parser()
+    parser = {T: cli.train_parser, X: cli.extract_parser, P: classify.predict_parser}[script]()
     return set(FLAG.findall(parser.format_help()))
 
 
@@ -844,9 +1010,10 @@ def files_lost(before, after, root, rewritten=()):
 
 
 def command(case, fx):
-    """The arguments of a case's command, after the script: COMMON [--out results.json] ARGS."""
-    out = " --out results.json" if case.script == T else ""
-    return shlex.split(f"{case.common}{out} {case.args}".format_map(fx))
+    """The arguments of a case's command, after the script: COMMON [--out results.json] ARGS (predict.py:
+    PREDICT_COMMON ARGS)."""
+    common = PREDICT_COMMON if case.script == P else case.common + (" --out results.json" if case.script == T else "")
+    return shlex.split(f"{common} {case.args}".format_map(fx))
 
 
 @dataclass
@@ -943,7 +1110,7 @@ def in_case_folder(folder):
 
 
 def entry_point(script):
-    return cli.train_command if script == T else cli.extract_command
+    return {T: cli.train_command, X: cli.extract_command, P: classify.predict_command}[script]
 
 
 def run_in_process(outcome, before, fx):
