@@ -2,9 +2,10 @@
 Bad inputs: what every bad input gets (docs/bad-inputs.md), measured on the real commands.
 
 Each case of the registry (fewshot/testing/bad_inputs.py, which the tests also run, in-process) runs here as a real
-command, `python train.py ...` or `python extract_features.py ...` in a subprocess (OMP_NUM_THREADS=1, --device
-cpu --workers 0), on tiny fixtures built in a temporary folder (fewshot/testing/fixtures.py's random CLIP,
-CoOp-layout datasets and synthetic features), and is judged by the registry's rules:
+command, `python train.py ...`, `python extract_features.py ...` or `python predict.py ...` in a subprocess
+(OMP_NUM_THREADS=1, --device cpu --workers 0), on tiny fixtures built in a temporary folder
+(fewshot/testing/fixtures.py's random CLIP, CoOp-layout datasets and synthetic features), and is judged by
+the registry's rules:
 
 - bad input gets exactly ONE `error: ...` line on stderr, as a terminal shows it (tqdm redraws a line after
   "\\r" and clears it when closed, so only the text after the last "\\r" of each line counts), and a non-zero
@@ -12,10 +13,11 @@ CoOp-layout datasets and synthetic features), and is judged by the registry's ru
 - nothing is lost: every file that existed before (a sentinel "previous results" at --out, the inputs, the
   shared fixtures) is unchanged, nothing half-written appears, no hidden .*.tmp is left.
 
-Control rows (a 16-bit PNG, --epochs 0, stale features files) are not bad inputs: they must succeed. Then three
-parallel runs: two extractions of one file with different --views, two train.py jobs (--seeds 1, --seeds 2)
-extracting one file on demand (each pair takes turns on the file, and it ends holding what both asked for), and
-an extraction killed with kill -9 inside its write, then run again.
+Control rows (a 16-bit PNG, --epochs 0, stale features files, a model evaluated without negatives, predict.py
+on an image) are not bad inputs: they must succeed. Then four parallel runs: two extractions of one file with
+different --views, two train.py jobs (--seeds 1, --seeds 2) extracting one file on demand (each pair takes turns
+on the file, and it ends holding what both asked for), an extraction killed with kill -9 inside its write, then
+run again, and two train.py runs of different methods saving into one --save folder.
 
     python bench/bad_inputs.py                      # every case, then the parallel runs
     python bench/bad_inputs.py --cases lr-zero nan-test --no-parallel
@@ -46,13 +48,17 @@ from pathlib import Path
 
 import torch
 
+from fewshot.cli import printable
 from fewshot.features import load_features
 from fewshot.testing.bad_inputs import (
     CASES,
     COMMON,
     FAMILIES,
     FEATURES,
+    PREDICT_COMMON,
+    Case,
     Fixtures,
+    P,
     T,
     X,
     command,
@@ -63,8 +69,16 @@ from fewshot.testing.bad_inputs import (
     snapshot,
 )
 
+
+def case(script, args):
+    """A parallel run's command as a case (no bad input: only its flags are used)."""
+    return Case(script, "", args)
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in the tests
+SCRIPTS = {T: "train.py", X: "extract_features.py", P: "predict.py"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",  # tiny models, busy machine, no download:
+       "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),  # as in the tests
+                                      *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 # -----------------------------------------------------------------------------
@@ -72,21 +86,37 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, busy machine: as in
 
 def script_argv(script, args):
     """python SCRIPT ARGS: a case's (or a parallel run's) real command."""
-    return [sys.executable, str(ROOT / f"{'train' if script == T else 'extract_features'}.py"), *args]
+    return [sys.executable, str(ROOT / SCRIPTS[script]), *args]
+
+
+STARTUP_S = 60  # what a process may take to import torch and open_clip on a busy machine, before its first flag
+HANG_S = 300    # a case still running after this long hangs
 
 
 def run_case(outcome, before, fx):
-    """Run the case's command in its folder as a subprocess, then judge exit, stderr, stdout and files."""
+    """Run the case's command in its folder as a subprocess, then judge exit, stderr, stdout, time and files. A
+    case with stand-ins (a local server, no network, a full disk) runs as python -m fewshot.testing.bad_inputs
+    CASE ARGS: the same entry point, within its stand-ins, in a process of its own."""
     env = {**ENV, "HOME": str(outcome.folder)}       # ~ is the case's folder: whatever is written there is checked
-    proc = subprocess.run(script_argv(outcome.case.script, outcome.argv), cwd=outcome.folder, env=env,
-                          capture_output=True, timeout=300)
-    return judge(outcome, proc.returncode, decode(proc.stdout), decode(proc.stderr), before, fx)
+    argv = [sys.executable, "-m", "fewshot.testing.bad_inputs", outcome.name, *outcome.argv] if outcome.case.within \
+        else script_argv(outcome.case.script, outcome.argv)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, cwd=outcome.folder, env=env, capture_output=True, timeout=HANG_S)
+    except subprocess.TimeoutExpired as e:  # killed: judged as what it printed, and as the hang it is
+        judge(outcome, -9, decode(e.stdout or b""), decode(e.stderr or b""), before, fx)
+        outcome.problems.append(f"still running after {HANG_S} s: killed")
+        return outcome
+    return judge(outcome, proc.returncode, decode(proc.stdout), decode(proc.stderr), before, fx,
+                 time.perf_counter() - start, startup=STARTUP_S)
 
 
 def run_cases(names, tmp, jobs=2):
     """Prepare every case (one at a time: fixtures are built on first use), take the checksums of every file,
-    then run the cases, `jobs` at once."""
+    then run the cases, `jobs` at once. A case that is no bad input on this machine (--device cuda with CUDA) is
+    left out."""
     fx = Fixtures(tmp / "shared")
+    names = [n for n in names if not CASES[n].applies or CASES[n].applies()]
     outcomes = [prepare(name, CASES[name], tmp / "cases" / name, fx) for name in names]
     befores = [snapshot(o.folder, fx.dir) for o in outcomes]
     with ThreadPoolExecutor(jobs) as pool:
@@ -159,7 +189,7 @@ def two_extractions(folder, fx):
     """extract_features.py --views 2 and --views 3 on one dataset and file, started together."""
     s = Parallel("2 x extract_features.py, `--views 2` and `--views 3`, one file")
     folder.mkdir(parents=True)
-    argvs = [script_argv(X, command(X, f"--dataset dtd --root {{data}} --views {v}", fx)) for v in (2, 3)]
+    argvs = [script_argv(X, command(case(X, f"--dataset dtd --root {{data}} --views {v}"), fx)) for v in (2, 3)]
     procs = [start(argv, folder) for argv in argvs]
     path = folder / FEATURES
     judge_processes(s, ["views 2", "views 3"], procs, finish_all(procs), path, writers_allowed=(1, 2))
@@ -171,8 +201,8 @@ def two_seed_jobs(folder, fx):
     """train.py --seeds 1 and --seeds 2, each extracting the same features file on demand, started together."""
     s = Parallel("2 x train.py, `--seeds 1` and `--seeds 2`, extracting one file")
     folder.mkdir(parents=True)
-    argvs = [script_argv(T, command(T, f"--dataset dtd --root {{data}} --shots 2 --epochs 2 --seeds {seed} "
-                                       f"--out r{seed}.json", fx))
+    argvs = [script_argv(T, command(case(T, f"--dataset dtd --root {{data}} --shots 2 --epochs 2 --seeds {seed} "
+                                            f"--out r{seed}.json"), fx))
              for seed in (1, 2)]
     procs = [start(argv, folder) for argv in argvs]
     path = folder / FEATURES
@@ -206,7 +236,7 @@ def killed_write(folder, fx):
     s = Parallel("extract_features.py killed (`kill -9`) inside its write, then run again")
     folder.mkdir(parents=True)
     (folder / "features").mkdir()
-    argv = script_argv(X, command(X, "--dataset dtd --root {data}", fx))
+    argv = script_argv(X, command(case(X, "--dataset dtd --root {data}"), fx))
     proc = start(argv, folder)
     tmp = folder / "features" / f".{Path(FEATURES).name}.{socket.gethostname()}.{proc.pid}.tmp"
     os.mkfifo(tmp)
@@ -237,7 +267,31 @@ def killed_write(folder, fx):
     return s
 
 
-PARALLEL = {"two-extractions": two_extractions, "two-seed-jobs": two_seed_jobs, "killed-write": killed_write}
+def two_saves(folder, fx):
+    """train.py --method hegraph-t and --method hegraph with one --save folder, started together: one writes its
+    models, the other waits for it, then is refused (the folder holds another run's), and nothing is mixed."""
+    s = Parallel("2 x train.py, `--method hegraph-t` and `--method hegraph`, one `--save` folder")
+    folder.mkdir(parents=True)
+    argvs = [script_argv(T, command(T, f"--features {{feats}} --method {m} --shots 2 --epochs 2 --seeds 1 2 "
+                                       f"--save ck --out r_{m}.json", fx)) for m in ("hegraph-t", "hegraph")]
+    procs = [start(argv, folder) for argv in argvs]
+    outputs = finish_all(procs)
+    for label, proc, (out, err) in zip(("hegraph-t", "hegraph"), procs, outputs):
+        errors = [line for line in shown_lines(err) if line.startswith("error:")]
+        s.processes.append((label, proc.returncode, errors, out))
+        if proc.returncode != 0 and (len(errors) != 1 or "another run" not in errors[0]):
+            s.problems.append(f"{label}: exit {proc.returncode} with {len(shown_lines(err))} stderr lines")
+    if sorted(p.returncode == 0 for p in procs) != [False, True]:
+        s.problems.append(f"exits {[p.returncode for p in procs]}: exactly one run should have saved")
+    saved = sorted((folder / "ck").glob("seed*.pt"))
+    methods = {torch.load(p, weights_only=True)["run"]["method"] for p in saved}
+    if len(methods) != 1 or len(saved) != 2:
+        s.problems.append(f"the folder holds {[p.name for p in saved]} of {sorted(methods)}")
+    return s
+
+
+PARALLEL = {"two-extractions": two_extractions, "two-seed-jobs": two_seed_jobs, "killed-write": killed_write,
+            "two-saves": two_saves}
 
 
 def run_parallel(tmp, fx):
@@ -249,17 +303,18 @@ def run_parallel(tmp, fx):
 # the table
 
 def cell(text, width=110):
-    """A markdown table cell: one line, no pipes, at most `width` characters."""
-    text = " ".join(str(text).split()).replace("|", "\\|")
+    """A markdown table cell: one line, no pipes, at most `width` characters, bytes that are not UTF-8 (a case's
+    Latin-1 names) escaped."""
+    text = " ".join(printable(text).split()).replace("|", "\\|")
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def display(case):
     """The case's command as a reader should see it: the script and the case's own flags ($fixture for shared
     files; other paths are the case's own folder, the command's working directory)."""
-    script = "train.py" if case.script == T else "extract_features.py"
+    script = SCRIPTS[case.script]
     args = case.args.replace("{{", "\0").replace("}}", "\1").replace("{", "$").replace("}", "")
-    return f"`{script} {args.replace(chr(0), '{').replace(chr(1), '}')}`"
+    return printable(f"`{script} {args.replace(chr(0), '{').replace(chr(1), '}')}`")
 
 
 def table(outcomes):
@@ -273,6 +328,21 @@ def table(outcomes):
         verdict = "yes" if not o.problems else f"**NO**: {cell('; '.join(o.problems), 80)}"
         lines.append(f"| {i} | {o.case.family} | {display(o.case)} | {cell(o.case.bad)} | {o.rc} | {errors} | "
                      f"{others} | {lost} | {verdict} |")
+    return "\n".join(lines)
+
+
+def family_table(outcomes):
+    """One row per family: its cases, how many got what is promised (one error line with the words they expect,
+    in time; a control: success and its check), and the files lost."""
+    lines = ["| family | cases | bad inputs with one clear error line | controls that succeed as checked | "
+             "files lost |", "|---|---:|---:|---:|---:|"]
+    for family in FAMILIES:
+        mine = [o for o in outcomes if o.case.family == family]
+        if not mine:
+            continue
+        bad, controls = [o for o in mine if not o.case.control], [o for o in mine if o.case.control]
+        ok = lambda group: f"{sum(not o.problems for o in group)}/{len(group)}" if group else "–"
+        lines.append(f"| {family} | {len(mine)} | {ok(bad)} | {ok(controls)} | {sum(len(o.lost) for o in mine)} |")
     return "\n".join(lines)
 
 
@@ -313,7 +383,7 @@ def failures(outcomes):
     for o in outcomes:
         if o.problems:
             text.append(f"\n{o.name}: {'; '.join(o.problems)}\n  cd {o.folder} && "
-                        f"{shlex.join(script_argv(o.case.script, o.argv))}  (--keep keeps "
+                        f"{printable(shlex.join(script_argv(o.case.script, o.argv)))}  (--keep keeps "
                         f"the folder)\n"
                         f"  exit {o.rc}; stderr as shown:\n" + "".join(f"    {line}\n" for line in
                                                                      shown_lines(o.stderr)[:25]))
@@ -343,9 +413,12 @@ def main(argv=None):
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"Every command also gets `{COMMON.format(clip='$clip')}` (and train.py `--out results.json`, a "
-          f"sentinel \"previous results\" file) first; its own flags follow. It runs in the case's own folder; "
-          f"$feats, $data, $clip, $ck are shared fixtures.\n")
-    print(table(outcomes))
+          f"sentinel \"previous results\" file; predict.py only `{PREDICT_COMMON}`) first; its own flags follow. It "
+          f"runs in the case's own folder; $feats, $data, $clip, $ck, $model, $photo, $other_clip are shared "
+          f"fixtures.\n")
+    print(family_table(outcomes))
+    print()
+    print(table(outcomes).replace(str(tmp), "$TMP"))  # the temporary folder, gone by now
     if scenarios:
         print()
         print(parallel_table(scenarios))

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import logging
+import os
+import re
+import threading
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -29,7 +36,7 @@ import torch
 
 from fewshot import files
 from fewshot.errors import DataError
-from fewshot.files import load_torch_file
+from fewshot.files import check_regular, load_torch_file
 
 if TYPE_CHECKING:  # the features file's Settings name the model; that module imports this one
     from fewshot.features import Settings
@@ -91,8 +98,8 @@ def resolve(settings: Settings) -> Settings:
             folder = Path(backbone.removeprefix("local-dir:")).expanduser().resolve()
             if not (folder / "open_clip_config.json").is_file():
                 raise DataError(f"--backbone {backbone}: {folder} holds no open_clip_config.json; a local-dir: "
-                                f"model is a folder in open_clip's layout (open_clip_config.json and the weights, "
-                                f"as on the Hugging Face hub)")
+                                f"model is a folder in open_clip's layout: open_clip_config.json and its weights "
+                                f"(open_clip_model.safetensors or open_clip_pytorch_model.bin)")
             backbone = f"local-dir:{folder}"
         return dataclasses.replace(settings, backbone=backbone)
     if pretrained is None and _openai_spelling(backbone) in OPENAI_NAMES:
@@ -155,6 +162,7 @@ def read_checkpoint(path) -> dict:
     """The tensors of an OpenAI-format checkpoint: a state dict saved by torch.save (mapped, not read), also
     inside {"state_dict": ...} with or without DataParallel's "module." prefix, or a TorchScript archive."""
     path = Path(path)
+    check_regular(path, "--clip-checkpoint")
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():
@@ -230,6 +238,7 @@ class Encoder:
     tokenize: Callable[[list[str]], torch.Tensor]  # sentences -> [n, context_length] token ids
     preprocess: Preprocess                        # what the augmented views use
     transform: Callable                           # view 0: the model's own eval transform, PIL image -> [3, H, W]
+    config: dict | None = None                    # open_clip's preprocessing configuration of it, as plain values
 
 
 def load(settings: Settings, device: torch.device) -> Encoder:
@@ -238,21 +247,30 @@ def load(settings: Settings, device: torch.device) -> Encoder:
     oc = import_open_clip()
     if settings.clip_checkpoint:
         model = _load_openai_checkpoint(oc, settings.clip_checkpoint)
+        source = f"--clip-checkpoint {settings.clip_checkpoint}"
         tokenizer = oc.SimpleTokenizer(context_length=model.context_length)  # OpenAI's BPE, as clip.tokenize
     else:
         name = OPENAI_NAMES.get(settings.backbone, settings.backbone)  # open_clip's name of it
         with quiet_logging():
-            model = _create(oc, name, settings.pretrained, settings.name)
+            model, source = _create(oc, name, settings.pretrained, settings.name)
             tokenizer = oc.get_tokenizer(name)
+    check_finite(model, source)
     model = model.to(device).float().eval()
     cfg = oc.get_model_preprocess_cfg(model)                                # [size, mean, std, ...]
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
     preprocess = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                             interpolation=cfg.get("interpolation", "bicubic"))
-    # view 0: what open_clip's create_model_and_transforms gives as the model's eval transform (resize mode too)
-    transform = oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**{**cfg, "size": preprocess.size}),
-                                                is_train=False)
-    return Encoder(model, tokenizer, preprocess, transform)
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in {**cfg, "size": preprocess.size}.items()}
+    return Encoder(model, tokenizer, preprocess, eval_transform(config), config)
+
+
+def eval_transform(config: dict) -> Callable:
+    """View 0 of a preprocessing configuration (Encoder.config, as a features file and a model file record it):
+    what open_clip's create_model_and_transforms gives as the model's eval transform (resize mode too)."""
+    oc = import_open_clip()
+    known = {f.name for f in dataclasses.fields(oc.transform.PreprocessCfg)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known}
+    return oc.transform.image_transform_v2(oc.transform.PreprocessCfg(**values), is_train=False)
 
 
 def _load_openai_checkpoint(oc, path: str):
@@ -262,7 +280,7 @@ def _load_openai_checkpoint(oc, path: str):
     try:
         model = oc.model.build_model_from_openai_state_dict(state, cast_dtype=None)
     except (KeyError, RuntimeError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = misfit(e) or (str(e).strip().splitlines()[0] if str(e).strip() else "")
         raise DataError(f"--clip-checkpoint {path} is a torch file but not an OpenAI CLIP checkpoint (a state dict "
                         f"or TorchScript archive as clip.load reads; {type(e).__name__}: {first[:200]})") from None
     size = model.visual.image_size
@@ -270,14 +288,180 @@ def _load_openai_checkpoint(oc, path: str):
     return model
 
 
+def check_finite(model: torch.nn.Module, source: str):
+    """One line naming the weights' source if any tensor of the model holds NaN or infinite values (a damaged or
+    diverged checkpoint): such a model encodes every image as NaN."""
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise DataError(f"{source}: {len(bad)} of the model's tensors hold NaN or infinite values (e.g. {bad[0]}), so "
+                        f"every feature would be NaN; the weights are damaged: replace the file")
+
+
+def misfit(e: Exception) -> str:
+    """What load_state_dict's error says in a few words: the tensors missing, unexpected, or of another shape
+    ("" if it is not such an error)."""
+    text = str(e)
+    found = []
+    for what, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*$"),
+                          ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*$")):
+        for match in re.finditer(pattern, text, flags=re.M):
+            keys = re.findall(r'"([^"]+)"', match[1])
+            found.append(f"{len(keys)} {what} tensors (e.g. {', '.join(keys[:2])})")
+    shapes = re.findall(r"size mismatch for ([^:]+):", text)
+    if shapes:
+        found.append(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]})")
+    return "; ".join(found)
+
+
+# ----------------------------------------------------------------------------- weights from the hub, or not
+
+HUB_TIMEOUT_S = 5  # how long the hub may take to answer the one question whether it can be reached
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache() -> Path:
+    """Where huggingface_hub keeps its downloads, as it reads the environment (HF_HUB_CACHE, HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+@functools.cache
+def _hub_unreachable(endpoint: str) -> str:
+    """Why the hub cannot be reached ("" if it answers): asked once per process, and never longer than
+    HUB_TIMEOUT_S (a name lookup can hang for longer than any socket timeout, so it runs in a thread)."""
+    answer = []
+
+    def ask():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+            answer.append("")
+        except urllib.error.HTTPError:  # it answered, if only with an error: it can be reached
+            answer.append("")
+        except Exception as e:
+            answer.append(f"{endpoint} does not answer: {getattr(e, 'reason', e)}")
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(HUB_TIMEOUT_S + 1)
+    return answer[0] if answer else f"{endpoint} did not answer within {HUB_TIMEOUT_S} s"
+
+
+def offline_reason() -> str:
+    """Why no download can be made now ("" if the hub can be reached): HF_HUB_OFFLINE, or no answer."""
+    if _env_true("HF_HUB_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"
+    return _hub_unreachable(hub_endpoint())
+
+
+def _cached(repo: str, names) -> bool:
+    """True if one of the files `names` of hub repository `repo` is in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+    return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=hub_cache()), str) for n in names)
+
+
+def _weight_names(filename: str | None) -> tuple[str, ...]:
+    """The weights files open_clip looks for in a hub repository (a .safetensors twin first)."""
+    filename = filename or "open_clip_pytorch_model.bin"
+    safe = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else \
+        filename.rsplit(".", 1)[0] + ".safetensors"
+    return safe, filename
+
+
+def check_downloadable(oc, name: str, pretrained: str | None, shown: str):
+    """Before open_clip tries (and retries, for close to a minute) to download weights it cannot get: one line
+    naming the file to fetch by hand, and how to use it, when the weights are not cached and the hub cannot
+    be reached. Weights that are cached, or a hub that answers, pass."""
+    if name.startswith("hf-hub:"):
+        repo = name.removeprefix("hf-hub:")
+        if _cached(repo, ("open_clip_config.json",)) and _cached(repo, _weight_names(None)):
+            return
+        why = offline_reason()
+        if why:
+            raise DataError(f"cannot load CLIP {shown}: it is not in the Hugging Face cache ({hub_cache()}) and {why}; "
+                            f"where there is a network, download open_clip_config.json and open_clip_model.safetensors "
+                            f"(or open_clip_pytorch_model.bin) from {hub_endpoint()}/{repo}/tree/main into a folder, "
+                            f"and pass --backbone local-dir:FOLDER")
+        return
+    cfg = oc.get_pretrained_cfg(name, pretrained) if pretrained and not Path(pretrained).is_file() else {}
+    if not cfg.get("hf_hub"):
+        return  # a weights file, or a tag downloaded from its own URL (open_clip's cache ~/.cache/clip)
+    repo, filename = os.path.split(cfg["hf_hub"])
+    names = _weight_names(filename or None)
+    if _cached(repo, names):
+        return
+    why = offline_reason()
+    if not why:
+        return
+    url = f"{hub_endpoint()}/{repo}/resolve/main/{names[-1]}"
+    use = (f"download {cfg['url']} (OpenAI's own file) and pass --clip-checkpoint PATH to it"
+           if pretrained == OPENAI_TAG and cfg.get("url") else
+           f"download {url} and pass --backbone {name} --pretrained PATH to it")
+    raise DataError(f"cannot load CLIP {shown}: its weights are not in the Hugging Face cache ({hub_cache()}) and "
+                    f"{why}; where there is a network, {use} (or run once there and copy {hub_cache()} here)")
+
+
+def _local_weights(folder: Path) -> list[Path]:
+    """The weights files open_clip would pick from in a local-dir: folder (.safetensors, .bin, .pth)."""
+    return sorted(p for suffix in ("safetensors", "bin", "pth") for p in folder.glob(f"*.{suffix}"))
+
+
+def _create_local(oc, folder: Path, shown: str):
+    """A local-dir: model, its config and weights checked first: open_clip builds a model with random weights
+    when the folder has a config and no weights file (and only logs it), and says little of a bad config."""
+    config = folder / "open_clip_config.json"
+    check_regular(config, f"--backbone {shown}:")
+    try:
+        model_cfg = json.loads(config.read_text())["model_cfg"]
+        if not isinstance(model_cfg, dict):
+            raise TypeError("'model_cfg' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"it has no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"--backbone {shown}: {config} is not an open_clip config ({reason}); it must be a json "
+                        f"object with a 'model_cfg', as open_clip writes it: fix or replace the file") from None
+    weights = _local_weights(folder)
+    if not weights:
+        raise DataError(f"--backbone {shown}: {folder} holds open_clip_config.json but no weights file "
+                        f"(open_clip_model.safetensors, open_clip_pytorch_model.bin, or another .safetensors, .bin "
+                        f"or .pth), and open_clip would build the model with random weights; put the weights file "
+                        f"beside the config")
+    for path in weights:
+        check_regular(path, f"--backbone {shown}: the weights file")
+    source = f"--backbone {shown}: the weights in {folder}" if len(weights) > 1 else \
+        f"--backbone {shown}: {weights[0]}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return oc.create_model(f"local-dir:{folder}"), source
+    except Exception as e:
+        what = misfit(e)
+        if what:
+            raise DataError(f"{source} does not fit {config}: {what}; the weights and the config must be of one model"
+                            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{source} cannot be loaded ({type(e).__name__}: {first[:200]}); replace the file") from None
+
+
 def _create(oc, name: str, pretrained: str | None, shown: str):
     """open_clip's model `name` with its `pretrained` weights (QuickGELU where those weights were trained with
-    it); shown: the model's name in messages."""
+    it), and where its weights come from (for messages); shown: the model's name in messages."""
     schema = name.startswith(SCHEMAS)
     if not schema and name not in oc.list_models():
         raise DataError(f"--backbone {name}: not one of OpenAI's names ({', '.join(OPENAI_NAMES)}) nor a model "
                         f"open_clip knows (python -c \"import open_clip; print(open_clip.list_models())\"), nor "
                         f"hf-hub:ORG/REPO or local-dir:FOLDER")
+    if name.startswith("local-dir:"):
+        return _create_local(oc, Path(name.removeprefix("local-dir:")), shown)
+    if not schema and pretrained:
+        check_regular(pretrained, "--pretrained")
     tags = oc.list_pretrained_tags_by_model(name)
     if not schema and pretrained is None:
         raise DataError(f"--backbone {name} has no default weights: pass --pretrained with one of its tags "
@@ -285,12 +469,20 @@ def _create(oc, name: str, pretrained: str | None, shown: str):
     if not schema and not Path(pretrained).is_file() and not oc.is_pretrained_cfg(name, pretrained):
         raise DataError(f"--pretrained {pretrained} is neither a weights file nor a tag of {name} "
                         f"({', '.join(tags) or 'it has none'})")
+    is_file = not schema and Path(pretrained).is_file()
+    check_downloadable(oc, name, pretrained, shown)
+    source = f"--pretrained {pretrained}" if is_file else f"the weights of {shown}"
     quick_gelu = bool(not schema and oc.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
     try:
+        if name.startswith("hf-hub:"):  # open_clip would build a model with random weights if these were absent
+            oc.pretrained.download_pretrained_from_hf(name.removeprefix("hf-hub:"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return oc.create_model(name, pretrained=None if schema else pretrained, force_quick_gelu=quick_gelu)
+            return oc.create_model(name, pretrained=None if schema else pretrained, force_quick_gelu=quick_gelu), source
     except Exception as e:
+        what = misfit(e)
+        if what:
+            raise DataError(f"{source}: the weights do not fit {shown}: {what}") from None
         first = str(e).strip().splitlines()[0].split(". Last error")[0] if str(e).strip() else type(e).__name__
         local = ("--clip-checkpoint PATH to a local copy of OpenAI's file" if pretrained == OPENAI_TAG else
                  "--backbone local-dir:FOLDER holding a copy of the repository" if schema else

@@ -8,10 +8,13 @@ OSError) with what to do, and an unforeseen one with the path of a log holding i
 become a runs.RunRequest and the extraction flags an extraction.Extraction: the library never sees argparse.
 """
 import argparse
+import codecs
+import contextlib
 import os
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 from fewshot.datasets import SHIFT_DATASETS, resolve_dataset
@@ -31,10 +34,46 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (python {self.prog} --help lists the options)")
 
 
+def _escape_bytes(error):
+    """The codec error handler "escapebytes": a file name's bytes that are not UTF-8 (which Python keeps as
+    surrogate escapes) are written as \\xNN, instead of ending the program with "surrogates not allowed"."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    bad = error.object[error.start:error.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+                   for c in bad), error.end
+
+
+codecs.register_error("escapebytes", _escape_bytes)
+
+
+def printable(text) -> str:
+    """`text` with the bytes of names that are not UTF-8 written as \\xNN."""
+    return str(text).encode("utf-8", "escapebytes").decode("utf-8")
+
+
 def fail(message):
     """Exit non-zero with one clear line."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def plain_output():
+    """While a command runs: what it prints escapes the bytes of names that are not UTF-8 (a file named in
+    Latin-1 is shown, not a crash), and the libraries' warnings, which a user cannot act on, are not shown (what
+    they mean is said in our words where it matters: a huge image, NaN pixels)."""
+    streams = [s for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")]
+    errors = [s.errors for s in streams]
+    for stream in streams:
+        stream.reconfigure(errors="escapebytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for stream, before in zip(streams, errors):
+            stream.reconfigure(errors=before)
 
 
 def guarded(prog, body):
@@ -42,7 +81,8 @@ def guarded(prog, body):
     ValueErrors, an OSError: permissions, a full disk, a name too long, ...) says so; anything else is a bug of
     ours, whose traceback goes to a log file that the line names, so that nothing reaches the user as a traceback."""
     try:
-        return body()
+        with plain_output():
+            return body()
     except ValueError as e:  # DataError, and the models' checks of their inputs (a ValueError naming the input)
         fail(e)
     except OSError as e:
@@ -205,10 +245,14 @@ def train_parser(description=None) -> Parser:
                    "12 settings) on the min(K, 4)-shot validation subset, never on test images")
     add_config_flags(p)
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=path_arg, help="write the results json here")
-    g.add_argument("--save", type=path_arg, help="write the learned parameters and configuration to DIR/seed<N>.pt")
-    g.add_argument("--eval-only", action="store_true", help="evaluate checkpoints from --load, no training")
-    g.add_argument("--load", type=path_arg, help="checkpoint folder written by --save (with --eval-only)")
+    g.add_argument("--out", type=path_arg, help="write the results json here (per-seed and per-class accuracy, "
+                   "confusion matrices, what was used)")
+    g.add_argument("--plots", action="store_true", help="also draw the test confusion matrix as confusion.png "
+                   "beside the --out file")
+    g.add_argument("--save", type=path_arg, help="write each seed's model to DIR/seed<N>.pt: everything predict.py "
+                   "needs to classify new images (no features file, no dataset)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate the models in --load, no training")
+    g.add_argument("--load", type=path_arg, help="model folder written by --save (with --eval-only)")
     g.add_argument("--eval-datasets", nargs="+", default=[], choices=SHIFT_DATASETS,
                    help="also evaluate on these ImageNet shift sets, restricted to their classes")
     return p
@@ -234,7 +278,8 @@ def train_request(argv=None, description=None) -> RunRequest:
     recipe, config = overrides_from_args(args)
     return RunRequest(features=args.features, dataset=args.dataset, extraction=extraction_from_args(args),
                       method=args.method, shots=args.shots, seeds=tuple(args.seeds), no_negatives=args.no_negatives,
-                      recipe=recipe, config=config, search_val=args.search_val, out=args.out, save=args.save,
+                      recipe=recipe, config=config, search_val=args.search_val, out=args.out, plots=args.plots,
+                      save=args.save,
                       load=args.load, eval_datasets=tuple(args.eval_datasets), device=args.device,
                       overwrite=args.overwrite)
 

@@ -13,12 +13,13 @@ import os
 import posixpath
 import sys
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fewshot.errors import DataError
+from fewshot.files import check_regular, node_kind
 
 VAL_SHOTS = 4  # the protocol's validation size: min(K, 4) images per class
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -85,7 +86,24 @@ def _require(path: Path, what: str, dataset: str) -> Path:
 
 
 def _read_lines(path: Path, dataset: str) -> list[str]:
+    check_regular(path, "file")
     return [line.strip() for line in _require(path, "file", dataset).read_text().splitlines() if line.strip()]
+
+
+def _outside(rel: str) -> bool:
+    """True for an item path that could leave the folder it is relative to: absolute (/x, C:/x, ~/x), or with a
+    `..` part. Split files name images inside their images folder, by relative paths."""
+    parts = rel.replace("\\", "/").split("/")
+    return rel.startswith(("/", "\\", "~")) or (len(rel) > 1 and rel[1] == ":") or ".." in parts
+
+
+def _check_inside(splits: "Splits", where):
+    """Every item of a split names a path inside the images folder: one line for the first that does not."""
+    bad = [p for s in ("train", "val", "test") for p, _ in getattr(splits, s) if _outside(p)]
+    if bad:
+        raise DataError(f"{where} lists {len(bad)} image paths that leave its images folder {splits.images}, e.g. "
+                        f"{bad[0]!r}; a split file names each image by its path inside that folder (no '..', not "
+                        f"absolute) ({LAYOUT_HINT})")
 
 
 def _scan(images: Path, sub: str, labels: dict[str, int]) -> list[tuple[str, int]]:
@@ -103,6 +121,7 @@ def _read_split_file(path: Path, images: Path, dataset: str) -> Splits:
     """CoOp's split json: {"train"|"val"|"test": [[relative path, label, classname], ...]}, paths relative to
     `images`."""
     _require(path, "split file", dataset)
+    check_regular(path, "split file")
     try:
         split = json.loads(path.read_text())
         entries = [(s, p, y, c) for s in ("train", "val", "test") for p, y, c in split.get(s, [])]
@@ -254,19 +273,70 @@ def _class_name(folder_name: str) -> str:
     return " ".join(_nfc(folder_name).replace("_", " ").replace("-", " ").split())
 
 
-def _images_under(folder: Path) -> list[str]:
-    """The images below `folder` at any depth, as paths relative to it (with /); hidden files and non-image
-    files are left out. Symbolic links are followed, and a folder reached twice (a link up the tree) once."""
+def shown(name) -> str:
+    """A file or folder name as text that can be printed: bytes that are not UTF-8 (kept by Python as "surrogate
+    escapes") are shown escaped, \\xe9, instead of ending the program with "surrogates not allowed"."""
+    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class _Walk:
+    """What walking the class folders left out, said once for the whole dataset."""
+    links: list = field(default_factory=list)   # (link, target) not followed: out of their class folder, or a loop
+    nodes: list = field(default_factory=list)   # entries that are not regular files (pipes, sockets, devices)
+
+    def warn(self, folder: Path):
+        if self.links:
+            link, target = self.links[0]
+            print(f"warning: {len(self.links)} links in {shown(folder)} lead out of their class folder or back up "
+                  f"into it and were not followed, e.g. {shown(link)} -> {shown(target)}", file=sys.stderr)
+        if self.nodes:
+            path, kind = self.nodes[0]
+            print(f"warning: {len(self.nodes)} entries in {shown(folder)} named like images are not regular files "
+                  f"and are left out, e.g. {shown(path)} ({kind})", file=sys.stderr)
+
+
+def _images_under(folder: Path, walk: _Walk) -> list[str]:
+    """The images below class folder `folder` at any depth, as paths relative to it (with /); hidden files and
+    non-image files are left out. The class is its folder (resolved once, if it is a link): a link below it is
+    followed only to a file or folder inside that folder, and not to a folder above the link (a loop); an image
+    reached twice (through links) is counted once. What is left out goes to `walk`."""
     def unreadable(e: OSError):
-        raise DataError(f"cannot read the folder {e.filename} ({e.strerror}); fix its permissions or remove it")
-    found, seen = [], set()
-    for here, subfolders, files in os.walk(folder, onerror=unreadable, followlinks=True):
-        real = os.path.realpath(here)
-        subfolders[:] = [] if real in seen else [d for d in subfolders if _visible(d)]
-        if real not in seen:
-            rel = Path(here).relative_to(folder)
-            found += [(rel / f).as_posix() for f in files if _visible(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-        seen.add(real)
+        raise DataError(f"cannot read the folder {shown(e.filename)} ({e.strerror}); fix its permissions or remove it")
+    home = Path(os.path.realpath(folder))
+    found, real_images, walked = [], set(), set()
+    pending = [(folder, home)]                         # (folder as reached, its real path)
+    while pending:
+        here, real = pending.pop()
+        walked.add(real)
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError as e:
+            unreadable(e)
+        for entry in entries:
+            if not _visible(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                target = Path(os.path.realpath(path))
+                if target != home and home not in target.parents or target in walked or target in real.parents \
+                        or target == real:
+                    walk.links.append((path, target))
+                    continue
+            else:
+                target = real / entry.name
+            if entry.is_dir():
+                if target not in walked:
+                    pending.append((path, target))
+                continue
+            if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            kind = node_kind(path)
+            if kind:
+                walk.nodes.append((path, kind))
+            elif target not in real_images:            # an image reached twice counts once
+                real_images.add(target)
+                found.append(path.relative_to(folder).as_posix())
     return found
 
 
@@ -277,50 +347,80 @@ def _split_class(paths: list[str]) -> tuple[list[str], list[str], list[str]]:
     file names alone: the same on every machine and Python (no listdir order, no random state), and images
     added later move few of the others.
     """
-    order = sorted(paths, key=lambda p: hashlib.sha256(_nfc(p).encode()).hexdigest())
+    order = sorted(paths, key=lambda p: hashlib.sha256(os.fsencode(_nfc(p))).hexdigest())
     n_val, n_test = (max(1, math.floor(share * len(order) + 0.5)) for share in FOLDER_SPLIT)
     return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
 
 
-def _class_folders(folder: Path) -> list[Path]:
-    """The class subfolders of `folder`, sorted by name; one line if there are none or two give one class name."""
+def _is_or_holds(entry: Path, outputs) -> bool:
+    """True if the folder `entry` is one of the run's output folders or holds one (--features-dir inside a folder
+    dataset): what the run writes is never read as a class."""
+    real = Path(os.path.realpath(entry))
+    return any(real == out or real in out.parents for out in outputs)
+
+
+def _class_folders(folder: Path, outputs=()) -> list[Path]:
+    """The class subfolders of `folder`, sorted by name, the run's output folders left out; one line if there are
+    none, if two give one class name, if one is a link to another (or into it, or to the dataset itself), or if a
+    name is not valid UTF-8 (it goes into the prompts)."""
+    outputs = [Path(os.path.realpath(o)) for o in outputs]
     try:
         entries = sorted((e for e in folder.iterdir() if _visible(e.name)), key=lambda e: _nfc(e.name))
     except OSError as e:
-        raise DataError(f"cannot read the folder {folder} ({e.strerror}); fix its permissions") from None
-    classes = [e for e in entries if e.is_dir()]
+        raise DataError(f"cannot read the folder {shown(folder)} ({e.strerror}); fix its permissions") from None
+    classes = [e for e in entries if e.is_dir() and not _is_or_holds(e, outputs)]
     loose = sum(e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES for e in entries)
     if not classes:
-        raise DataError(f"{folder} has no class subfolders" + (f" (it holds {loose} images directly)" if loose else "")
-                        + f": put each class's images in a subfolder named after the class, e.g. {folder}/red_panda/")
+        raise DataError(f"{shown(folder)} has no class subfolders" + (f" (it holds {loose} images directly)" if loose
+                                                                       else "")
+                        + f": put each class's images in a subfolder named after the class, e.g. "
+                          f"{shown(folder)}/red_panda/")
     if loose:
-        print(f"warning: {loose} images directly in {folder} are in no class subfolder and are left out",
+        print(f"warning: {loose} images directly in {shown(folder)} are in no class subfolder and are left out",
               file=sys.stderr)
-    names = {}
+    names, reals, top = {}, {}, Path(os.path.realpath(folder))
     for c in classes:
+        if os.fsencode(c.name) != c.name.encode("utf-8", "surrogatepass"):
+            raise DataError(f"class folder {shown(c)}: its name is not valid UTF-8 (the bytes shown as \\x..), and a "
+                            f"class name goes into the prompts; rename the folder")
         if not _class_name(c.name):
-            raise DataError(f"class folder {c} gives no class name (underscores and hyphens become spaces); rename it")
+            raise DataError(f"class folder {shown(c)} gives no class name (underscores and hyphens become spaces); "
+                            f"rename it")
         if _class_name(c.name) in names:
-            raise DataError(f"class folders {names[_class_name(c.name)]} and {c} both give the class name "
-                            f"'{_class_name(c.name)}' (underscores and hyphens become spaces); rename one")
+            raise DataError(f"class folders {shown(names[_class_name(c.name)])} and {shown(c)} both give the class "
+                            f"name '{_class_name(c.name)}' (underscores and hyphens become spaces); rename one")
         names[_class_name(c.name)] = c
+        real = Path(os.path.realpath(c))
+        if real == top or real in top.parents:
+            raise DataError(f"class folder {shown(c)} is a link to {shown(real)}, which holds the dataset itself; a "
+                            f"class folder holds its own images: remove the link")
+        twin = next((other for r, other in reals.items() if r == real or r in real.parents or real in r.parents), None)
+        if twin is not None:
+            linked, other = (c, twin) if c.is_symlink() else (twin, c)
+            raise DataError(f"class folder {shown(linked)} is a link to {shown(real)}, the images of class folder "
+                            f"{shown(other)} (or within them): the same images would be two classes; remove the link")
+        reals[real] = c
     return classes
 
 
-def _read_folder(folder: Path) -> Splits:
+def _read_folder(folder: Path, outputs=()) -> Splits:
     """A folder of class subfolders (ImageFolder's layout): the classes are the subfolders in sorted order, their
-    images those at any depth below them, split per class by _split_class, or as folder/split.json says."""
+    images those at any depth below them, split per class by _split_class, or as folder/split.json says.
+    outputs: folders the run writes into (never read as classes)."""
     _require(folder, "dataset folder", folder.name)
     if (folder / FOLDER_SPLIT_FILE).is_file():
         return _read_split_file(folder / FOLDER_SPLIT_FILE, folder, folder.name)
-    classes = _class_folders(folder)
+    classes = _class_folders(folder, outputs)
     items = {"train": [], "val": [], "test": []}
-    for label, class_folder in enumerate(classes):
-        images = _images_under(class_folder)
+    walk, counts = _Walk(), []
+    for class_folder in classes:
+        counts.append(_images_under(class_folder, walk))
+    walk.warn(folder)
+    for label, (class_folder, images) in enumerate(zip(classes, counts)):
         if len(images) < 3:
             found = f"{len(images)} image{'s' * (len(images) != 1)}" if images else \
                 f"no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            raise DataError(f"class folder {class_folder} holds {found}: a class needs at least 3, one each for "
+            raise DataError(f"class folder {shown(class_folder)} holds {found}: a class needs at least 3, one each for "
                             f"training, validation and test; add images or remove the folder")
         for split, paths in zip(items, _split_class(images)):
             items[split] += [(f"{class_folder.name}/{p}", label) for p in paths]
@@ -353,17 +453,19 @@ def prompt_name(classname: str) -> str:
     return classname.replace("_", " ")
 
 
-def load_splits(dataset: str, root) -> Splits:
+def load_splits(dataset: str, root, outputs=()) -> Splits:
     """Read the class names and the (path, label) items of each split of `dataset`: a key of DATASETS under
-    `root`, or a folder of class subfolders (its path; `root` is not used). The class names are those the prompts
-    say (prompt_name), in every layout, so the features file's classnames are what was encoded."""
+    `root`, or a folder of class subfolders (its path; `root` is not used; `outputs`, the folders the run writes
+    into, are never classes). Every item is a path inside the dataset's images folder. The class names are those
+    the prompts say (prompt_name), in every layout, so the features file's classnames are what was encoded."""
     if is_folder(dataset):
-        splits, folder = _read_folder(Path(dataset)), Path(dataset)
+        splits, folder = _read_folder(Path(dataset), outputs), Path(dataset)
     else:
         spec = dataset_spec(dataset)
         folder = _require(Path(root) / spec.folder, "dataset folder", dataset)
         reader = {"coop": _read_coop, "fgvc": _read_fgvc, "imagenet": _read_imagenet, "shift": _read_shift}[spec.layout]
         splits = reader(dataset, spec, folder)
+    _check_inside(splits, f"dataset '{shown(dataset_name(dataset))}' under {shown(folder)}")
     splits = _distinct_images(splits, f"dataset '{dataset_name(dataset)}' under {folder}")
     splits.classnames = [prompt_name(c) for c in splits.classnames]
     if len(set(splits.classnames)) != len(splits.classnames):

@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,12 +53,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     are scaled to 8 bits first, by the range their values are stored in: the 16-bit modes (I;16, I;16B, ...)
     and I (32-bit integers, which some decoders give for 16-bit PNG, TIFF or PGM files) as 0..65535 (/ 257),
     F (floats) as 0..1. An image whose values fall outside that range has no range to go by, so it is scaled
-    by its own min..max.
+    by its own min..max. NaN or infinite pixels are taken as black (ImageFiles says so).
     """
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image.convert("RGB")
     x = np.asarray(image, dtype=np.float64)                                    # [H, W]
+    finite = np.isfinite(x)
     lo, hi = 0.0, 1.0 if image.mode == "F" else 65535.0
+    if not finite.all():  # NaN or infinite pixels (a float TIFF) have no value: they are taken as black
+        x = np.where(finite, x, min(lo, x[finite].min()) if finite.any() else lo)
     if x.size and (x.min() < lo or x.max() > hi):
         lo, hi = x.min(), (x.max() if x.max() > x.min() else x.min() + 1)  # a constant image: black
     gray = np.round((x - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)  # [H, W]
@@ -87,13 +92,15 @@ class Views:
         # every run, machine and worker, so a second run writes the same file
         with torch.random.fork_rng(devices=[]):
             for v in range(max(1, self.first), self.first + self.views):
-                torch.default_generator.manual_seed(zlib.crc32(f"{key}#{v}".encode()))
+                torch.default_generator.manual_seed(zlib.crc32(os.fsencode(f"{key}#{v}")))  # a name's own bytes
                 out.append(self.augment(image))
         return torch.stack(out)
 
 
 class ImageFiles(Dataset):
-    """Images of one split; yields (views [V, 3, R, R], error message or "")."""
+    """Images of one split; yields (views [V, 3, R, R], error message or "", note or ""): a note is something the
+    image holds that the user should hear of (NaN pixels), said once per split by encode_images. The decoders'
+    own warnings (PIL's, numpy's) are not shown: what they mean is said in these words, or nothing can be done."""
 
     def __init__(self, folder: Path, paths: list[str], views: Views):
         self.folder, self.paths, self.views = folder, paths, views
@@ -103,14 +110,23 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         path = self.folder / self.paths[i]
+        shape = (self.views.views, 3, *self.views.size)
+        kind = files.node_kind(path)
+        if kind:  # a pipe would block the open forever (check_images refuses it before any encoding)
+            return torch.zeros(shape), f"cannot read image {path}: it is {kind}, not a regular file", ""
+        note = ""
         try:
-            with Image.open(path) as f:
-                image = to_rgb(f)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as f:
+                    if f.mode == "F" and not np.isfinite(np.asarray(f)).all():
+                        note = "NaN or infinite pixels, taken as black"
+                    image = to_rgb(f)
+                views = self.views(image, self.paths[i])
         except (OSError, ValueError) as e:
             # reported by the main process with the file's name, instead of a worker's traceback
-            shape = (self.views.views, 3, *self.views.size)
-            return torch.zeros(shape), f"cannot read image {path}: {e}"
-        return self.views(image, self.paths[i]), ""
+            return torch.zeros(shape), f"cannot read image {path}: {e}", ""
+        return views, "", note
 
 
 def check_images(folder: Path, paths: list[str]):
@@ -120,23 +136,39 @@ def check_images(folder: Path, paths: list[str]):
     of one by one after minutes of encoding. A file cut short after its header passes and still fails at
     decoding, with its name.
     """
+    limit, large = Image.MAX_IMAGE_PIXELS, []
+
     def problem(rel: str) -> str:
+        path = folder / rel
+        kind = files.node_kind(path)  # a pipe, socket or device is never opened: open() could wait forever
+        if kind:
+            return f"{path} ({kind}, not a regular file)"
         try:
-            with Image.open(folder / rel) as image:
-                return "" if image.width and image.height else f"{folder / rel} (0 pixels)"
+            with Image.open(path) as image:
+                if limit and image.width * image.height > limit:
+                    large.append((path, image.width, image.height))
+                return "" if image.width and image.height else f"{path} (0 pixels)"
         except FileNotFoundError:
-            return f"{folder / rel} (missing)"
+            return f"{path} (missing)"
         except UnidentifiedImageError:
-            return f"{folder / rel} (not an image)"
+            return f"{path} (not an image)"
+        except Image.DecompressionBombError:
+            return f"{path} (too large: more than {2 * limit:,} pixels, which PIL refuses to decode; resize it)"
         except Exception as e:
-            return f"{folder / rel} ({type(e).__name__})"
+            return f"{path} ({type(e).__name__})"
     # threads overlap the waits on a slow (network) file system; chunks keep the pool's overhead off a fast one
     chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=16) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, once, in these words
         bad = [p for found in pool.map(lambda chunk: [problem(p) for p in chunk], chunks) for p in found if p]
     if bad:
         raise DataError(f"{len(bad)} of {len(paths)} images cannot be read, e.g. {'; '.join(bad[:3])}; replace "
                         f"them or remove them from the split ({LAYOUT_HINT})")
+    if large:
+        path, w, h = large[0]
+        print(f"warning: {len(large)} images are very large, e.g. {path} ({w} x {h} pixels, above the {limit:,} "
+              f"that PIL warns about as a possible decompression bomb); they are decoded anyway, which takes time "
+              f"and memory", file=sys.stderr)
 
 
 def _autocast(device: torch.device):
@@ -150,16 +182,52 @@ def encode_images(model, files: ImageFiles, batch_size: int, workers: int, devic
     views = files.views.views
     loader = DataLoader(files, batch_size=max(1, batch_size // views), num_workers=workers,
                         pin_memory=device.type == "cuda")
-    chunks = []
+    chunks, notes = [], []
     with progress.bar(total=len(files) * views, desc=desc, unit="views") as bar:  # a bar on a terminal, lines in a log
-        for x, errors in loader:
+        for x, errors, said in loader:
             if any(errors):
                 raise DataError(f"{next(e for e in errors if e)}; replace the file or remove it from the split")
+            done = sum(len(c) for c in chunks)                                    # images encoded before
+            notes += [(files.paths[done + i], note) for i, note in enumerate(said) if note]
             with _autocast(device):
                 f = model.encode_image(x.to(device, non_blocking=True).flatten(0, 1))  # [B*V, d]
+            check_encoded(f, [files.paths[done + i // views] for i in range(f.shape[0])], device, "image")
             chunks.append(F.normalize(f.float(), dim=-1).unflatten(0, (-1, views)).half().cpu())
             bar.update(f.shape[0])
+    if notes:
+        print(f"warning: {len(notes)} of {len(files)} images of {desc} hold {notes[0][1]}, e.g. "
+              f"{files.folder / notes[0][0]}", file=sys.stderr)
     return torch.cat(chunks).transpose(0, 1).contiguous()
+
+
+def probe_images() -> list[Image.Image]:
+    """Two fixed images, a colour gradient and seeded noise (96 x 128 pixels): what they encode into identifies a
+    CLIP and its preprocessing by what they compute, whatever the weights' file or name."""
+    y, x = np.mgrid[0:96, 0:128]
+    gradient = np.stack([x * 2, y * 2, 255 - x - y], axis=-1).clip(0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    return [Image.fromarray(gradient), Image.fromarray(noise)]
+
+
+@torch.no_grad()
+def encode_probe(encoder: backbones.Encoder, device: torch.device, transform=None) -> torch.Tensor:
+    """[2, d] features of probe_images() (view 0, L2-normalised float16, as a test image's). transform: view 0's,
+    default the encoder's own."""
+    x = torch.stack([(transform or encoder.transform)(image) for image in probe_images()]).to(device)
+    with _autocast(device):
+        f = encoder.model.encode_image(x)
+    return F.normalize(f.float(), dim=-1).half().cpu()
+
+
+def check_encoded(features: torch.Tensor, names: list[str], device: torch.device, what: str):
+    """One line if CLIP gave a NaN, infinite or all-zero feature (its weights are finite, checked on loading, so
+    its computation overflowed): such a feature must never reach a features file."""
+    bad = ~torch.isfinite(features).all(-1) | (features.float().norm(dim=-1) == 0)            # [rows]
+    if bad.any():
+        first = names[int(bad.nonzero()[0])]
+        hint = "; float16 overflowed: pass --device cpu (float32)" if device.type == "cuda" else ""
+        raise DataError(f"CLIP gave NaN, infinite or zero {what} features for {int(bad.sum())} of {len(names)} rows, "
+                        f"e.g. for {first!r}: the model's output is broken{hint}; nothing was written")
 
 
 @torch.no_grad()
@@ -167,10 +235,12 @@ def encode_text(encoder: backbones.Encoder, prompts: list[list[str]], batch_size
                 device: torch.device) -> torch.Tensor:
     """[C, d] class features: the renormalised mean of each class's normalised prompt embeddings, float16.
     Sentences longer than the model's context are cut (the end-of-text token kept), as clip.tokenize(truncate)."""
-    tokens = encoder.tokenize([s for p in prompts for s in p])                  # [S, context_length]
+    sentences = [s for p in prompts for s in p]
+    tokens = encoder.tokenize(sentences)                                        # [S, context_length]
     with _autocast(device):
-        emb = torch.cat([F.normalize(encoder.model.encode_text(t.to(device)).float(), dim=-1)
-                         for t in tokens.split(batch_size)])                    # [S, d]
+        emb = torch.cat([encoder.model.encode_text(t.to(device)).float() for t in tokens.split(batch_size)])
+    check_encoded(emb, sentences, device, "text")
+    emb = F.normalize(emb, dim=-1)                                              # [S, d]
     means = torch.stack([e.mean(0) for e in emb.split([len(p) for p in prompts])])  # [C, d]
     return F.normalize(means, dim=-1).half().cpu()
 
@@ -297,6 +367,14 @@ def assemble(work: cache.Work, splits: Splits, key: str, feats: dict, logit_scal
     return out
 
 
+def clip_facts(encoder, old: dict | None, device: torch.device) -> dict:
+    """What the model files trained on the file carry of its CLIP: view 0's preprocessing (open_clip's
+    configuration) and the features of the two probe images; kept from the old file when no model was loaded."""
+    if encoder is not None:
+        return {"preprocess": encoder.config, "probe": encode_probe(encoder, device)}
+    return {k: old[k] for k in ("preprocess", "probe") if old and k in old}
+
+
 @dataclass(frozen=True)
 class Extracted:
     """What an extraction gives a run: the file, and what in it the run asked for."""
@@ -335,8 +413,8 @@ def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, reci
     feats = encode_rows(encoder, work, old, splits.images, d, batch_size, workers, device,
                         dataset_name(settings.dataset))
     scale = encoder.model.logit_scale.exp().item() if encoder else float(old["logit_scale"])
-    out = assemble(work, splits, key, feats, scale, recipe)
-    files.write_atomic(path, lambda f: torch.save(out, f))
+    out = assemble(work, splits, key, feats, scale, recipe) | clip_facts(encoder, old, device)
+    files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20), flag="--features-dir")
     print(f"wrote {path}")
     return Extracted(path, key, settings.views, work.images, work.views, new_texts)
 
@@ -366,7 +444,8 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_si
                                               ("prompts", "template", "negative_template", "prompts_sha256")}}
                 out = {**old, "texts": {**old["texts"], **texts}, "text": texts[key]["text"],
                        "prompts": texts[key]["prompts"], "settings": made}
-                files.write_atomic(path, lambda f: torch.save(out, f))
+                files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20),
+                                   flag="--features-dir")
                 print(f"wrote {path}")
                 return Extracted(path, key, settings.views, texts=1)
     print(f"reusing {path}: it holds what this run asks for (the dataset folder {folder} is absent)")
@@ -408,7 +487,7 @@ def extract(settings: Settings, root, out_dir="features", *, batch_size: int = 2
     if download:
         download_dataset(settings.dataset, root)
 
-    splits = load_splits(settings.dataset, root)
+    splits = load_splits(settings.dataset, root, outputs=(out_dir,))  # --features-dir is never a class
     splits.images = splits.images.absolute()  # what the file records its images' place and dates by
     if is_folder(settings.dataset):  # a folder's split is made from its files: recorded, and said when it changes
         settings = dataclasses.replace(settings, split_sha256=splits.sha256())
@@ -438,6 +517,15 @@ def extract(settings: Settings, root, out_dir="features", *, batch_size: int = 2
 def extract_features(settings: Settings, root, out_dir="features", **options) -> Path:
     """extract() of these settings; returns the features file's path (the options: extract()'s)."""
     return extract(settings, root, out_dir, **options).path
+
+
+def _nbytes(data) -> int:
+    """The bytes of the tensors in `data` (nested dicts and lists): about what torch.save writes of it."""
+    if isinstance(data, torch.Tensor):
+        return data.numel() * data.element_size()
+    if isinstance(data, dict):
+        data = data.values()
+    return sum(map(_nbytes, data)) if isinstance(data, (list, tuple, type({}.values()))) else 0
 
 
 @dataclass(frozen=True)

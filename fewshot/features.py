@@ -8,7 +8,8 @@ One torch.save'd dict, every feature L2-normalised float16 (docs/features-file.m
     fewshot {seed: [C, max_shots] rows of train}, val_fewshot {seed: [C, min(max_shots, 4)] rows of val},
     plus class_map [C] (ImageNet shift sets), split (a folder dataset's, in CoOp's format), paths and content
     (each row's image and its sha256), identity (the model's weights by content, the view recipe, the images'
-    folder) and settings: what every run asked of it together (cache.py grows it).
+    folder), preprocess and probe (view 0's preprocessing and two fixed images' features, which the model files
+    trained on it carry) and settings: what every run asked of it together (cache.py grows it).
 
 Here: the Settings (what an extraction is asked for and a file records), reading a file (the prompt set and the
 views a run asked for) and checking every tensor training uses, and the identity of what a run reads.

@@ -3,6 +3,7 @@ be read, files known by their content (a sha256 read again only on doubt), atomi
 untouched), the lock that makes parallel writers take turns, the removal of the temporary files that killed
 writers left, and the checks an output gets before any work (it destroys no input, it can be written, its disk
 has room)."""
+import errno
 import glob
 import hashlib
 import os
@@ -10,6 +11,7 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import time
 import warnings
 import zipfile
@@ -23,6 +25,28 @@ from fewshot.errors import DataError
 
 # ----------------------------------------------------------------------------- reading
 
+def node_kind(path) -> str | None:
+    """What `path` is when it is neither a regular file nor a folder ("a named pipe (FIFO)", "a socket", "a
+    device"); None for a file, a folder, or nothing there. Asked with stat, which never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def check_regular(path, what: str):
+    """Before `path` is opened: one line if it is a pipe, socket or device, which open() or read() could wait on
+    forever (a FIFO blocks until someone writes into it). A missing path is left to the caller to report."""
+    kind = node_kind(path)
+    if kind:
+        raise DataError(f"{what} {path} is {kind}, not a regular file, and is not opened (reading it could wait "
+                        f"forever); give a regular file")
+
+
 def load_torch_file(path, what: str, mmap: bool = False):
     """torch.load(path) on the CPU with weights_only=True, or one DataError line naming `what` and `path`.
 
@@ -33,6 +57,7 @@ def load_torch_file(path, what: str, mmap: bool = False):
     are read), so a large file's small entries are cheap to look at.
     """
     path = Path(path)
+    check_regular(path, what)
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist" + (" as a file (it is a folder)" if path.is_dir() else ""))
     is_zip = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; False for a truncated one
@@ -57,7 +82,8 @@ def load_torch_file(path, what: str, mmap: bool = False):
 # ----------------------------------------------------------------------------- a file's content
 
 def file_sha256(path) -> str:
-    """The sha256 (hex) of a file's bytes."""
+    """The sha256 (hex) of a file's bytes; one line for a pipe, socket or device, which is never read."""
+    check_regular(path, "file")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -86,7 +112,7 @@ def fingerprints(paths, known: dict | None = None) -> dict:
 
     def sha256(p):
         try:
-            return file_sha256(p)
+            return None if node_kind(p) else file_sha256(p)  # a pipe would block the read for ever
         except OSError:
             return None
     known = known or {}
@@ -154,19 +180,78 @@ def _remove_stale_temps(path: Path):
             pass
 
 
-def write_atomic(path, write):
+FULL = (errno.ENOSPC, errno.EDQUOT)  # the disk, or the user's quota on it, is full
+
+
+def mib(n: float) -> str:
+    """A size for a person: 12.3 KiB, 45.6 MiB, 7.8 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1024:,.1f} KiB"
+
+
+def no_room(path, needed_bytes: int | None, flag: str) -> DataError:
+    """The line for a disk without room for `path`: how much it needs (None: unknown, more than is free), how
+    much is free, and where."""
+    folder = Path(path).parent
+    try:
+        free = mib(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    need = f"it needs {mib(needed_bytes)}" if needed_bytes else "it needs more than is free"
+    return DataError(f"no room for {path}: {need} and the disk of {folder} has {free} free; free some space there "
+                     f"or choose another {flag}")
+
+
+class _Recorded:
+    """The file object write_atomic's `write` gets: it keeps the first OSError of a write (a full disk), which
+    torch.save would turn into a RuntimeError that names no cause ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def write_atomic(path, write, needed_bytes: int | None = None, flag: str | None = None):
     """write(file) into a temporary file beside `path`, then rename it: `path` is complete or untouched.
 
-    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first.
+    The temporary file is .NAME.HOST.PID.tmp; those of earlier writes that were killed are removed first. A
+    write that fails raises its OSError (a full disk: ENOSPC), also from inside torch.save. With needed_bytes
+    (what the file will take) and flag (the option that chooses where it goes), a disk without that room is
+    one DataError line saying how much is needed and where, before anything is written, and so is a disk that
+    fills up during the write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
+    if needed_bytes is not None and shutil.disk_usage(path.parent).free < needed_bytes:
+        raise no_room(path, needed_bytes, flag)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    recorded = None
     try:
         with open(tmp, "wb") as f:  # a file object, not a name: torch.save would store the temporary name
-            write(f)
+            recorded = _Recorded(f)
+            write(recorded)
         os.replace(tmp, path)
+    except Exception as e:
+        cause = recorded.error if recorded and recorded.error else e if isinstance(e, OSError) else None
+        if cause is None:
+            raise
+        if needed_bytes is not None and cause.errno in FULL:
+            raise no_room(path, needed_bytes, flag) from None
+        if cause is e:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

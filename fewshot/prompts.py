@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from fewshot.errors import DataError
+from fewshot.files import check_regular
 
 CUPL = "cupl"  # --prompts cupl: CuPL's class descriptions instead of a file
 # --prompts NAME: every class's sentences are these templates filled with its name (CLIP's prompt ensembling)
@@ -51,6 +52,7 @@ def load_prompts(path, classnames: list[str], template: str) -> list[list[str]]:
     Class names match after normalising case, underscores and spaces (CuPL files spell them their own way).
     A class the file has no sentences for gets template.format(name) instead, with one warning counting them.
     """
+    check_regular(path, "prompts file")
     try:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:

@@ -31,6 +31,8 @@ RANGES = {  # every number a flag feeds into a formula, by its destination (a co
     # the extraction
     "seeds": Range(0, 2**63 - 1), "max_shots": Range(1), "views": Range(1), "encode_batch_size": Range(1),
     "workers": Range(0),
+    # predict.py
+    "top_k": Range(1),
     # HeGraphAdapter (HeGraphConfig) and the cache of Tip-Adapter (TipConfig)
     "alpha": Range(0), "gamma": Range(0, open_low=True), "lam": Range(0), "weight_scale": Range(0),
     "bias_scale": Range(0), **{f"beta_{path}": Range(0) for path in ("pn", "vn", "np", "np_test", "vp", "pp", "vv")},

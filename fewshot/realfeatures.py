@@ -410,9 +410,24 @@ def markdown_summary(blocks, ours="hegraph"):
     return "\n".join(lines)
 
 
+def drawn_rows(blocks, ours="hegraph", strongest=3, reference="zeroshot"):
+    """The rows the figure draws: `ours`, the `strongest` other rows (by accuracy, mean over the figure's tasks,
+    K and seeds), and the `reference` (zero-shot), in the tables' order; and the rows left to the tables."""
+    shown = {task: blocks.get((task, True)) or blocks[task, False] for task, _ in blocks}
+    rows = list(dict.fromkeys(row for results in shown.values() for row in results))
+    def score(row):
+        accs = [a for results in shown.values() if row in results for k in TEST_SHOTS for a in results[row]["acc"][k]]
+        return sum(accs) / len(accs)
+    others = sorted((row for row in rows if row not in (ours, reference)), key=score, reverse=True)
+    drawn = {ours, reference, *others[:strongest]}
+    return [row for row in rows if row in drawn], [row for row in rows if row not in drawn]
+
+
 def plot(blocks, path, backbone):
-    """One panel per task: each method's test accuracy vs K (mean ± std over seeds) in the tuned block (the
-    published defaults where a task has no tuned block), in report.py's styles. blocks: {(task, tuned): results}."""
+    """One panel per task: test accuracy vs K (mean ± std over seeds) in the tuned block (the published defaults
+    where a task has no tuned block) of HeGraphAdapter, the three strongest other methods and zero-shot, in
+    report.py's styles; the other methods are named under the panels (they are in the tables). blocks:
+    {(task, tuned): results}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -420,25 +435,31 @@ def plot(blocks, path, backbone):
     from fewshot import report
 
     tasks = list(dict.fromkeys(task for task, _ in blocks))
-    rows = list(dict.fromkeys(row for results in blocks.values() for row in results))
-    styles = report.method_styles(rows)
+    drawn, left = drawn_rows(blocks)
+    # a method's look does not depend on what is drawn: the styles of every row, in the tables' order
+    styles = report.method_styles(list(dict.fromkeys(row for results in blocks.values() for row in results)))
     cols = min(len(tasks), 2)                              # two panels a row: readable at a page's width
     rows_of_panels = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.2 * cols + 0.4, 3.9 * rows_of_panels + 0.9),
+    width = max(7.0, 5.2 * cols + 0.4)                     # room for the title and the legend with one panel
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(width, 3.9 * rows_of_panels + 1.2),
                              squeeze=False, layout="constrained")
     for ax in axes.flat[len(tasks):]:
         ax.set_visible(False)
+    same = {}
     for ax, task in zip(axes.flat, tasks):
         results = blocks.get((task, True)) or blocks[task, False]
-        curves = {row: [(k, *report.mean_std(r["acc"][k])) for k in TEST_SHOTS] for row, r in results.items()}
+        curves = {row: [(k, *report.mean_std(results[row]["acc"][k])) for k in TEST_SHOTS]
+                  for row in drawn if row in results}
         report.clip_below_zeroshot(ax, {m: [(mean, std) for _, mean, std in c] for m, c in curves.items()})
-        report.draw_panel(ax, curves, styles, list(TEST_SHOTS))
+        same[task] = report.draw_panel(ax, curves, styles, list(TEST_SHOTS))
         ax.set_title(f"{task} ({'tuned' if (task, True) in blocks else 'published defaults'})")
         ax.set_xlabel("shots per class (K)")
         ax.set_ylabel("test accuracy (%)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", frameon=False, ncol=min(len(labels), 5))
-    fig.suptitle(f"Real CLIP {backbone} features: test accuracy, mean ± std over seeds {', '.join(map(str, SEEDS))}")
+    notes = [report.same_curve_notes(same, tasks)] + \
+        ([f"Not drawn (the tables give them): {', '.join(left)}."] if left else [])
+    report.figure_legend(fig, axes.flat, width, " ".join(n for n in notes if n))
+    report.figure_title(fig, f"Real CLIP {backbone} features: test accuracy, mean ± std over seeds "
+                             f"{', '.join(map(str, SEEDS))}")
     fig.savefig(path, dpi=130)
     plt.close(fig)
 

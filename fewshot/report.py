@@ -21,20 +21,18 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from fewshot.checkpoints import read_checkpoint
+from fewshot import checkpoints
 from fewshot.cli import Parser, guarded
 from fewshot.datasets import DATASETS, SHIFT_DATASETS
 from fewshot.errors import DataError
-from fewshot.features import load_features
 from fewshot.files import write_atomic
-from fewshot.methods import METHODS, build
-from fewshot.tasks import make_task
-from hegraphadapter import HeGraphConfig
+from fewshot.methods import METHODS
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.csv")
 FEWSHOT_DATASETS = [d for d, spec in DATASETS.items() if spec.layout != "shift"]
@@ -413,30 +411,61 @@ def fewshot_seeds(runs, datasets, methods, shots):
 
 
 def identical_curves(curves):
-    """Groups of methods whose mean curves coincide exactly (to the printed 0.01), to name in the panel."""
+    """Groups of methods whose mean curves coincide exactly (to the printed 0.01), which hide one another."""
     groups = defaultdict(list)
     for m, points in curves.items():
         groups[tuple((k, round(mean, 2)) for k, mean, _ in points)].append(m)
-    return [g for g in groups.values() if len(g) > 1]
+    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def draw_panel(ax, curves, styles, shots):
     """One panel: each method's mean ± std (error bars) at K, shifted sideways by a few percent of an octave
-    per method so that lines and bars that coincide stay visible side by side."""
+    per method so that lines and bars that coincide stay visible side by side. Returns the groups of methods
+    whose curves coincide (identical_curves), for the figure to name below its panels."""
     n = len(curves)
     for i, (m, points) in enumerate(curves.items()):
         shift = 2 ** (0.05 * (i - (n - 1) / 2))  # log-x axis: a constant factor is a constant offset
         xs = [k * shift for k, _, _ in points]
         ax.errorbar(xs, [mean for _, mean, _ in points], yerr=[std for _, _, std in points], label=m,
                     capsize=2, elinewidth=0.8, **styles[m])
-    same = identical_curves(curves)
-    if same:
-        ax.text(0.02, 0.97, "\n".join("same curve: " + " = ".join(g) for g in same), transform=ax.transAxes,
-                ha="left", va="top", fontsize=6.5, color="dimgray")
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
+    return identical_curves(curves)
+
+
+def same_curve_notes(same, panels):
+    """One sentence naming the curves that coincide, each group with the panels it coincides in ("" if none).
+    same: {panel: [group of methods]}."""
+    where = defaultdict(list)
+    for panel, groups in same.items():
+        for group in groups:
+            where[group].append(TITLES.get(panel, panel))
+    notes = [f"{' = '.join(g)} ({'every panel' if len(p) == len(panels) > 1 else ', '.join(p)})"
+             for g, p in where.items()]
+    return "Curves that coincide (to 0.01), drawn one over the other: " + "; ".join(notes) if notes else ""
+
+
+def figure_legend(fig, axes, width, notes=""):
+    """One legend for the whole figure, under its panels, with the notes (wrapped to the figure's width) as its
+    title: notes never lie across the panels, so that constrained layout keeps every panel its full size."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    title = "\n".join(textwrap.wrap(notes, int(width * 13))) if notes else None
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
+               ncol=max(1, min(len(handles), 5, int(width // 1.8))), title=title, title_fontsize=8)
+
+
+def figure_title(fig, text, fontsize=12):
+    """The figure's title, wrapped (as measured by the renderer) to 95 % of the figure's width: never cut."""
+    title = fig.suptitle(text, fontsize=fontsize)
+    renderer, chars = fig.canvas.get_renderer(), len(text)
+    while title.get_window_extent(renderer).width > 0.95 * fig.bbox.width and chars > 20:
+        chars = int(chars * 0.9)
+        title.set_text("\n".join(textwrap.wrap(text, chars)))
 
 
 def paper_points(paper, backbone, panel, shots, datasets):
@@ -464,12 +493,13 @@ def plot_fewshot(runs, backbone, paper, path):
     nrows = -(-len(panels) // ncols)
     width = max(3.6 * ncols, 7.0)  # room for the title and the legend, even with one panel
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.1 * nrows + 1.0), squeeze=False, layout="constrained")
+    same = {}
     for ax, panel in zip(axes.flat, panels):
         curves = {m: [(k, *mean_std(seeds[m, panel, k].values())) for k in shots if seeds.get((m, panel, k))]
                   for m in methods}
         curves = {m: points for m, points in curves.items() if points}
         clip_below_zeroshot(ax, {m: [(mean, std) for _, mean, std in points] for m, points in curves.items()})
-        draw_panel(ax, curves, styles, shots)
+        same[panel] = draw_panel(ax, curves, styles, shots)
         points = paper_points(paper, backbone, panel, shots, datasets)
         if points:
             ax.plot(sorted(points), [points[k] for k in sorted(points)], ls="none", marker="*", ms=11,
@@ -481,31 +511,21 @@ def plot_fewshot(runs, backbone, paper, path):
         ax.set_ylabel("test accuracy (%)")
     for ax in axes[-1, :]:
         ax.set_xlabel("shots per class (K)")
-    handles = {}
-    for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="outside lower center", frameon=False,
-               ncol=min(len(handles), 5, int(width // 1.8)))
-    fig.suptitle(f"Few-shot test accuracy ({backbone}), mean ± std over seeds")
+    figure_legend(fig, axes.flat, width, same_curve_notes(same, panels))
+    spread = "mean ± std over seeds" if max(len(r["seeds"]) for r in mine) > 1 else "1 seed"
+    figure_title(fig, f"Few-shot test accuracy ({backbone}), {spread}")
     fig.savefig(path, dpi=130)
     fig.savefig(Path(path).with_suffix(".svg"))
     plt.close(fig)
 
 
-def text_nodes_before_after(features_file, checkpoint, seed):
-    """The positive text nodes P and P' [C, d] and the class names, from train.py --save's checkpoint of a
-    HeGraphAdapter run (the one place that rebuilds a model from train.py's METHODS)."""
-    data = load_features(features_file)
-    ckpt = read_checkpoint(checkpoint)
-    run = ckpt["run"]
-    method = METHODS[run["method"]]
-    task = make_task(data, seed, run["shots"], "cpu", negatives=bool(method.negatives) and not run["no_negatives"])
-    model = build(method, task, HeGraphConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+def text_nodes_before_after(checkpoint):
+    """The positive text nodes P and P' [C, d] and the class names, from train.py --save's model file of a
+    HeGraphAdapter run (which holds all it needs: no features file is read)."""
+    ckpt = checkpoints.read_model(checkpoint)
+    model = checkpoints.build_model(ckpt, checkpoint)
     with torch.no_grad():
-        return task.pos_text, model.propagate()[0], data["classnames"]
+        return ckpt["text"]["positive"], model.propagate()[0], ckpt["classnames"]
 
 
 def plot_tsne(before, after, classnames, dataset, path, num_classes=20):
@@ -545,13 +565,14 @@ def tsne_from_runs(runs, results, dataset):
         return "No t-SNE: no `hegraph` run saved a checkpoint (the sweep saves one for --tsne-dataset)."
     run = max(candidates, key=lambda r: (r["dataset"] == dataset, r["shots"]))
     checkpoint_dir = Path(results, run["reproduce"]["checkpoint"])
-    features = Path(run["reproduce"]["features"])
     seed = min(run["seeds"], key=int)
     checkpoint = checkpoint_dir / f"seed{seed}.pt"
-    if not features.is_file() or not checkpoint.is_file():
-        missing = features if not features.is_file() else checkpoint
-        return f"t-SNE not redrawn: {missing} is absent (tsne.png, if any, is from an earlier report)."
-    before, after, classnames = text_nodes_before_after(features, checkpoint, int(seed))
+    if not checkpoint.is_file():
+        return f"t-SNE not redrawn: {checkpoint} is absent (tsne.png, if any, is from an earlier report)."
+    try:
+        before, after, classnames = text_nodes_before_after(checkpoint)
+    except DataError as e:  # a checkpoint of an older train.py, one changed since: the tables do not need it
+        return f"t-SNE not redrawn: {e}."
     plot_tsne(before, after, classnames, run["dataset"], Path(results, "tsne.png"))
     return (f"![t-SNE](tsne.png)\n\nt-SNE (Fig. 3): `hegraph` on {TITLES.get(run['dataset'], run['dataset'])}, "
             f"K = {run['shots']}, seed {seed} ({run['backbone']}).")
@@ -569,7 +590,8 @@ def write_report(results, tsne_dataset="food101"):
     backbones = sorted({r["backbone"] for r in runs})
     lines = ["# Results", "",
              f"Written by `python bench/reproduce.py --report --results {results}` from {len(all_runs)} run "
-             f"files in `runs/` on {datetime.date.today()}. Test accuracy %, mean ± std over seeds (n − 1); "
+             f"files in `runs/` on {datetime.date.today()}. Test accuracy %, mean ± std over seeds (n − 1; a cell "
+             "of one seed gives its accuracy alone); "
              "the number of a run is its accuracy after the last epoch (nothing is selected on test images). "
              + ("Average = over the datasets of the table, per seed, then mean ± std; for the paper's rows, its "
                 "printed average when the table has all its datasets, else the mean of its numbers over the same "
@@ -591,7 +613,7 @@ def write_report(results, tsne_dataset="food101"):
             lines += [f"![few-shot accuracy, {backbone}]({name})", "",
                       f"Fig. 2 ({backbone}): test accuracy vs shots, mean ± std (error bars) over seeds; "
                       "`hegraph` in red; methods are shifted sideways a little so that equal points stay "
-                      "visible, and curves that coincide exactly are named in their panel.", ""]
+                      "visible, and curves that coincide exactly are named under the panels.", ""]
     lines += [tsne_from_runs(runs, results, tsne_dataset), ""]
     write_runs_csv(all_runs, results / "runs.csv")
     write_atomic(results / "README.md", lambda f: f.write("\n".join(lines).encode()))

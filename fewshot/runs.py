@@ -5,16 +5,18 @@ knobs on the validation subset, or load it from a checkpoint), evaluate it, and 
 The number reported is the test accuracy after the last epoch, as mean and standard deviation (n - 1) over the
 seeds. Every method is one row of methods.METHODS.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fewshot import checkpoints, coop, files, training
+from fewshot import checkpoints, coop, files, perclass, training
 from fewshot.datasets import dataset_folder, dataset_name
 from fewshot.devices import deterministic, resolve_device
 from fewshot.errors import DataError
@@ -39,8 +41,9 @@ class RunRequest:
     config: dict = field(default_factory=dict)   # {config field: value} over the method's published config
     search_val: bool = False              # tune the method's knobs on the min(K, 4)-shot validation subset
     out: Path | None = None               # write the results json here
-    save: Path | None = None              # write each seed's checkpoint to DIR/seed<N>.pt
-    load: Path | None = None              # evaluate the checkpoints of this folder instead of training
+    plots: bool = False                   # also draw confusion.png beside `out`
+    save: Path | None = None              # write each seed's model file to DIR/seed<N>.pt
+    load: Path | None = None              # evaluate the model files of this folder instead of training
     eval_datasets: tuple[str, ...] = ()   # also evaluate on these ImageNet shift sets
     device: str | None = None             # torch device; None: cuda if available, else cpu
     overwrite: bool = False               # extract the features afresh, and replace another run's checkpoints
@@ -65,6 +68,10 @@ def make_plan(dataset, method=None, shots=None, *, no_negatives=False, config=No
     search_val the grid it tunes (has_val: whether the features have a validation split). checkpoints: the
     identity of the checkpoints a run evaluates, whose method, K and negatives it takes."""
     config, recipe = config or {}, recipe or {}
+    if checkpoints and (config or recipe):
+        flag = f"--{sorted({**config, **recipe})[0].replace('_', '-')}"
+        raise DataError(f"{flag} sets how a model is built or trained, and --eval-only evaluates the saved models as "
+                        f"they were trained: drop {flag}, or train again with it")
     name = checkpoints["method"] if checkpoints else method or "hegraph"
     shots = checkpoints["shots"] if checkpoints else shots or 16
     no_negatives = checkpoints["no_negatives"] if checkpoints else no_negatives
@@ -99,13 +106,15 @@ def run_id_of(plan, data, task):
                 recipe=plan.recipe and dataclasses.asdict(plan.recipe))
 
 
-def model_for_seed(plan, task, seed, ckpt=None, folder=None):
-    """The seed's model: loaded from its checkpoint, searched on the validation subset, or built and fit.
-    Returns (model, info, search record or None)."""
+def model_for_seed(plan, task, seed, ckpt=None, folder=None, features=None):
+    """The seed's model: rebuilt from its model file (once checked to be trained on these features), searched on
+    the validation subset, or built and fit. Returns (model, info, search record or None)."""
     method = METHODS[plan.method]
     if ckpt is not None:
-        model = build(method, task, checkpoints.saved_config(plan.config, ckpt, folder))
-        return checkpoints.load_state(model, ckpt, Path(folder) / f"seed{seed}.pt").eval(), {}, None
+        path = checkpoints.seed_path(folder, seed)
+        checkpoints.check_trained_on(ckpt, task, path, features)
+        return checkpoints.build_model(ckpt, path, task.pos_text.device, checkpoints.again_with(folder),
+                                       task.text_encoder), {}, None
     if plan.grid:
         return training.search(method, task, plan.config, plan.recipe, list(plan.grid), seed)
     model, info = training.fit_at(method, task, plan.config, plan.recipe, {}, seed)
@@ -113,8 +122,11 @@ def model_for_seed(plan, task, seed, ckpt=None, folder=None):
 
 
 def evaluate(model, task, shifts, device):
-    """Test accuracy %, and on each ImageNet shift set among its own classes."""
-    scores = {"test": training.accuracy(model, *task.test)}
+    """Test accuracy %, the test confusion matrix ("confusion" [C, C]: rows the true class, columns the predicted
+    one), and the accuracy on each ImageNet shift set among its own classes."""
+    feats, labels = task.test
+    confusion = training.confusion_matrix(training.predictions(model, feats), labels, task.pos_text.shape[0])
+    scores = {"test": 100.0 * confusion.diag().sum().item() / max(1, labels.numel()), "confusion": confusion}
     for name, shift in shifts.items():
         feats = shift["test"]["features"].to(device, torch.float32)
         scores[name] = training.accuracy(model, feats, shift["test"]["labels"], classes=shift["class_map"].to(device))
@@ -134,14 +146,23 @@ def prompts_identity(data):
 def new_record(plan, data, request, device, shifts, source):
     """The results dict before any seed: what the run uses. source: the features file read (given or extracted)."""
     return {"method": plan.method, "dataset": plan.dataset, "backbone": data["backbone"], "shots": plan.shots,
-            "seeds": {}, "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "effective_recipe": {},
-            "fit": {}, "search": {}, "shift": {name: {} for name in shifts},
+            "classnames": list(data["classnames"]), "test_size": len(data["test"]["labels"]), "split_sizes": {},
+            "seeds": {}, "per_class": {}, "confusion": {},
+            "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "effective_recipe": {}, "fit": {},
+            "search": {}, "shift": {name: {} for name in shifts},
             "recipe": plan.recipe and dataclasses.asdict(plan.recipe), "no_negatives": plan.no_negatives,
             "search_val": bool(plan.grid), "grid": list(plan.grid), "device": str(device),
-            "features": str(source), "extracted": not request.features,
+            "features": str(source) if source else None, "extracted": not request.features,
             "prompts": data.get("text_set") or prompts_identity(data),  # the prompt set used: its sha256, the flags
             "views": int(data["train"]["features"].shape[0]) if "train" in data else None,
             "features_identity": identity(data, request.seeds, plan.shots)}  # the weights and images it read
+
+
+def split_sizes(task):
+    """The images one seed's run uses of each split: the K-shot training images, the min(K, 4)-shot validation
+    subset (0 without one) and the whole test split."""
+    return {"train": len(task.train_labels), "val": 0 if task.val is None else len(task.val[1]),
+            "test": len(task.test[1])}
 
 
 def record_seed(results, seed, model, info, searched, scores, seconds, recipe=None):
@@ -149,6 +170,10 @@ def record_seed(results, seed, model, info, searched, scores, seconds, recipe=No
     what its search chose)."""
     results["params"] = training.tunable_parameters(model)
     results["seeds"][seed] = scores.pop("test")
+    confusion = scores.pop("confusion")                                       # [C, C]
+    results["confusion"][seed] = confusion.tolist()
+    results["per_class"][seed] = [100.0 * row[c].item() / row.sum().item() if row.sum() else None
+                                  for c, row in enumerate(confusion)]
     for name, acc in scores.items():
         results["shift"][name][seed] = acc
     results["train_seconds"][seed] = seconds
@@ -162,42 +187,77 @@ def record_seed(results, seed, model, info, searched, scores, seconds, recipe=No
 
 
 def summarise(results):
-    """Mean and sample standard deviation (n - 1) of the seeds' test accuracies."""
+    """Mean and sample standard deviation (n - 1) of the seeds' test accuracies (None for one seed)."""
     accs = torch.tensor(list(results["seeds"].values()), dtype=torch.float64)
-    results.update(test_accuracy=accs.mean().item(), std=accs.std(correction=1).item() if len(accs) > 1 else 0.0)
+    results.update(test_accuracy=accs.mean().item(), std=accs.std(correction=1).item() if len(accs) > 1 else None)
     return results
 
 
 def run(request: RunRequest):
     """Train and evaluate one method over the seeds; returns the results dict (also written to request.out)."""
     device = prepare(request)
-    source = request.features or request.extraction.extract(request.dataset, request.seeds, request.device,
-                                                            request.overwrite)
-    data = load_features(source)
+    with contextlib.ExitStack() as held:
+        if request.save:  # one run at a time writes a --save folder: a second waits, then checks what it holds
+            held.enter_context(files.acquire(files.file_lock(Path(request.save).resolve()), Path(request.save)))
+        return run_seeds(request, device)
+
+
+def run_seeds(request, device):
+    """run()'s body: the features, the plan, then each seed's task, model, evaluation and record; the outputs."""
+    data = load_features(request.features) if request.features else features_for(request, request.dataset)
+    features = request.features or request.extraction.path(request.dataset)   # its path, for the record and lines
     check_dataset(request, data)
     ckpts, run_id = (checkpoints.load_checkpoints(request.load, request.seeds, data, request.method, request.shots,
                                                   request.no_negatives) if request.load else (None, None))
+    wanted = ckpts and checkpoints.prompt_set(next(iter(ckpts.values())))
+    if wanted and wanted in (data.get("texts") or {}) and wanted != (data.get("text_set") or {}).get("sha256"):
+        data = load_features(features, text=wanted)   # the file's prompt set the models were trained with
     plan = make_plan(data["dataset"], request.method, request.shots, no_negatives=request.no_negatives,
                      config=request.config, recipe=request.recipe, search_val=request.search_val,
                      has_val="val_fewshot" in data, checkpoints=run_id)
+    if plan.grid:
+        check_val_subsets(request.seeds, data, features)
     shifts = shift_sets(request, data)
-    results, trained = new_record(plan, data, request, device, shifts, source), {}
+    results, trained = new_record(plan, data, request, device, shifts, features), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
     text_encoder = text_encoder_for(request, plan, data, device)
     for seed in request.seeds:
         torch.manual_seed(seed)
+        if ckpts:  # the model carries its own negatives: they are compared where the file has them too
+            negatives = checkpoints.compare_negatives(ckpts[seed], data)
         task = make_task(data, seed, plan.shots, device, negatives, text_encoder)
         if seed == request.seeds[0]:
             stale = check_room(request, plan, data, task) if not ckpts else []
+            results["split_sizes"] = split_sizes(task)
         start = time.perf_counter()
-        model, info, searched = model_for_seed(plan, task, seed, ckpts and ckpts[seed], request.load)
+        model, info, searched = model_for_seed(plan, task, seed, ckpts and ckpts[seed], request.load, features)
         seconds = 0.0 if ckpts else time.perf_counter() - start
         record_seed(results, seed, model, info, searched, evaluate(model, task, shifts, device), seconds, plan.recipe)
-        trained[seed] = (model, run_id_of(plan, data, task))
+        if request.save and not ckpts:
+            trained[seed] = checkpoints.model_file(model, task, seed, run_id_of(plan, data, task), data, features)
     summarise(results)
     print_table(results)
-    write_outputs(request, results, {} if ckpts else trained, stale)
+    write_outputs(request, results, trained, stale)
     return results
+
+
+def check_val_subsets(seeds, data, features):
+    """--search-val scores on each seed's validation subset: one line for a seed that has none (before any
+    training; a seed without a training subset either is make_task's to name)."""
+    have = data.get("val_fewshot", {})
+    missing = [s for s in seeds if s in data.get("fewshot", {}) and s not in have]
+    if missing:
+        raise DataError(f"--search-val tunes on each seed's validation subset, and {features} has none for seed "
+                        f"{missing[0]} (it has them for seeds {' '.join(map(str, sorted(have))) or 'none'}): run "
+                        f"those --seeds, or extract the features again with --seeds {' '.join(map(str, seeds))} "
+                        f"(--overwrite replaces the file)")
+
+
+def record_json(results) -> bytes:
+    """The results as json, each list of numbers (a confusion matrix's row, the per-class accuracies) on one line."""
+    text = json.dumps(results, indent=2)
+    return re.sub(r"\[[^\[\]{}\"]*\]", lambda m: " ".join(m[0].split()).replace("[ ", "[").replace(" ]", "]"),
+                  text).encode()
 
 
 def text_encoder_for(request, plan, data, device):
@@ -210,30 +270,38 @@ def text_encoder_for(request, plan, data, device):
 
 
 def write_outputs(request, results, trained, stale):
-    """--save's checkpoints and --out's results, once the numbers are printed: a write that still fails (a disk
-    filled meanwhile) loses nothing that was measured, and says where it could not write."""
+    """--save's model files, --out's results and --plots' figure, once the numbers are printed: a write that still
+    fails (a disk filled meanwhile) loses nothing that was measured, and says where it could not write."""
     try:
-        for seed, (model, run_id) in trained.items():
-            if request.save:
-                checkpoints.save_checkpoint(request.save, seed, run_id, model, stale)
-                stale = []
+        for record in trained.values():
+            checkpoints.save_model(request.save, record, stale)
+            stale = []
         if request.out:
-            files.write_atomic(request.out, lambda f: f.write(json.dumps(results, indent=2).encode()))
+            files.write_atomic(request.out, lambda f: f.write(record_json(results)))
+            if request.plots:
+                perclass.plot_confusion(results, confusion_path(request.out))
     except OSError as e:
         raise DataError(f"the results are printed above, but {e.filename or request.out or request.save} could not be "
                         f"written ({e.strerror}); free some space or choose another --out / --save") from None
 
 
 def print_table(results):
-    """Per-seed test accuracy, mean and standard deviation, seconds per epoch, tunable parameters."""
+    """The run's size (test images, classes, training and validation images per seed), then per-seed test
+    accuracy, mean and standard deviation, seconds per epoch, tunable parameters; then the weakest classes."""
+    sizes, C = results["split_sizes"], len(results["classnames"])
     print(f"\n{results['method']} on {results['dataset']} ({results['backbone']}), {results['shots']} shots, "
           f"{results['params']:,} tunable parameters")
+    val = f", its validation subset holds {sizes['val']:,}" if sizes["val"] else ""
+    print(f"test set {results['test_size']:,} images of {C:,} classes; each seed trains on {sizes['train']:,} images "
+          f"({results['shots']} per class){val}")
     print(f"{'seed':>6} {'test acc %':>11} {'s/epoch':>8}" + "".join(f" {n:>21}" for n in results["shift"]))
     for seed, acc in results["seeds"].items():
         shift = "".join(f" {results['shift'][n][seed]:>21.2f}" for n in results["shift"])
         epoch = results["epoch_seconds"][seed]
         print(f"{seed:>6} {acc:>11.2f} {'–' if epoch is None else f'{epoch:.3f}':>8}{shift}")
-    print(f"{'mean':>6} {results['test_accuracy']:>11.2f}  ± {results['std']:.2f} (std over seeds)")
+    spread = "(1 seed)" if results["std"] is None else f"± {results['std']:.2f} (std over seeds)"
+    print(f"{'mean':>6} {results['test_accuracy']:>11.2f}  {spread}")
+    print("\n".join(perclass.weakest_lines(results)))
 
 
 # -----------------------------------------------------------------------------
@@ -243,6 +311,11 @@ def prepare(request):
     """Before any file is read: determinism, the device, and outputs that can be written."""
     device = resolve_device(request.device)
     deterministic()
+    if request.load and request.save:
+        raise DataError("--save writes the models a run trains, and --eval-only trains none (its models are in "
+                        "--load): drop --save")
+    if request.plots and not request.out:
+        raise DataError("--plots draws confusion.png beside the --out file: give --out FILE.json too")
     check_outputs(request)
     shots, max_shots = request.shots or 16, request.extraction.settings.max_shots
     if not request.features and not request.load and max_shots is not None and shots > max_shots:
@@ -292,23 +365,30 @@ def run_inputs(request):
 def check_outputs(request):
     """Fail now, before any work, if --out or --save would destroy an input or cannot be written (check_output)."""
     inputs = run_inputs(request)
-    seed_files = {f"the --save checkpoint of seed {s}": Path(request.save) / f"seed{s}.pt" for s in request.seeds} \
+    seed_files = {f"the --save model file of seed {s}": Path(request.save) / f"seed{s}.pt" for s in request.seeds} \
         if request.save and not request.load else {}
     if request.out:
         files.check_output("--out", request.out, inputs | seed_files)
+        if request.plots:
+            files.check_output("--plots", confusion_path(request.out), inputs | seed_files | {"the --out file":
+                                                                                          request.out})
     if seed_files:
         files.check_output("--save", request.save, inputs, folder=True)
     for path in seed_files.values():
         files.check_output("--save", path, inputs | {"the --out file": request.out})
 
 
+def confusion_path(out):
+    """Where --plots draws the confusion matrix: confusion.png beside the --out file."""
+    return Path(out).with_name("confusion.png")
+
+
 def check_room(request, plan, data, task):
-    """Before training: room on the disk for --save's checkpoints (the first seed's model, built untrained, times
-    the seeds); returns the other run's checkpoints there that --overwrite replaces."""
+    """Before training: room on the disk for --save's model files (the first seed's, its model built untrained,
+    times the seeds); returns the other run's files there that --overwrite replaces."""
     if not request.save:
         return []
-    method = METHODS[plan.method]
-    state = build(method, task, plan.config).state_dict()
-    size = sum(t.numel() * t.element_size() for t in state.values()) * len(request.seeds) + (1 << 20)
+    state = build(METHODS[plan.method], task, plan.config).state_dict()
+    size = checkpoints.file_bytes(task, state) * len(request.seeds) + (1 << 20)
     files.check_output("--save", request.save, run_inputs(request), folder=True, needed_bytes=size)
     return checkpoints.other_runs(request.save, run_id_of(plan, data, task), request.overwrite)

@@ -325,7 +325,8 @@ def attempt(run, args, wait):
             return "exists"
         result = execute(run)
         write_atomic(run.path, lambda f: f.write(json.dumps(result, indent=2, default=str).encode()))
-        tqdm.write(f"ran {run.path.name}: {result['test_accuracy']:.2f} ± {result['std']:.2f} % "
+        spread = "(1 seed)" if result["std"] is None else f"± {result['std']:.2f}"
+        tqdm.write(f"ran {run.path.name}: {result['test_accuracy']:.2f} % {spread} "
                    f"({result['reproduce']['wall_seconds']:.1f} s)")
         return "ran"
     finally:

@@ -94,20 +94,32 @@ def fit(method, model, task, recipe, seed):
 # evaluation and the knob search on the validation subset
 
 @torch.no_grad()
-def accuracy(model, feats, labels, classes=None, batch_size=4096):
-    """Top-1 accuracy in percent of the model's prediction, in eval mode, in batches. classes [C'] (optional):
-    predict among these columns only (an ImageNet shift set's classes); labels then index into them."""
+def predictions(model, feats, classes=None, batch_size=4096):
+    """The model's predicted class of each row of feats [n, d], in eval mode, in batches: [n] on the model's
+    device. classes [C'] (optional): predict among these columns only (an ImageNet shift set's classes), as
+    indices into them."""
     model.eval()
-    correct = 0
-    for f, y in zip(feats.split(batch_size), labels.split(batch_size)):
-        logits = model(f) if classes is None else model(f)[:, classes]
-        correct += (logits.argmax(1) == y.to(logits.device)).sum().item()
+    out = [(model(f) if classes is None else model(f)[:, classes]).argmax(1) for f in feats.split(batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(model, feats, labels, classes=None, batch_size=4096):
+    """Top-1 accuracy in percent of the model's prediction (see predictions)."""
+    predicted = predictions(model, feats, classes, batch_size)
+    correct = (predicted == labels.to(predicted.device)).sum().item()
     return 100.0 * correct / max(1, labels.numel())
 
 
 def recipe_at(recipe, point):
     """The recipe a grid point trains with: its recipe knobs (the learning rate) set; None stays None."""
     return recipe and dataclasses.replace(recipe, **{k: v for k, v in point.items() if k in RECIPE_FIELDS})
+
+
+def confusion_matrix(predicted, labels, num_classes):
+    """[C, C] counts of test images: row the true class, column the predicted one."""
+    labels = labels.to(predicted.device).long()
+    return torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).view(
+        num_classes, num_classes).cpu()
 
 
 def fit_at(method, task, config, recipe, point, seed):

@@ -8,6 +8,7 @@ This checkout's modules come first (pytest's pythonpath, pyproject.toml), here a
 run (PYTHONPATH below), whatever copy of the package is installed.
 """
 import os
+import shlex
 from pathlib import Path
 
 # no test downloads: open_clip would ask the Hugging Face hub (read when huggingface_hub is imported; also
@@ -20,7 +21,14 @@ import pytest  # noqa: E402  (after the environment is set)
 import torch  # noqa: E402
 
 from fewshot import cli, runs  # noqa: E402
-from fewshot.testing.fixtures import synthetic_features, tiny_clip, tiny_open_clip, write_dataset  # noqa: E402
+from fewshot.features import load_features  # noqa: E402
+from fewshot.testing.fixtures import (  # noqa: E402
+    synthetic_features,
+    tiny_clip,
+    tiny_open_clip,
+    write_dataset,
+    write_image_folder,
+)
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads made a
 # 32-px ResNet forward 100x slower (1 s instead of 10 ms).
@@ -63,6 +71,47 @@ def make_dataset(tmp_path_factory):
     return make
 
 
+def readme_command(start):
+    """The arguments of the README's command line that starts with `start` (e.g. "python predict.py")."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(start))
+    return shlex.split(line)[2:]
+
+
+@pytest.fixture(name="readme_command")
+def _readme_command():
+    """readme_command(start): the arguments of the README's command line that starts with `start`."""
+    return readme_command
+
+
+@pytest.fixture(scope="session")
+def own_model(tmp_path_factory, tiny_vit_checkpoint):
+    """The README's own-images path on fixtures: in a folder `home`, its command `python train.py --dataset
+    path/to/my_images --shots 4 --save models/my_images` as written, on 3 classes of 20 images with the tiny ViT
+    (seeds 1 2, 5 epochs, 2 views), and `--eval-only --load models/my_images` on its features; then the dataset
+    folder is moved to photos/ and the features file to kept.pt, so that predict.py finds neither. Returns a dict:
+    home, models, photos, features (kept.pt), data (its dict), trained and evaluated (the two runs' results)."""
+    home = tmp_path_factory.mktemp("own")
+    argv = readme_command("python train.py --dataset path/to/my_images")
+    folder = home / argv[argv.index("--dataset") + 1]
+    write_image_folder(folder, {"red_panda": 20, "snow-leopard": 20, "tabby_cat": 20})
+    tiny = ["--clip-checkpoint", str(tiny_vit_checkpoint), "--max-shots", "4", "--views", "2", "--seeds", "1", "2",
+            "--epochs", "5", "--device", "cpu", "--workers", "0"]
+    cwd = os.getcwd()
+    os.chdir(home)
+    try:
+        trained = runs.run(cli.train_request([*argv, *tiny]))
+        features = next((home / "features").glob("my_images_*.pt"))
+        evaluated = runs.run(cli.train_request(["--features", str(features), "--eval-only", "--load",
+                                                argv[argv.index("--save") + 1], "--seeds", "1", "2", "--device",
+                                                "cpu"]))
+    finally:
+        os.chdir(cwd)
+    folder.rename(home / "photos")
+    features = features.rename(home / "kept.pt")
+    return {"home": home, "models": home / argv[argv.index("--save") + 1], "photos": home / "photos",
+            "features": features, "data": load_features(features), "trained": trained, "evaluated": evaluated}
+
+
 @pytest.fixture
 def feats(tmp_path):
     """A synthetic features file: 10 Gaussian classes, d = 32, max-shots 4, seeds 1 2 3, with negatives."""
@@ -88,3 +137,45 @@ def fail(capsys):
         assert len(err) == 1 and err[0].startswith("error: "), err
         return err[0]
     return fail
+
+
+class Tripped(BaseException):
+    """A call that must not happen happened (a BaseException: the commands' guarded() lets it through)."""
+
+
+class Tripwire:
+    """`owner.name` replaced by a call that must not happen: calling it fails the test. A tripwire only guards
+    while the code still calls `owner.name`; proven(action) shows that it does, by running `action` (the same
+    command on a valid input, or one that gets that far), which must trip it. Each tripwire must be proven."""
+
+    def __init__(self, monkeypatch, owner, name, why):
+        self.owner, self.name, self.why, self.fired, self.live = owner, name, why, 0, False
+        monkeypatch.setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.fired += 1
+        raise Tripped(f"{self.why} ({getattr(self.owner, '__name__', self.owner)}.{self.name} was called)")
+
+    def proven(self, action):
+        """Run action(), which must call the patched name: the tripwire is live, so its guard can fail."""
+        fired = self.fired
+        try:
+            action()
+        except Tripped:
+            pass
+        assert self.fired > fired, f"the tripwire on {self.name} never fired: the code no longer calls it there"
+        self.live = True
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """tripwire(owner, name, why): owner.name must not be called (else the test fails with `why`); prove each one
+    live with .proven(action) in the same test, or the test fails."""
+    wires = []
+
+    def make(owner, name, why):
+        wires.append(Tripwire(monkeypatch, owner, name, why))
+        return wires[-1]
+    yield make
+    dead = [w.name for w in wires if not w.live]
+    assert not dead, f"tripwires never proven live with .proven(): {dead}"

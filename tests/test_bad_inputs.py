@@ -1,7 +1,8 @@
 """The registry of bad inputs (fewshot/testing/bad_inputs.py), run in this process through the commands' own
-entry points: every case of every family gets exactly one error line naming only flags of its command, a
-non-zero exit and no file lost; the controls succeed. bench/bad_inputs.py runs the same cases as real commands
-for docs/bad-inputs.md. Also the judging itself, on made-up output."""
+entry points: every case of every family gets exactly one error line naming only flags of its command and
+saying what the case expects, a non-zero exit, an end in time and no file lost; the controls succeed and pass
+their checks. bench/bad_inputs.py runs the same cases as real commands for docs/bad-inputs.md. Also the judging
+itself, on made-up output."""
 import pytest
 
 from fewshot.testing import bad_inputs as b
@@ -15,6 +16,8 @@ def fixtures(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(b.CASES))
 def test_a_bad_input_gets_one_error_line_and_loses_nothing(name, fixtures, tmp_path):
+    if b.CASES[name].applies and not b.CASES[name].applies():
+        pytest.skip("not a bad input on this machine")
     outcome = b.prepare(name, b.CASES[name], tmp_path / name, fixtures)
     before = b.snapshot(outcome.folder, fixtures.dir)
     b.run_in_process(outcome, before, fixtures)
@@ -44,9 +47,20 @@ def test_judging_sees_what_a_terminal_shows_and_every_lost_file(tmp_path):
 
 
 def test_a_broken_promise_is_seen(fixtures, tmp_path):
-    """The judge fails a run that exits 0, or prints two error lines, or names a flag the command lacks."""
-    case = b.CASES["lr-zero"]
+    """The judge fails a run that exits 0, or prints two error lines, or names a flag the command lacks, or does
+    not say what the case expects, or says what it must not, or takes too long."""
+    case = b.dataclasses.replace(b.CASES["lr-zero"], avoid=("b --no",), seconds=1)
     outcome = b.prepare("lr-zero", case, tmp_path / "x", fixtures)
     before = b.snapshot(outcome.folder, fixtures.dir)
-    b.judge(outcome, 0, "", "error: a\nerror: b --no-such-flag\n", before, fixtures)
-    assert outcome.problems == ["exit 0", "2 `error:` lines", "names --no-such-flag, not a flag of train"]
+    b.judge(outcome, 0, "", "error: a\nerror: b --no-such-flag\n", before, fixtures, seconds=2)
+    assert outcome.problems == ["exit 0", "2 `error:` lines", "names --no-such-flag, not a flag of train",
+                                "does not say '--lr: must be positive'", "says 'b --no'", "took 2.0 s, more than 1 s"]
+
+
+def test_a_control_fails_when_its_check_fails(fixtures, tmp_path):
+    """A control that succeeds with the wrong result (a link followed) is not as promised."""
+    case = b.CASES["folder-link-up-the-tree"]
+    outcome = b.prepare("x", case, tmp_path / "x", fixtures)
+    before = b.snapshot(outcome.folder, fixtures.dir)
+    b.judge(outcome, 0, "", "", before, fixtures)             # no warning, and no features file
+    assert outcome.problems[0].startswith("not one warning")

@@ -110,11 +110,12 @@ def test_tuned_block_scores_every_grid_point_on_dev_folds_only(tmp_path, monkeyp
     assert again["tip"]["acc"] == out["acc"] and len(seen) == 9           # the rerun reads the cache
 
 
-def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bias_only(tmp_path, monkeypatch):
+def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bias_only(tmp_path, monkeypatch,
+                                                                                         tripwire):
     real = fake_real(C=4, per_class=8, d=8)
     monkeypatch.setattr(real_features, "STUDY", {"E2 sparse edges": real_features.STUDY["E2 sparse edges"]})
     monkeypatch.setattr(real_features, "SEEDS", (1, 2))
-    monkeypatch.setattr(real_features, "test_accuracy", lambda *a, **k: pytest.fail("the study read a test image"))
+    wire = tripwire(real_features, "test_accuracy", "the study read a test image")
     monkeypatch.setattr(training, "train", lambda model, views, labels, recipe, seed, desc="": {})   # no training: fast
     cache = real_features.Cache(tmp_path / "c.jsonl")
     out = real_features.study(cache, real, "t", ["hegraph-bias", "E2 sparse edges"])
@@ -125,6 +126,8 @@ def test_the_graph_study_tunes_each_design_on_dev_folds_and_pairs_it_with_the_bi
     assert out["E2 sparse edges"]["per_seed"][1] == pytest.approx(sum(seed2) / len(seed2))
     table = real_features.markdown_study(out, "t")
     assert "| `hegraph-bias` |" in table and "| `E2 sparse edges` |" in table
+    # live: the blocks that report test accuracy do call it
+    wire.proven(lambda: real_features.block(real_features.Cache(tmp_path / "d.jsonl"), real, "t", ["tip"], tuned=False))
 
 
 def test_main_writes_both_blocks_of_every_task_and_the_figure(tmp_path, monkeypatch):
@@ -232,3 +235,40 @@ def test_no_test_image_of_the_real_file_is_read_by_any_choice():
 def test_a_class_smaller_than_the_pool_is_refused():
     with pytest.raises(SystemExit, match="class 1 has 3 images; the protocol needs at least 4"):
         fake_real(counts=[5, 3, 6])
+
+
+def fake_blocks(tasks, rows, seeds=3):
+    """Results of the tuned block, row i scoring 60 + i (so the last rows are the strongest), per K and seed."""
+    return {(task, True): {row: {"acc": {k: [60.0 + i + k / 10 + s / 100 for s in range(seeds)]
+                                         for k in real_features.TEST_SHOTS}, "point": {}, "epoch_seconds": 0,
+                                 "params": 0, "dev": []} for i, row in enumerate(rows)} for task in tasks}
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures plot() closes, kept open to be measured."""
+    import matplotlib.pyplot as plt
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def test_the_figure_draws_hegraph_against_the_strongest_and_fits_its_title(tmp_path, drawn):
+    """Ten methods on four tasks: HeGraphAdapter, the three strongest others and zero-shot are drawn, the rest are
+    named under the panels (they are in the tables); with one task the title is not cut."""
+    rows = list(real_features.ROWS)                     # hegraph-bias, hegraph, hegraph-tp are the last three
+    blocks = fake_blocks(real_features.TASKS, rows)
+    real_features.plot(blocks, tmp_path / "four.png", "ViT-B/32")
+    fig = drawn[-1]
+    for ax in fig.axes[:4]:   # in the tables' order: zero-shot, the three strongest but hegraph, and hegraph
+        assert [bars.get_label() for bars in ax.containers] == ["zeroshot", "graphadapter", "hegraph-bias",
+                                                                "hegraph", "hegraph-tp"]
+    notes = fig.legends[0].get_title().get_text().replace("\n", " ")
+    assert "Not drawn (the tables give them): linear-probe, tip, tip-f, taskres, clip-adapter." in notes
+    real_features.plot(fake_blocks(["random-50"], rows), tmp_path / "one.png", "ViT-B/32")
+    fig = drawn[-1]
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and "seeds 1, 2, 3" in fig._suptitle.get_text()

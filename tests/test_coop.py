@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot import backbones, coop, extraction, methods, report, training
+from fewshot import backbones, classify, coop, extraction, methods, report, training
 from fewshot.baselines import ZeroShot
 from fewshot.features import Settings, load_features
 
@@ -146,6 +146,12 @@ def test_train_py_runs_coop_end_to_end_and_saves_the_context_only(dtd, run, tmp_
     assert list(saved["state_dict"]) == ["ctx"]                              # no CLIP weight in the checkpoint
     again = run(*dtd, "--seeds", 1, 2, "--eval-only", "--load", tmp_path / "ck")
     assert again["method"] == "coop" and again["seeds"] == r["seeds"]
+    # predict.py's classifier rebuilds it from its model file and the CLIP (whose text tower makes its classes'
+    # features): the test images, read from disk, get --eval-only's accuracy
+    data = load_features(next(Path("features").glob("dtd_*.pt")))
+    images = [dtd[3] / "dtd" / "images" / p for p in data["paths"]["test"]]
+    probs = classify.load_classifier(tmp_path / "ck", seed=1).predict(images)
+    assert 100.0 * (probs.argmax(1) == data["test"]["labels"]).sum().item() / len(images) == again["seeds"][1]
     init = run(*dtd, "--method", "coop", "--shots", 2, "--seeds", 1, "--epochs", 0, "--coop-init", "--csc")
     assert init["model_config"][1] == {"n_ctx": 4, "csc": True, "coop_init": True} and init["params"] == 3 * 4 * 64
     searched = run(*dtd, "--method", "coop", "--shots", 2, "--seeds", 1, "--epochs", 1, "--search-val")

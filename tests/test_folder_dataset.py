@@ -1,5 +1,6 @@
 """--dataset PATH: a folder of class subfolders (ImageFolder's layout), its classes, its split and its checks;
-and --template. End to end through train.py's command line on generated images."""
+and --template. End to end through train.py's command line on generated images. (A folder that cannot be read
+as a dataset, links that alias or leave a class, names that are not UTF-8: cases of the bad-input registry.)"""
 import hashlib
 import json
 import os
@@ -65,7 +66,8 @@ def test_classes_are_the_sorted_folder_names_and_odd_entries_follow_rules(tmp_pa
     every = sorted(p for ps in paths.values() for p in ps)
     assert every == sorted([f"red_panda/{f}" for f in class_files(3)] + ["red_panda/deeper/still/img9.JPG"]
                            + [f"snow-leopard/{f}" for f in class_files(4)] + [f"tabby_cat/{f}" for f in class_files(3)])
-    assert splits.images == folder and capsys.readouterr().err == ""
+    err = capsys.readouterr().err.strip().split("\n")          # the loop is said once, and not followed
+    assert splits.images == folder and len(err) == 1 and "1 links in" in err[0] and "deeper/loop ->" in err[0]
 
 
 def test_the_split_is_50_20_30_per_class_by_file_name_alone(tmp_path):
@@ -95,21 +97,6 @@ def test_names_are_taken_in_unicodes_composed_form(tmp_path):
     splits = fd.load_splits(str(tmp_path / "mine"), None)
     assert splits.classnames == ["café crème", "thé"]
     assert all(unicodedata.is_normalized("NFC", c) for c in splits.classnames)
-
-
-@pytest.mark.parametrize("files, message", [
-    ([f"a/{f}" for f in class_files(3)] + ["b/img0.jpg", "b/img1.jpg"],
-     r"class folder .*/mine/b holds 2 images: a class needs at least 3, one each for training, validation and test"),
-    ([f"a/{f}" for f in class_files(3)] + ["b/notes.txt"], r"class folder .*/mine/b holds no images \(\.bmp, "),
-    (["one.jpg", "two.jpg"], r"mine has no class subfolders \(it holds 2 images directly\): put each class's"),
-    ([f"red_panda/{f}" for f in class_files(3)] + [f"red-panda/{f}" for f in class_files(3)],
-     r"class folders .*/red-panda and .*/red_panda both give the class name 'red panda'"),
-    ([f"_/{f}" for f in class_files(3)], r"class folder .*/mine/_ gives no class name"),
-])
-def test_a_folder_that_cannot_be_split_gets_one_line(tmp_path, files, message):
-    touch(tmp_path / "mine", *files)
-    with pytest.raises(DataError, match=message):
-        fd.load_splits(str(tmp_path / "mine"), None)
 
 
 def test_loose_images_beside_class_folders_are_left_out_with_one_warning(tmp_path, capsys):
@@ -210,16 +197,9 @@ def test_the_readmes_own_images_command_runs_on_18_images_a_class(run, tiny_vit_
     assert results["prompts"]["template"] == "a photo of a {}, a type of bird."
 
 
-def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, run, my_images, tmp_path, tiny_vit_checkpoint):
-    assert fail("--dataset", "widgets").startswith(
-        "error: argument --dataset: unknown dataset 'widgets'; choose one of: imagenet, caltech101,")
-    assert fail("--dataset", "imagenetv2") == ("error: --dataset imagenetv2 is a test-only set: train on imagenet and "
-                                               "pass --eval-datasets imagenetv2 (python train.py --help lists the "
-                                               "options)")
-    assert fail("--dataset", my_images, "--download").startswith(                 # no --shots: its default
-        f"error: --download fetches the benchmark datasets, and {my_images} is a folder of your own")
-    assert fail("--dataset", my_images, "--shots", 1, "--template", "a photo of a cat.").startswith(
-        "error: --template must contain {} where the class name goes")
+def test_a_short_classs_line_names_flags_that_run(fail, run, tmp_path, tiny_vit_checkpoint):
+    """A class with fewer training images than --shots: the line names --shots (the folder's --max-shots follows
+    it) or --max-shots when given, and what it suggests runs. (The folder's other bad inputs: the registry.)"""
     few = write_image_folder(tmp_path / "few", {"a": 3, "b": 20})      # 1 training image: below --shots 4
     assert fail("--dataset", few, "--shots", 4, "--clip-checkpoint", tiny_vit_checkpoint, *TINY) == (
         "error: class 0 ('a') has 1 training images, fewer than the 4 needed; lower --shots or pass "
@@ -229,9 +209,6 @@ def test_folder_dataset_errors_are_one_line_naming_the_flag(fail, run, my_images
     for fix in (["--shots", 1], ["--shots", 4, "--allow-repeats"]):             # what the lines say runs
         assert run("--dataset", few, *fix, "--clip-checkpoint", tiny_vit_checkpoint, *TINY, "--epochs", 1,
                    "--seeds", 1)["seeds"]
-    (my_images / "red_panda" / "0.jpg").write_text("not an image")
-    assert "cannot be read" in fail("--dataset", my_images, "--shots", 1, "--max-shots", 1, "--clip-checkpoint",
-                                    tiny_vit_checkpoint, *TINY, "--overwrite")
 
 
 def test_an_unreadable_class_folder_is_named(tmp_path, monkeypatch):

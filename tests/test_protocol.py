@@ -47,9 +47,9 @@ def test_train_sees_the_training_views_labels_recipe_and_seed_only():
 def test_the_test_split_is_scored_once_per_seed_after_training(feats, monkeypatch, run):
     """Not once per epoch (a best-epoch pick would have to score every epoch)."""
     calls = []
-    original = training.accuracy
-    monkeypatch.setattr(training, "accuracy",
-                        lambda model, f, y, **kw: calls.append(len(y)) or original(model, f, y, **kw))
+    original = training.predictions
+    monkeypatch.setattr(training, "predictions",
+                        lambda model, f, *a, **kw: calls.append(len(f)) or original(model, f, *a, **kw))
     run("--features", feats, "--shots", 2, "--epochs", 5, "--seeds", 1, 2)
     test_size = len(torch.load(feats, weights_only=True)["test"]["labels"])
     assert calls == [test_size, test_size]

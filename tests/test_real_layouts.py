@@ -101,7 +101,8 @@ def test_every_layout_prompts_its_names_with_spaces_for_underscores(dataset, tmp
     names = raw_names(dataset, root)
     assert any("_" in n for n in names)                                 # the fixture's names have underscores
     splits = fd.load_splits(dataset, root)
-    positive, negative, _ = ef.prompts_for(ff.Settings(dataset), splits.classnames)
+    (_, text_set), _ = ef.prompts_for(ff.Settings(dataset), splits.classnames)
+    positive, negative = text_set["prompts"]["positive"], text_set["prompts"]["negative"]
     template = COOP_TEMPLATES.get(dataset, COOP_TEMPLATES["imagenet"])  # a shift set: ImageNet's
     assert splits.classnames == [n.replace("_", " ") for n in names]
     assert positive == [[template.format(n.replace("_", " "))] for n in names]
@@ -117,8 +118,8 @@ def test_a_folder_split_file_and_a_prompts_file_follow_the_rule(tmp_path):
     assert splits.classnames == ["red panda", "snow leopard"]
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"red_panda": ["a red panda."], "snow leopard": ["a snow leopard."]}))
-    positive, _, _ = ef.prompts_for(ff.Settings(str(folder), prompts=str(prompts)), splits.classnames)
-    assert positive == [["a red panda."], ["a snow leopard."]]
+    (_, text_set), _ = ef.prompts_for(ff.Settings(str(folder), prompts=str(prompts)), splits.classnames)
+    assert text_set["prompts"]["positive"] == [["a red panda."], ["a snow leopard."]]
     split["train"].append(["c/train.jpg", 2, "red panda"])                # two spellings of one name: refused
     (folder / fd.FOLDER_SPLIT_FILE).write_text(json.dumps(split))
     with pytest.raises(DataError, match="names two classes 'red panda' \\(underscores read as spaces"):
@@ -126,18 +127,19 @@ def test_a_folder_split_file_and_a_prompts_file_follow_the_rule(tmp_path):
 
 
 def test_a_file_made_with_underscored_prompts_is_stale(extracted, tiny_vit_checkpoint, tmp_path):
-    """A features file of the same settings whose prompts kept the underscores (made before the rule) is never
-    served as it is, even with the dataset folder gone: its sentences are not those asked for."""
+    """A features file of the same settings whose only prompt set kept the underscores (made before the rule) is
+    never served as it is: its sentences are not those asked for, so the run encodes its own set beside it."""
     features, split = extracted["ucf101"]
     raw = split_classnames(split)
-    positive = [[COOP_TEMPLATES["ucf101"].format(c)] for c in raw]
-    negative = [[NEGATIVE.format(c)] for c in raw]
     settings = ff.Settings("ucf101", clip_checkpoint=str(tiny_vit_checkpoint), seeds=(1, 2), max_shots=2, views=1)
-    _, _, made = ef.prompts_for(backbones.resolve(settings), raw)       # the hash the old file recorded
-    old = {**features, "classnames": raw, "prompts": {"positive": positive, "negative": negative},
-           "settings": {**features["settings"], "prompts_sha256": made.prompts_sha256}}
-    assert made.prompts_sha256 != features["settings"]["prompts_sha256"]
-    path = ff.features_path(tmp_path, "ucf101", features["backbone"])
+    (old_key, old_set), _ = ef.prompts_for(backbones.resolve(settings), raw)      # the set the old file recorded
+    (key, _), _ = ef.prompts_for(backbones.resolve(settings), [c.replace("_", " ") for c in raw])
+    assert old_key != key and key in features["texts"]
+    old = {**features, "texts": {old_key: {**old_set, "text": features["texts"][key]["text"]}}}
+    root = lay_out(EXCERPTS / REAL["ucf101"], "ucf101", tmp_path / "data")
+    path = ff.features_path(tmp_path / "features", "ucf101", features["backbone"])
+    path.parent.mkdir()
     torch.save(old, path)
-    with pytest.raises(DataError):
-        ef.extract_features(settings, tmp_path / "absent", tmp_path, workers=0, device="cpu")
+    served = ef.Extraction(settings, root, tmp_path / "features", workers=0).features("ucf101", (1, 2), "cpu")
+    assert not any("_" in s for p in served["prompts"]["positive"] + served["prompts"]["negative"] for s in p)
+    assert set(torch.load(path, weights_only=True)["texts"]) == {old_key, key}     # the old set kept beside it

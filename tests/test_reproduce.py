@@ -141,7 +141,8 @@ def test_report_is_rebuilt_from_the_run_files_alone(swept):
         hidden.rename(swept["features"])
     assert "README.md" in output
     readme = (results / "README.md").read_text()
-    assert f"## A. Few-shot classification ({VIT})" in readme and "t-SNE not redrawn" in readme
+    # the t-SNE is redrawn from the hegraph model file alone, which needs no features file
+    assert f"## A. Few-shot classification ({VIT})" in readme and "t-SNE (Fig. 3): `hegraph`" in readme
     with Image.open(results / "fewshot.png") as png:
         png.verify()
     with Image.open(results / "fewshot.png") as png:
@@ -242,6 +243,13 @@ def test_features_mode_sweeps_k_over_one_file_and_draws_the_tsne(tmp_path):
     assert "t-SNE (Fig. 3): `hegraph` on synthetic, K = 4, seed 1" in readme   # from the 4-shot hegraph checkpoint
     with Image.open(tmp_path / "results" / "tsne.png") as png:
         assert png.width >= 600 and png.height >= 300
+    # a checkpoint an older train.py wrote (no class names or text features) costs the t-SNE, not the report
+    import torch
+    model_file = next((tmp_path / "results" / "checkpoints").glob("*hegraph*4*/seed1.pt"))
+    old = torch.load(model_file, weights_only=True)
+    torch.save({k: old[k] for k in ("run", "seed", "state_dict", "model_config")}, model_file)
+    report.write_report(tmp_path / "results")
+    assert "t-SNE not redrawn: " in (tmp_path / "results" / "README.md").read_text()
     # another train.py flag is another configuration: new run files, none skipped
     assert "skipped 0 finished already, 4 to do" in main(argv + ["--lr", "0.01"])
     assert len(run_files(tmp_path / "results")) == 8
@@ -406,3 +414,44 @@ def test_a_run_whose_features_changed_is_run_again(tiny_vit_checkpoint, make_dat
     assert "1 image changed content since it was encoded (class a_0/test_0.jpg)" in output
     [third] = ran(output)
     assert third not in (first, second) and len(run_files(tmp_path / "results")) == 3
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions close, kept open to be measured: [figure]."""
+    import matplotlib.pyplot as plt
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def fits(fig, artist):
+    """True if an artist (a title) lies inside the figure, once drawn."""
+    box, frame = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    return box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y1 <= frame.y1 + 1
+
+
+@pytest.mark.parametrize("datasets", [["dtd", "eurosat"], ["dtd", "eurosat", "caltech101", "ucf101", "food101"]])
+def test_fig2_keeps_its_panels_full_size_whatever_the_notes_say(datasets, tmp_path, drawn):
+    """Seven methods whose curves coincide in every panel: the note naming them lies under the panels (the
+    legend's title), never across them, so constrained layout lays every panel out at full size (a note across
+    the panels collapsed them to strips: "constrained_layout not applied"); the title fits."""
+    import warnings
+    same = ("zeroshot", "tip", "tip-f", "taskres", "hegraph-t", "hegraph-tn", "hegraph-tp")
+    runs_ = [{"method": m, "dataset": d, "backbone": "RN50", "shots": k,
+              "seeds": {"1": 60.0 + (0 if m in same else k + i / 5), "2": 60.0 + (0 if m in same else k + i / 5)}}
+             for d in datasets for i, m in enumerate(report.METHODS) for k in (1, 2, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # "constrained_layout not applied" is a UserWarning
+        report.plot_fewshot(runs_, "RN50", [], tmp_path / "fewshot.png")
+        fig = drawn[0]
+        fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    columns = min(4, len(panels))
+    assert all(ax.get_position().width > 0.6 / columns for ax in panels)
+    notes = fig.legends[0].get_title().get_text().replace("\n", " ")
+    assert " = ".join(same) in notes and ("every panel" in notes or "(DTD)" in notes)
+    assert not any("same curve" in t.get_text() for ax in panels for t in ax.texts)
+    assert fits(fig, fig._suptitle) and "mean ± std over seeds" in fig._suptitle.get_text()
