@@ -22,7 +22,7 @@ from fewshot.errors import DataError
 from fewshot.extraction import Extraction
 from fewshot.features import Settings
 from fewshot.methods import METHODS, RECIPE_FIELDS, config_fields
-from fewshot.prompts import CUPL
+from fewshot.prompts import NAMED
 from fewshot.ranges import RANGES
 from fewshot.runs import RunRequest, run
 
@@ -129,8 +129,9 @@ def dataset_arg(text: str) -> str:
 
 
 def prompts_arg(text: str):
-    """argparse type of --prompts: "cupl" (CuPL's descriptions, downloaded) or a json file's path."""
-    return CUPL if text == CUPL else path_arg(text)
+    """argparse type of --prompts: a named set ("cupl": CuPL's descriptions, downloaded; "imagenet7": Tip-Adapter's
+    ImageNet templates) or a json file's path."""
+    return text if text in NAMED else path_arg(text)
 
 
 def add_extraction_args(parser):
@@ -154,8 +155,9 @@ def add_extraction_args(parser):
                    "TorchScript file, as clip.load caches them) instead of downloading weights; named from its "
                    "weights")
     g.add_argument("--prompts", type=prompts_arg, help="positive prompts instead of the dataset's template: "
-                   "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter) or a json "
-                   "file {classname: [sentence, ...]}; a class without sentences keeps the template")
+                   "'cupl' (CuPL's class descriptions, downloaded once into ~/.cache/hegraphadapter), 'imagenet7' "
+                   "(Tip-Adapter's and TaskRes's 7 ImageNet templates, averaged) or a json file {classname: "
+                   "[sentence, ...]}; a class without sentences keeps the template")
     g.add_argument("--template", help="template of the positive prompts, e.g. 'a photo of a {}, a type of bird.' "
                    "(default: the dataset's, CoOp's; 'a photo of a {}.' for a folder of your own)")
     g.add_argument("--negative-template", default="a photo of no {}.",

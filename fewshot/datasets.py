@@ -446,10 +446,18 @@ def dataset_template(dataset: str) -> str:
     return FOLDER_TEMPLATE if is_folder(dataset) else dataset_spec(dataset).template
 
 
+def prompt_name(classname: str) -> str:
+    """A class's name as its prompts say it: underscores as spaces, exactly as CoOp builds every prompt
+    (trainers/zsclip.py, trainers/coop.py: classname.replace("_", " ")), as Tip-Adapter and CLIP-Adapter do; so
+    UCF101's "Apply_Eye_Makeup" is "Apply Eye Makeup"."""
+    return classname.replace("_", " ")
+
+
 def load_splits(dataset: str, root, outputs=()) -> Splits:
     """Read the class names and the (path, label) items of each split of `dataset`: a key of DATASETS under
     `root`, or a folder of class subfolders (its path; `root` is not used; `outputs`, the folders the run writes
-    into, are never classes). Every item is a path inside the dataset's images folder."""
+    into, are never classes). Every item is a path inside the dataset's images folder. The class names are those
+    the prompts say (prompt_name), in every layout, so the features file's classnames are what was encoded."""
     if is_folder(dataset):
         splits, folder = _read_folder(Path(dataset), outputs), Path(dataset)
     else:
@@ -459,10 +467,11 @@ def load_splits(dataset: str, root, outputs=()) -> Splits:
         splits = reader(dataset, spec, folder)
     _check_inside(splits, f"dataset '{shown(dataset_name(dataset))}' under {shown(folder)}")
     splits = _distinct_images(splits, f"dataset '{dataset_name(dataset)}' under {folder}")
+    splits.classnames = [prompt_name(c) for c in splits.classnames]
     if len(set(splits.classnames)) != len(splits.classnames):
         twice = next(c for c in splits.classnames if splits.classnames.count(c) > 1)
-        raise DataError(f"dataset '{dataset_name(dataset)}' under {folder} names two classes {twice!r}; each class "
-                        f"needs a name of its own ({LAYOUT_HINT})")
+        raise DataError(f"dataset '{dataset_name(dataset)}' under {folder} names two classes {twice!r} (underscores "
+                        f"read as spaces, as the prompts say them); each class needs a name of its own ({LAYOUT_HINT})")
     if not splits.test:
         raise DataError(f"no test images found for dataset '{dataset_name(dataset)}' under {folder} ({LAYOUT_HINT})")
     # a fixed order (label, then path) makes a seed pick the same images on every machine

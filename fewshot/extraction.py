@@ -34,13 +34,14 @@ from fewshot.datasets import (
     dataset_template,
     is_folder,
     load_splits,
+    prompt_name,
     resolve_dataset,
 )
 from fewshot.devices import resolve_device
 from fewshot.download import cupl_prompts, download_dataset
 from fewshot.errors import DataError
 from fewshot.features import DEFAULT_MAX_SHOTS, FORMAT, Settings, existing, features_path, load_features
-from fewshot.prompts import CUPL, load_prompts
+from fewshot.prompts import CUPL, TEMPLATE_SETS, load_prompts
 from fewshot.ranges import RANGES
 
 # ----------------------------------------------------------------------------- encoding
@@ -298,7 +299,10 @@ def prompts_for(settings: Settings, classnames: list[str]):
     flags}), keyed by the sha256 of its sentences; and the settings with that key filled in (prompts_sha256)."""
     template = settings.template or dataset_template(settings.dataset)
     source = cupl_prompts(settings.dataset) if settings.prompts == CUPL else settings.prompts
-    positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
+    if settings.prompts in TEMPLATE_SETS:
+        positive = [[t.format(c) for t in TEMPLATE_SETS[settings.prompts]] for c in classnames]
+    else:
+        positive = load_prompts(source, classnames, template) if source else [[template.format(c)] for c in classnames]
     negative = [[settings.negative_template.format(c)] for c in classnames]
     digest = hashlib.sha256(json.dumps([positive, negative]).encode()).hexdigest()
     made_with = {k: settings.record()[k] for k in ("prompts", "negative_template")} | {"template": template}
@@ -424,7 +428,8 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_si
     if "settings" not in old:  # written by another tool: no extraction flag ever applied to it
         print(f"note: {folder} is absent and {path} records no extraction settings, so it is used as it is")
         return Extracted(path)
-    prompt_set, settings = prompts_for(settings, list(old.get("classnames", [])))
+    # the names as the prompts say them: a file written with underscored prompts is stale, and refused
+    prompt_set, settings = prompts_for(settings, [prompt_name(c) for c in old.get("classnames", [])])
     key, recipe = prompt_set[0], image_recipe(settings)
     cache.check_absent(path, old, settings, recipe, folder)
     if key not in old["texts"]:

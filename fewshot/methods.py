@@ -71,10 +71,12 @@ def taskres_recipe(dataset, shots):
 
 def coop_recipe(dataset, shots):
     """CoOp's SGD recipe (lr 0.002, momentum 0.9, L2 5e-4, batch 32, one warm-up epoch, cosine), which
-    CLIP-Adapter's README points to, with CoOp's epochs per shot count: 50 for K = 1, 100 for K = 2 and 4,
-    200 from K = 8."""
-    return Recipe(50 if shots <= 1 else 100 if shots <= 4 else 200, 2e-3, batch_size=32, optimizer="sgd",
-                  weight_decay=5e-4)
+    CLIP-Adapter's README points to, with CoOp's epochs per shot count (its COOP.md, github.com/KaiyangZhou/CoOp
+    at ff61507: configs/trainers/CoOp/rn50_ep50.yaml for K = 1, rn50_ep100.yaml for K = 2 and 4, rn50.yaml, 200
+    epochs, from K = 8), except ImageNet and every task built from it: 50 epochs at every K ("for ImageNet, we use
+    *_ep50.yaml for all settings")."""
+    epochs = 50 if dataset == "imagenet" or shots <= 1 else 100 if shots <= 4 else 200
+    return Recipe(epochs, 2e-3, batch_size=32, optimizer="sgd", weight_decay=5e-4)
 
 
 def coop_own_recipe(dataset, shots):
@@ -82,8 +84,7 @@ def coop_own_recipe(dataset, shots):
     (K = 2, 4), rn50.yaml (K = 8, 16) as COOP.md's commands pick them, and *_ep50.yaml for ImageNet at every K:
     SGD lr 0.002 (Dassl's momentum 0.9, weight decay 5e-4), batch 32, cosine, one warm-up epoch at a constant
     1e-5 (WARMUP_TYPE constant, WARMUP_CONS_LR 1e-5)."""
-    recipe = dataclasses.replace(coop_recipe(dataset, shots), constant_warmup=True)
-    return dataclasses.replace(recipe, epochs=50) if dataset == "imagenet" else recipe
+    return dataclasses.replace(coop_recipe(dataset, shots), constant_warmup=True)  # ImageNet: 50 epochs there too
 
 
 # -----------------------------------------------------------------------------
@@ -107,22 +108,21 @@ def tip_config(learn_keys):
                                      learn_keys=learn_keys)
 
 
-def _spread(low, high, n):
-    """n values from low to high, evenly spaced (Tip-Adapter searches linear grids), rounded to 3 decimals."""
-    return tuple(round(low + (high - low) * i / (n - 1), 3) for i in range(n))
+TIP_SEARCH_LOW = 0.1  # where Tip-Adapter's search starts, for β (our γ) and α alike
+
+
+def tip_search(largest, steps):
+    """Tip-Adapter's search list (utils.py search_hp): [i * (largest - 0.1) / steps + 0.1 for i in range(steps)],
+    from 0.1 up to below `largest` (its search_scale), with `steps` points instead of its search_step (200 β x 20
+    α), so that the grid fits the budget; rounded to 3 decimals."""
+    return tuple(round(i * (largest - TIP_SEARCH_LOW) / steps + TIP_SEARCH_LOW, 3) for i in range(steps))
 
 
 def tip_knobs(dataset, recipe):
-    """Tip-Adapter: 4 γ x 3 α over its config's search range, from its starting point to the largest value."""
-    alpha, gamma_max, alpha_max = TIP_CONFIGS.get(dataset, TIP_DEFAULT)
-    return {"gamma": _spread(TIP_INIT_GAMMA, gamma_max, 4), "alpha": _spread(alpha, alpha_max, 3)}
-
-
-def tip_f_knobs(dataset, recipe):
-    """Tip-Adapter-F: its learning rate x 0.5, 1, 2, and 2 γ x 2 α over its config's search range."""
-    alpha, gamma_max, alpha_max = TIP_CONFIGS.get(dataset, TIP_DEFAULT)
-    return {"lr": _times(recipe.lr, 0.5, 1, 2), "gamma": _spread(TIP_INIT_GAMMA, (TIP_INIT_GAMMA + gamma_max) / 2, 2),
-            "alpha": _spread(alpha, alpha_max, 2)}
+    """Tip-Adapter and Tip-Adapter-F: 4 γ x 3 α of Tip-Adapter's own search over its config's range (both are set
+    after training: search_hp is what its authors tune, for the training-free and the fine-tuned cache alike)."""
+    _, gamma_max, alpha_max = TIP_CONFIGS.get(dataset, TIP_DEFAULT)
+    return {"gamma": tip_search(gamma_max, 4), "alpha": tip_search(alpha_max, 3)}
 
 
 def _times(value, *factors):
@@ -149,9 +149,15 @@ def hegraph_knobs(with_cache):
                                     "weight_scale": _times(d.weight_scale, 0.3, 1, 3, 10)}
 
 
+# the linear probe's C (sklearn's inverse L2 strength): 12 half-decades 0.1 ... 10^4.5 inside CoOp's search range
+# (1e-6 ... 1e6), the default 0.316 among them, in increasing order, so that a tie keeps the stronger L2 (the first
+# of equal scores), as CoOp's search does
+PROBE_C = tuple(round(10.0 ** (k / 2), 4) for k in range(-2, 10))
+
+
 def fit_probe(model, task, seed):
-    """The linear probe: L-BFGS on view 0 (CLIP's own preprocessing) of the images, C searched on val."""
-    return {"inverse_l2": fit_linear_probe(model, task.train_views[0], task.cache_labels, task.val)}
+    """The linear probe: L-BFGS on view 0 (CLIP's own preprocessing) of the images, at the config's C."""
+    return {"inverse_l2": fit_linear_probe(model, task.train_views[0], task.cache_labels)}
 
 
 # -----------------------------------------------------------------------------
@@ -208,11 +214,12 @@ METHODS = {
     "zeroshot": Method(text_model(ZeroShot), lambda dataset: NoConfig(),
                        "CLIP zero-shot with the positive prompts (the paper's Base)"),
     "linear-probe": Method(text_model(LinearProbe), lambda dataset: LinearProbeConfig(),
-                           "CLIP's linear probe: L2 logistic regression, C searched on val", fit=fit_probe),
+                           "CLIP's linear probe: L2 logistic regression (its C a knob)", fit=fit_probe,
+                           knobs=lambda dataset, recipe: {"inverse_l2": PROBE_C}),
     "tip": Method(cache_model(TipAdapter), tip_config(False), "Tip-Adapter, training-free", knobs=tip_knobs,
                   post_hoc=("alpha", "gamma")),
     "tip-f": Method(cache_model(TipAdapter), tip_config(True), "Tip-Adapter-F: the cache keys are learned",
-                    tip_f_recipe, knobs=tip_f_knobs, post_hoc=("alpha", "gamma")),
+                    tip_f_recipe, knobs=tip_knobs, post_hoc=("alpha", "gamma")),
     "taskres": Method(text_model(TaskRes),
                       lambda dataset: TaskResConfig(scale=1.0 if dataset == "oxford_flowers" else 0.5),
                       "TaskRes: a learned per-class residual on the text classifier", taskres_recipe,

@@ -1,5 +1,6 @@
-"""The positive prompts besides a dataset's template: a json file of sentences per class, or CuPL's class
-descriptions, pinned by commit and sha256 in CUPL_PROMPTS (download.cupl_prompts fetches them)."""
+"""The positive prompts besides a dataset's template: a json file of sentences per class, CuPL's class
+descriptions, pinned by commit and sha256 in CUPL_PROMPTS (download.cupl_prompts fetches them), or a named
+template ensemble (TEMPLATE_SETS: Tip-Adapter's 7 ImageNet templates)."""
 import json
 import sys
 from pathlib import Path
@@ -8,6 +9,14 @@ from fewshot.errors import DataError
 from fewshot.files import check_regular
 
 CUPL = "cupl"  # --prompts cupl: CuPL's class descriptions instead of a file
+# --prompts NAME: every class's sentences are these templates filled with its name (CLIP's prompt ensembling)
+TEMPLATE_SETS = {
+    # Tip-Adapter's ImageNet templates (datasets/imagenet.py imagenet_templates, github.com/gaopengcuhk/Tip-Adapter at
+    # d0e2d6f), which TaskRes uses for ImageNet too: their published ImageNet numbers are of this ensemble
+    "imagenet7": ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                  "a {} in a video game.", "art of the {}.", "a photo of the small {}."),
+}
+NAMED = (CUPL, *TEMPLATE_SETS)  # the --prompts values that are not a file
 # CuPL's GPT-3 class descriptions (Pratt et al., "What does a platypus look like?", ICCV 2023), one json
 # {classname: [sentence, ...]} per dataset, as APE (Zhu et al., ICCV 2023) publishes them for CoOp's datasets;
 # pinned to a commit and checked by sha256. ImageNet's file (CuPL_prompts_imagenet.json, beside the others) is

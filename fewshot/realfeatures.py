@@ -12,11 +12,15 @@ Tasks, each built from the same file: the whole file (imagenet-500: its 500 clas
 random subsets of 50 and 100 classes (drawn with a fixed generator). The file has no negative prompts, so
 HeGraphAdapter runs as `hegraph --no-negatives` and `hegraph-tp`.
 
-Protocols, for seeds 1, 2, 3:
-- test: for K = 1, 2, 4, K images per class train and every other image of the class is the test set.
-- dev (the tuning protocol): only each seed's 4-shot training images are used: K' = 1, 2, 3 of them train and
-  the other 4 - K' validate, rotated over 4 folds so that each pool image trains and validates. The test
-  images of the 4-shot runs are never looked at.
+Protocol, for seeds 1, 2, 3 (assign): each seed first assigns every image of the file once, by a seeded
+permutation of each class: its first POOL = 4 images are the class's pool, the others its test set. Every task
+(the sub-tasks too: the assignment is made on the whole file, before any task is cut from it), every K and
+every dev fold reads the same assignment, so no test image is ever read by a training draw, a dev fold or a
+search:
+- test: for K = 1, 2, 4, the first K pool images of each class train; the test set is the class's test images,
+  the same for every K.
+- dev (the tuning protocol): the pool only: K' = 1, 2, 3 of its 4 images train and the other 4 - K' validate,
+  rotated over 4 folds so that each pool image trains and validates.
 Tuned block: for each method and task, every point of its grid is scored on the dev folds (mean over seeds,
 folds and K'), and the best (the first of equal scores) is run on the test protocol.
 
@@ -29,6 +33,7 @@ Finished units are kept in --cache (a jsonl file), so an interrupted run resumes
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -72,10 +77,12 @@ STUDY = {  # row -> (how it runs, knobs)
                          {"weight_scale": (0.1, 0.3, 1.0), **_TUNED}),
 }
 TASKS = ("imagenet-500", "fine-grained-50", "random-50", "random-100")
-DEV_FOLDS = 4       # the tuning protocol rotates the 4-shot pool: each of its images validates in some fold
-DEV_SHOTS = (1, 2, 3)
 TEST_SHOTS = (1, 2, 4)
+POOL = max(TEST_SHOTS)  # each class's pool, per seed: every K-shot draw and every dev fold comes from it
+DEV_FOLDS = 4       # the tuning protocol rotates the pool: each of its images validates in some fold
+DEV_SHOTS = (1, 2, 3)
 SEEDS = (1, 2, 3)
+PROTOCOL = "pool-4"  # in every cache key: units of the earlier protocol (test images in the dev pool) never match
 
 
 # -----------------------------------------------------------------------------
@@ -104,47 +111,73 @@ def task_classes(real, name):
     return sorted([centre, *sims[centre].topk(size - 1).indices.tolist()])
 
 
+def assign(real, seeds=SEEDS):
+    """The file with each seed's assignment of its images: "order" {seed: [N]} is each image's place in its class's
+    seeded permutation (places 0..POOL-1: the pool; the others: the test set), and "image" [N] each row's index in
+    the file. Made once, on the whole file, so that every task cut from it (subtask) keeps it."""
+    labels = real["labels"]
+    counts = torch.bincount(labels, minlength=len(real["classnames"]))
+    if counts.min() < POOL:
+        raise SystemExit(f"error: class {counts.argmin().item()} has {counts.min().item()} images; the protocol "
+                         f"needs at least {POOL} per class (its pool)")
+    order = {}
+    for seed in seeds:
+        gen, place = torch.Generator().manual_seed(seed), torch.empty_like(labels)
+        for c in range(len(real["classnames"])):
+            rows = (labels == c).nonzero().flatten()                    # sorted: deterministic order
+            place[rows[torch.randperm(len(rows), generator=gen)]] = torch.arange(len(rows))
+        order[seed] = place
+    return {**real, "order": order, "image": torch.arange(len(labels))}
+
+
 def subtask(real, classes):
-    """The file restricted to `classes`, relabelled 0..len(classes) - 1 in that order."""
+    """The file (assigned) restricted to `classes`, relabelled 0..len(classes) - 1 in that order; each image keeps
+    its place in the whole file's assignment."""
     relabel = torch.full((len(real["classnames"]),), -1, dtype=torch.long)
     relabel[classes] = torch.arange(len(classes))
     keep = relabel[real["labels"]] >= 0
     return {"image_features": real["image_features"][keep], "labels": relabel[real["labels"][keep]],
             "text_features": {t: f[classes] for t, f in real["text_features"].items()},
-            "classnames": [real["classnames"][c] for c in classes], "backbone": real["backbone"]}
+            "classnames": [real["classnames"][c] for c in classes], "backbone": real["backbone"],
+            "order": {seed: place[keep] for seed, place in real["order"].items()}, "image": real["image"][keep]}
+
+
+def task_rows(real, shots, seed, dev=False, fold=0):
+    """The rows of one K and seed, from the seed's assignment: ([C * K] training rows, class-major, and the
+    held-out rows, class-major too).
+
+    test: the first K pool images of each class train, and the class's test images (places POOL and up) are held
+    out, the same for every K. dev: the pool alone, rotated by `fold`; its first K train and the other POOL - K
+    validate."""
+    labels, place = real["labels"], real["order"][seed]
+    pool = place < POOL
+    position = (place - fold) % POOL if dev else place                       # in the class's (rotated) pool
+    in_order = lambda mask: (rows := mask.nonzero().flatten())[(labels[rows] * len(labels) + position[rows]).argsort()]
+    held = pool & (position >= shots) if dev else ~pool
+    return in_order(pool & (position < shots)), in_order(held)
 
 
 def task_data(real, shots, seed, dev=False, fold=0):
-    """A features dict (train.py's format) for one K and seed: K per class train, the rest test.
+    """A features dict (train.py's format) for one K and seed (task_rows), with "images": the file's indices of
+    its training and held-out images.
 
-    dev: the tuning protocol; only the seed's 4-shot training images are used, K of them per class to
-    train and the other 4 - K to validate (they are both the "val" and the "test" split of the dict), so the
-    4-shot runs' test images are never looked at. fold rotates the pool, so that over DEV_FOLDS folds every
-    image of it trains and validates.
+    dev: the tuning protocol; the held-out pool images are both the "val" and the "test" split of the dict.
     """
     feats, labels = real["image_features"], real["labels"]
     C = len(real["classnames"])
-    gen = torch.Generator().manual_seed(seed)
-    train_rows, test_rows = [], []
-    for c in range(C):
-        rows = (labels == c).nonzero().flatten()                        # sorted: deterministic order
-        rows = rows[torch.randperm(len(rows), generator=gen)]
-        if dev:
-            rows = rows[:4].roll(-fold)
-        train_rows.append(rows[:shots])
-        test_rows.append(rows[shots:])
-    held_out = torch.cat(test_rows)
+    rows, held_out = task_rows(real, shots, seed, dev, fold)                  # [C * K], [T]
     data = {
         "format": FORMAT, "dataset": "imagenet", "backbone": real["backbone"], "logit_scale": 100.0,
         "classnames": real["classnames"], "prompts": {"positive": ["a photo of a {}."]},
         "text": {"positive": real["text_features"]["a photo of a {}."]},
-        "train": {"features": feats[torch.cat(train_rows)][None], "labels": labels[torch.cat(train_rows)]},
+        "train": {"features": feats[rows][None], "labels": labels[rows]},
         "test": {"features": feats[held_out], "labels": labels[held_out]},
         "fewshot": {seed: torch.arange(C * shots).view(C, shots)},
+        "images": {"train": real["image"][rows], "held_out": real["image"][held_out]},
     }
-    if dev:  # every class has 4 - K validation images
+    if dev:  # every class has POOL - K validation images
         data["val"] = data["test"]
-        data["val_fewshot"] = {seed: torch.arange(C * (4 - shots)).view(C, 4 - shots)}
+        data["val_fewshot"] = {seed: torch.arange(C * (POOL - shots)).view(C, POOL - shots)}
     return data
 
 
@@ -156,11 +189,16 @@ def features_file(real, shots, seed, path, dev=False, fold=0):
 # -----------------------------------------------------------------------------
 # runs, each through train.py's own functions; finished ones kept in the cache
 
-class Cache:
-    """Finished units, one json line each: {"key": [...], "value": ...}; a rerun skips them."""
+class Missing(Exception):
+    """A unit that a cache opened with only_cached does not hold."""
 
-    def __init__(self, path):
-        self.path, self.done = path, {}
+
+class Cache:
+    """Finished units, one json line each: {"key": [...], "value": ...}; a rerun skips them. only_cached: never
+    compute, raise Missing instead (the tables of what has finished)."""
+
+    def __init__(self, path, only_cached=False):
+        self.path, self.done, self.only_cached, self.pending = path, {}, only_cached, []
         if path and path.is_file():
             for line in path.read_text().splitlines():
                 if line.strip():
@@ -170,6 +208,8 @@ class Cache:
     def get(self, key, compute, *args):
         """The value of `key`: from the file, or compute(*args), then kept."""
         k = json.dumps(key)
+        if k not in self.done and self.only_cached:
+            raise Missing(key)
         if k not in self.done:
             self.done[k] = compute(*args)
             if self.path:
@@ -219,12 +259,19 @@ def dev_scores(row, real, shots, seed, fold):
     return [acc for _, acc in scores]
 
 
+def identity(row, shots):
+    """What a unit of the row at K runs, for its cache key: the protocol, and the plan's recipe and config (a change
+    to a method's published recipe or configuration is another unit, never a stale one reused)."""
+    plan = plan_for(row, {"dataset": "imagenet"}, shots)
+    return [PROTOCOL, plan.recipe and dataclasses.asdict(plan.recipe), dataclasses.asdict(plan.config)]
+
+
 def dev_units(cache, real, task_name, row):
     """The row's grid, and every point's dev accuracy on every fold: {(K', seed, fold): [accuracy per point]}."""
-    points = points_of(row, plan_for(row, task_data(real, 1, SEEDS[0], dev=True), 1))
+    points = points_of(row, plan_for(row, {"dataset": "imagenet"}, 1))
     units = {}
     for shots, seed, fold in itertools.product(DEV_SHOTS, SEEDS, range(DEV_FOLDS)):
-        key = ["dev", task_name, row, shots, seed, fold, points]
+        key = ["dev", task_name, row, shots, seed, fold, points, identity(row, shots)]
         units[shots, seed, fold] = cache.get(key, dev_scores, row, real, shots, seed, fold) if points else []
     return points, units
 
@@ -247,15 +294,19 @@ def block(cache, real, task_name, rows, tuned):
     """{row: {"point": grid point, "acc": {K: [per seed]}, "epoch_seconds", "params", "dev": [(point, mean)]}}."""
     out = {}
     for row in rows:
-        point, dev = tune(cache, real, task_name, row) if tuned else ({}, [])
-        accs, seconds = {}, []
-        for shots in TEST_SHOTS:
-            for seed in SEEDS:
-                key = ["test", task_name, row, shots, seed, point]
-                r = cache.get(key, test_accuracy, row, task_data(real, shots, seed), shots, seed, point)
-                accs.setdefault(shots, []).append(r["acc"])
-                seconds.append(r["epoch_seconds"])
-                params = r["params"]
+        try:
+            point, dev = tune(cache, real, task_name, row) if tuned else ({}, [])
+            accs, seconds = {}, []
+            for shots in TEST_SHOTS:
+                for seed in SEEDS:
+                    key = ["test", task_name, row, shots, seed, point, identity(row, shots)]
+                    r = cache.get(key, test_accuracy, row, task_data(real, shots, seed), shots, seed, point)
+                    accs.setdefault(shots, []).append(r["acc"])
+                    seconds.append(r["epoch_seconds"])
+                    params = r["params"]
+        except Missing:  # --finished: a row with a unit still to run is left out, and named
+            cache.pending.append(row)
+            continue
         out[row] = {"point": point, "acc": accs, "epoch_seconds": sum(seconds) / len(seconds), "params": params,
                     "dev": dev}
         print(f"  {task_name} {'tuned' if tuned else 'defaults'} {row}: " +
@@ -474,6 +525,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=Path, default=Path("results/real_features.jsonl"),
                    help="finished units, reused by a rerun (default %(default)s)")
     p.add_argument("--out", type=Path, help="also write the tables (markdown) and the results (json) here")
+    p.add_argument("--finished", action="store_true", help="run nothing: the tables of the blocks whose every unit is "
+                   "in --cache, the others named as not finished")
     p.add_argument("--dev", action="store_true", help="only the dev-fold table of --rows with the flags after --")
     p.add_argument("--study", action="store_true", help="the graph study on the dev folds: hegraph-bias, hegraph "
                    "and each graph design of STUDY, each tuned with the same budget (no test image is used)")
@@ -490,21 +543,31 @@ def main(argv=None):
         print(f"skipped: {args.file} is absent (it lives in shared/realfeats, never in the project)")
         return
     torch.set_num_threads(1)  # small matrices: one thread per process; run two processes on two cores
-    real = torch.load(args.file, weights_only=True)
+    real = assign(torch.load(args.file, weights_only=True))
     if args.dev:
         return dev_table(real, args.rows, args.extra)
     if args.study:
         return run_study(real, args)
     args.cache.parent.mkdir(parents=True, exist_ok=True)
-    cache, sections, everything, blocks = Cache(args.cache), [], {}, {}
+    cache, sections, everything, blocks = Cache(args.cache, args.finished), [], {}, {}
+    whole = {}  # the blocks with every row: the figure's
     for task_name in args.tasks:
         classes = task_classes(real, task_name)
         sub = subtask(real, classes)
-        title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images)"
+        tested = int((torch.bincount(sub["labels"]) - POOL).clamp(min=0).sum())
+        title = f"{task_name} ({len(classes)} classes, {len(sub['labels'])} images, {tested} of them the test set)"
         for tuned in {"defaults": [False], "tuned": [True], "both": [False, True]}[args.block]:
-            results = block(cache, sub, task_name, args.rows, tuned)
             name = "tuned on the dev folds" if tuned else "published defaults"
+            cache.pending = []
+            results = block(cache, sub, task_name, args.rows, tuned)
+            if cache.pending:  # --finished: rows with a unit still to run (resume: the command without --finished)
+                sections.append(f"**{title}, {name}**: not finished yet: " +
+                                ", ".join(f"`{row}`" for row in cache.pending))
+            if not results:
+                continue
             everything[f"{task_name} {name}"], blocks[task_name, tuned] = results, results
+            if not cache.pending:
+                whole[task_name, tuned] = results
             sections.append(markdown_block(results, f"{title}, {name}", tuned))
             if "hegraph" in results:
                 sections.append(markdown_differences(results, "hegraph", f"{task_name}, {name}"))
@@ -514,4 +577,5 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "real_features.md").write_text(text + "\n")
         (args.out / "real_features.json").write_text(json.dumps(everything, indent=1))
-        plot(blocks, args.out / "real_features.png", real["backbone"])
+        if whole:
+            plot(whole, args.out / "real_features.png", real["backbone"])

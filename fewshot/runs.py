@@ -7,6 +7,7 @@ seeds. Every method is one row of methods.METHODS.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -22,6 +23,7 @@ from fewshot.errors import DataError
 from fewshot.extraction import Extraction
 from fewshot.features import identity, load_features
 from fewshot.methods import METHODS, Recipe, build, configure, effective_recipe, grid
+from fewshot.prompts import NAMED
 from fewshot.tasks import make_task
 
 
@@ -86,8 +88,7 @@ def check_search(name, dataset, recipe, overrides, has_val, checkpoints):
         raise DataError("--search-val trains and --eval-only evaluates saved checkpoints; drop one of them")
     points = grid(METHODS[name], dataset, recipe)
     if not points:
-        why = "its fit searches C on the validation subset anyway" if METHODS[name].fit else "it trains nothing"
-        raise DataError(f"--search-val tunes a method's knobs, and {name} has none ({why}); drop it")
+        raise DataError(f"--search-val tunes a method's knobs, and {name} has none (it trains nothing); drop it")
     if not has_val:
         raise DataError(f"--search-val needs a validation split, and the features of {dataset!r} have none")
     searched = [k for k in points[0] if k in overrides]
@@ -132,16 +133,28 @@ def evaluate(model, task, shifts, device):
     return scores
 
 
-def new_record(plan, data, request, device, shifts):
-    """The results dict before any seed: what the run uses."""
+def prompts_identity(data):
+    """For a file without a text_set (another tool's): the prompts setting its settings record, the templates, and
+    the sha256 of its sentences."""
+    made = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    sentences = json.dumps(data.get("prompts"), default=str).encode()
+    digest = made.get("prompts_sha256") or hashlib.sha256(sentences).hexdigest()
+    return {"prompts": made.get("prompts"), "template": made.get("template"),
+            "negative_template": made.get("negative_template"), "sha256": digest}
+
+
+def new_record(plan, data, request, device, shifts, source):
+    """The results dict before any seed: what the run uses. source: the features file read (given or extracted)."""
     return {"method": plan.method, "dataset": plan.dataset, "backbone": data["backbone"], "shots": plan.shots,
             "classnames": list(data["classnames"]), "test_size": len(data["test"]["labels"]), "split_sizes": {},
             "seeds": {}, "per_class": {}, "confusion": {},
-            "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "fit": {}, "search": {},
-            "shift": {name: {} for name in shifts}, "recipe": plan.recipe and dataclasses.asdict(plan.recipe),
-            "no_negatives": plan.no_negatives, "search_val": bool(plan.grid), "grid": list(plan.grid),
-            "device": str(device), "features": str(request.features) if request.features else None,
-            "prompts": data.get("text_set"),  # the prompt set of the file it used: its sha256 and the flags
+            "epoch_seconds": {}, "train_seconds": {}, "model_config": {}, "effective_recipe": {}, "fit": {},
+            "search": {}, "shift": {name: {} for name in shifts},
+            "recipe": plan.recipe and dataclasses.asdict(plan.recipe), "no_negatives": plan.no_negatives,
+            "search_val": bool(plan.grid), "grid": list(plan.grid), "device": str(device),
+            "features": str(source) if source else None, "extracted": not request.features,
+            "prompts": data.get("text_set") or prompts_identity(data),  # the prompt set used: its sha256, the flags
+            "views": int(data["train"]["features"].shape[0]) if "train" in data else None,
             "features_identity": identity(data, request.seeds, plan.shots)}  # the weights and images it read
 
 
@@ -152,7 +165,9 @@ def split_sizes(task):
             "test": len(task.test[1])}
 
 
-def record_seed(results, seed, model, info, searched, scores, seconds):
+def record_seed(results, seed, model, info, searched, scores, seconds, recipe=None):
+    """One seed's numbers, and what it ran with: its model's config and its effective recipe (the plan's, with
+    what its search chose)."""
     results["params"] = training.tunable_parameters(model)
     results["seeds"][seed] = scores.pop("test")
     confusion = scores.pop("confusion")                                       # [C, C]
@@ -164,6 +179,8 @@ def record_seed(results, seed, model, info, searched, scores, seconds):
     results["train_seconds"][seed] = seconds
     results["epoch_seconds"][seed] = info.pop("epoch_seconds", None)     # None: no epochs (tip, the probe)
     results["model_config"][seed] = dataclasses.asdict(model.config)
+    chosen = searched["chosen"] if searched else {}
+    results["effective_recipe"][seed] = recipe and dataclasses.asdict(training.recipe_at(recipe, chosen))
     results["fit"][seed] = info
     if searched is not None:
         results["search"][seed] = searched
@@ -201,7 +218,7 @@ def run_seeds(request, device):
     if plan.grid:
         check_val_subsets(request.seeds, data, features)
     shifts = shift_sets(request, data)
-    results, trained = new_record(plan, data, request, device, shifts), {}
+    results, trained = new_record(plan, data, request, device, shifts, features), {}
     negatives = not plan.no_negatives and bool(METHODS[plan.method].negatives)
     text_encoder = text_encoder_for(request, plan, data, device)
     for seed in request.seeds:
@@ -215,7 +232,7 @@ def run_seeds(request, device):
         start = time.perf_counter()
         model, info, searched = model_for_seed(plan, task, seed, ckpts and ckpts[seed], request.load, features)
         seconds = 0.0 if ckpts else time.perf_counter() - start
-        record_seed(results, seed, model, info, searched, evaluate(model, task, shifts, device), seconds)
+        record_seed(results, seed, model, info, searched, evaluate(model, task, shifts, device), seconds, plan.recipe)
         if request.save and not ckpts:
             trained[seed] = checkpoints.model_file(model, task, seed, run_id_of(plan, data, task), data, features)
     summarise(results)
@@ -339,7 +356,7 @@ def run_inputs(request):
     settings, extraction = request.extraction.settings, request.extraction
     return {"the --features file": request.features, "the --load folder": request.load,
             "the --clip-checkpoint": settings.clip_checkpoint,
-            "the --prompts file": settings.prompts if settings.prompts not in (None, "cupl") else None,
+            "the --prompts file": settings.prompts if settings.prompts not in (None, *NAMED) else None,
             "the dataset folder": request.dataset and dataset_folder(request.dataset, extraction.root),
             "the features file": None if request.features or not request.dataset else
             extraction.path(request.dataset)}

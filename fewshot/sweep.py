@@ -63,6 +63,7 @@ from fewshot.errors import DataError
 from fewshot.features import features_path
 from fewshot.files import check_output, file_lock, file_sha256, write_atomic
 from fewshot.methods import METHODS, config_fields
+from fewshot.prompts import CUPL, CUPL_PROMPTS
 
 # train.py flags a sweep sets itself, per run; the extraction flags are given to this script instead
 SWEEP_FLAGS = {"--dataset", "--method", "--shots", "--features", "--out", "--save", "--eval-only", "--load",
@@ -123,7 +124,7 @@ def parse_args(argv=None):
     if args.features and (args.datasets is not None or args.shift):
         p.error("--features sweeps its own file: it goes without --datasets and --shift")
     for flag, path in (("--features", args.features), ("--prompts", args.prompts)):
-        if path and not path.is_file():
+        if isinstance(path, Path) and not path.is_file():  # --prompts may also name a set (cupl, imagenet7)
             p.error(f"{flag} {path} does not exist")
     if args.datasets is None:
         args.datasets = [] if args.features else report.FEWSHOT_DATASETS
@@ -151,10 +152,12 @@ def shared_key(args, extra, backbone):
     if args.features:  # a file's content (prompts, a --features file): a changed file is another configuration
         return {"features_sha256": file_sha256(args.features), "seeds": sorted(set(args.seeds)), "train_args": extra}
     key = {"backbone": backbone, "seeds": sorted(set(args.seeds)), "views": args.views,
-           "prompts_sha256": file_sha256(args.prompts) if args.prompts else None,
+           "prompts_sha256": file_sha256(args.prompts) if isinstance(args.prompts, Path) else None,
            "negative_template": args.negative_template, "allow_repeats": args.allow_repeats, "train_args": extra}
     if args.template:  # only when given: the runs of sweeps without it keep their names
         key["template"] = args.template
+    if isinstance(args.prompts, str):  # a named set; CuPL's content is its pinned sha256, per dataset (make_run)
+        key["prompts"] = args.prompts
     return key
 
 
@@ -185,6 +188,8 @@ def make_run(args, shared, template, dataset, method, shots, backbone, eval_data
     """A Run: its request, the configuration and the file name derived from it."""
     key = {**shared, "dataset": dataset_name(dataset), "method": method, "shots": shots,
            "eval_datasets": list(eval_datasets)}
+    if shared.get("prompts") == CUPL:
+        key["prompts_sha256"] = CUPL_PROMPTS.get(dataset_name(dataset), ("", None))[1]  # unpinned: plan() says
     name = features_path("", dataset, backbone).stem + f"_{method}_{shots}shot{'_shift' if eval_datasets else ''}"
     if args.features:
         source, read = {"features": args.features}, args.features
@@ -250,6 +255,12 @@ def plan(args, extra):
                     for m in methods]
     if not args.features:
         needed = dict.fromkeys(r.dataset for r in planned) | dict.fromkeys(SHIFT_DATASETS if args.shift else [])
+        unpinned = [dataset_name(d) for d in needed if dataset_name(d) not in CUPL_PROMPTS]
+        if args.prompts == CUPL and unpinned:  # before any run, not when the sweep reaches that dataset
+            raise DataError(f"--prompts cupl: no CuPL descriptions are pinned for {', '.join(unpinned)} (there are "
+                            f"for {', '.join(CUPL_PROMPTS)}); leave {'them' if len(unpinned) > 1 else 'it'} out of "
+                            f"--datasets (and --shift), and sweep {'them' if len(unpinned) > 1 else 'it'} with "
+                            f"--prompts FILE.json")
         for dataset in needed:  # missing data stops the sweep now, not hours into it (unless it is downloaded)
             folder = dataset_folder(dataset, args.root)
             if not folder.exists() and not features_path(args.features_dir, dataset, backbone).exists() \

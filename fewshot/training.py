@@ -12,7 +12,7 @@ import torch
 
 from fewshot import progress
 from fewshot.errors import Diverged
-from fewshot.methods import WARMUP_LR, build
+from fewshot.methods import RECIPE_FIELDS, WARMUP_LR, build
 
 # -----------------------------------------------------------------------------
 # training: it sees the training views, their labels, the recipe and the seed, nothing else
@@ -110,6 +110,11 @@ def accuracy(model, feats, labels, classes=None, batch_size=4096):
     return 100.0 * correct / max(1, labels.numel())
 
 
+def recipe_at(recipe, point):
+    """The recipe a grid point trains with: its recipe knobs (the learning rate) set; None stays None."""
+    return recipe and dataclasses.replace(recipe, **{k: v for k, v in point.items() if k in RECIPE_FIELDS})
+
+
 def confusion_matrix(predicted, labels, num_classes):
     """[C, C] counts of test images: row the true class, column the predicted one."""
     labels = labels.to(predicted.device).long()
@@ -120,8 +125,8 @@ def confusion_matrix(predicted, labels, num_classes):
 def fit_at(method, task, config, recipe, point, seed):
     """Build and fit the model at one grid point's training knobs (config fields, or the recipe's "lr").
     Returns (model, info)."""
-    point = {k: v for k, v in point.items() if k not in method.post_hoc}
-    recipe = recipe and dataclasses.replace(recipe, lr=point.pop("lr", recipe.lr))
+    recipe = recipe_at(recipe, point)
+    point = {k: v for k, v in point.items() if k not in method.post_hoc and k not in RECIPE_FIELDS}
     torch.manual_seed(seed)  # a random initialisation (CLIP-Adapter's) depends on the seed alone, not on the grid
     model = build(method, task, dataclasses.replace(config, **point))
     return model, fit(method, model, task, recipe, seed)

@@ -73,7 +73,8 @@ def test_cli_writes_the_documented_format(cli):
     assert f["settings"]["backbone"] == VIT and f["settings"]["pretrained"] is None
     assert f["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-3)  # the checkpoint's own, not a constant 100
     C, d = 3, 32
-    assert f["classnames"] == ["class a_0", "class b_1", "class c_2"]  # from the split file, in label order
+    # from the split file, in label order, as the prompts say them (CoOp's rule: underscores as spaces)
+    assert f["classnames"] == ["class a 0", "class b 1", "class c 2"]
     assert f["prompts"]["positive"] == [[f"{c} texture."] for c in f["classnames"]]  # DTD's CoOp template
     assert f["prompts"]["negative"] == [[f"a photo of no {c}."] for c in f["classnames"]]
     for t in f["text"].values():
@@ -265,7 +266,7 @@ def test_without_the_dataset_folder_a_file_serves_only_what_it_holds(cli, tiny_v
     # other prompts need the text encoder only, not the images: added without the dataset
     done = again(negative_template="not a {}.")
     assert (done.images, done.texts) == (0, 1) and len(torch.load(path, weights_only=True)["texts"]) == 2
-    assert ff.load_features(path, text=done.text)["prompts"]["negative"][0] == ["not a class a_0."]
+    assert ff.load_features(path, text=done.text)["prompts"]["negative"][0] == ["not a class a 0."]
     # a file another tool wrote records no settings: no extraction flag applies to it, it is used as it is
     torch.save({"format": ff.FORMAT, "classnames": ["a"]}, tmp_path / "dtd_other.pt")
     assert extract("dtd", absent, tmp_path, "other", views=2) == tmp_path / "dtd_other.pt"
@@ -394,7 +395,7 @@ def test_shift_sets_store_their_class_map(make_dataset, tiny_vit_checkpoint, tmp
     f, _ = run(root, tmp_path, tiny_vit_checkpoint, key)
     assert f["class_map"].tolist() == class_map and f["class_map"].dtype == torch.long
     names = [n for _, n in fd._imagenet_classes(key, root / fd.DATASETS[key].folder)]
-    assert f["classnames"] == [names[i] for i in class_map]
+    assert f["classnames"] == [fd.prompt_name(names[i]) for i in class_map]
     assert f["text"]["positive"].shape == (len(class_map), 32)
     assert set(f["test"]["labels"].tolist()) == set(range(len(class_map)))
     assert not {"train", "fewshot", "val", "val_fewshot"} & set(f)
@@ -512,7 +513,7 @@ def test_cupl_prompts_are_downloaded_checked_cached_and_recorded(cli, cupl_dtd, 
     f, _ = run(root, tmp_path / "out", tiny_vit_checkpoint, prompts="cupl")
     out, err = capsys.readouterr()
     assert "downloading the CuPL prompts of dtd" in out
-    assert f["prompts"]["positive"] == [["a woven texture.", "threads."], ["spots."], ["class c_2 texture."]]
+    assert f["prompts"]["positive"] == [["a woven texture.", "threads."], ["spots."], ["class c 2 texture."]]
     assert err.count("warning") == 1 and "no sentences for 1 of 3 classes" in err  # the fallback is said once
     cached = tmp_path / "cache" / "hegraphadapter" / "CuPL_prompts_dtd.json"
     assert cached.read_bytes() == cupl_dtd.read_bytes()

@@ -79,9 +79,9 @@ def test_a_prompt_change_encodes_no_image_and_keeps_every_prompt_set(data, tiny_
                        {k: before[k] for k in ("train", "val", "test", "fewshot", "val_fewshot", "paths")}) == []
     # each run reads its own set; the file is a fresh extraction with the new template, plus the first set
     mine = ff.load_features(second.path, text=second.text)
-    assert mine["prompts"]["positive"][0] == ["a close-up of class a_0."]
+    assert mine["prompts"]["positive"][0] == ["a close-up of class a 0."]
     assert mine["text_set"]["template"] == "a close-up of {}." and mine["text_set"]["sha256"] == second.text
-    assert ff.load_features(second.path, text=first.text)["prompts"]["positive"][0] == ["class a_0 texture."]
+    assert ff.load_features(second.path, text=first.text)["prompts"]["positive"][0] == ["class a 0 texture."]
     assert torch.equal(ff.load_features(second.path, text=first.text)["text"]["positive"],
                        before["text"]["positive"])
     other = fresh(data, tmp_path, tiny_vit_checkpoint, template="a close-up of {}.")

@@ -114,23 +114,48 @@ def test_tip_adapter_starts_from_its_released_configs():
     cfg = methods.METHODS["tip"].config
     assert (cfg("oxford_flowers").alpha, cfg("imagenet").alpha, cfg("fgvc_aircraft").alpha) == (10, 1.17, 5)
     assert cfg("dtd").gamma == 1.0 and methods.METHODS["tip-f"].config("dtd").learn_keys
-    knobs = methods.METHODS["tip"].knobs("imagenet", None)
-    assert max(knobs["gamma"]) == 7 and max(knobs["alpha"]) == 3 and min(knobs["alpha"]) == 1.17
+
+
+
+@pytest.mark.parametrize("method", ["tip", "tip-f"])
+def test_tip_adapter_searches_from_the_low_end_of_its_range(method):
+    """Tip-Adapter's utils.py search_hp: beta_list = [i * (search_scale[0] - 0.1) / search_step[0] + 0.1 for i in
+    range(search_step[0])], alpha_list likewise: from 0.1 up to below search_scale, here with 4 γ x 3 α steps."""
+    for dataset, (gamma_max, alpha_max) in (("imagenet", (7, 3)), ("oxford_flowers", (50, 50)), ("mine", (10, 10))):
+        knobs = methods.METHODS[method].knobs(dataset, methods.effective_recipe(method, dataset, 4, {}))
+        assert set(knobs) == {"gamma", "alpha"}
+        assert knobs["gamma"] == pytest.approx([i * (gamma_max - 0.1) / 4 + 0.1 for i in range(4)], abs=1e-3)
+        assert knobs["alpha"] == pytest.approx([i * (alpha_max - 0.1) / 3 + 0.1 for i in range(3)], abs=1e-3)
+        assert min(knobs["gamma"]) == min(knobs["alpha"]) == 0.1 and max(knobs["gamma"]) < gamma_max
 
 
 def test_the_linear_probe_keeps_the_stronger_l2_among_equal_validation_scores():
-    """Separable classes: every C scores 100 % on val, so the tie-break alone decides, towards small C."""
+    """Separable classes: every C scores 100 % on val, so the tie-break alone decides: the smallest C of its grid
+    (its knob, searched by --search-val like every method's)."""
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
     labels = torch.arange(3).repeat_interleave(4)
     feats = F.normalize(centres[labels] + 0.01 * torch.randn(12, 8, generator=g), dim=-1)
-    probe = LinearProbe(centres)
-    chosen = fit_linear_probe(probe, feats, labels, val=(feats, labels))
-    assert chosen < 1e-5, chosen
+    task = tasks.Task(centres, None, feats[None], labels, feats, (feats, labels), (feats, labels), 100.0)
+    row = methods.METHODS["linear-probe"]
+    points = methods.grid(row, "mine", None)
+    model, info, searched = training.search(row, task, row.config("mine"), None, points, 1)
+    assert searched["val_accuracy"] == 100.0 and [p["inverse_l2"] for p in points] == sorted(methods.PROBE_C)
+    assert searched["chosen"]["inverse_l2"] == info["inverse_l2"] == min(methods.PROBE_C) == model.config.inverse_l2
+
+
+def test_a_linear_probe_without_search_fits_the_configs_c():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    labels = torch.arange(3).repeat_interleave(4)
+    feats = F.normalize(centres[labels] + 0.01 * torch.randn(12, 8, generator=g), dim=-1)
+    assert fit_linear_probe(LinearProbe(centres), feats, labels) == 0.316
 
 
 def test_every_method_with_knobs_fits_the_budget_and_searches_on_val(feats, run):
-    """--search-val works for every row with knobs, within 12 points, and records each seed's choice."""
+    """--search-val works for every row with knobs, within 12 points, and records each seed's choice and the
+    recipe it trained with."""
+    moved_lr = []
     for name, method in methods.METHODS.items():
         recipe = methods.effective_recipe(name, "synthetic", 2, {})
         points = methods.grid(method, "synthetic", recipe)
@@ -144,6 +169,13 @@ def test_every_method_with_knobs_fits_the_budget_and_searches_on_val(feats, run)
         assert chosen in points and r["grid"] == points
         config = r["model_config"][1]
         assert all(config[k] == v for k, v in chosen.items() if k != "lr")
+        # the recorded recipe of the seed is the one it trained with: the search's learning rate, if it chose one
+        effective = r["effective_recipe"][1]
+        assert (effective is None) == (recipe is None)
+        if effective is not None:
+            assert effective == {**r["recipe"], "lr": chosen.get("lr", recipe.lr)}
+        moved_lr.append(effective is not None and effective["lr"] != r["recipe"]["lr"])
+    assert any(moved_lr), "a search must choose another learning rate than the published one for this to test"
 
 
 def test_hegraph_config_flags_reach_the_model(feats, run):

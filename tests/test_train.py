@@ -70,6 +70,10 @@ def test_each_method_records_its_own_recipe(method, recipe):
     assert methods.effective_recipe("taskres", "imagenet", 16, {}).lr == 2e-4
     assert methods.effective_recipe("taskres", "dtd", 8, {}).epochs == 200
     assert methods.effective_recipe("hegraph", "fgvc_aircraft", 1, {}).lr == 1e-2
+    # CoOp's epochs per K for CLIP-Adapter, and ImageNet's 50 at every K (COOP.md: *_ep50.yaml for all settings)
+    assert [methods.effective_recipe("clip-adapter", "dtd", k, {}).epochs for k in (1, 2, 4, 8, 16)] == \
+        [50, 100, 100, 200, 200]
+    assert [methods.effective_recipe("clip-adapter", "imagenet", k, {}).epochs for k in (1, 2, 4, 8, 16)] == [50] * 5
 
 
 def test_hegraph_beats_zeroshot_when_the_text_is_off(tmp_path, run):
@@ -237,6 +241,10 @@ def test_pipeline_from_images_through_the_command_line(make_dataset, tiny_vit_ch
     ckpt = torch.load(tmp_path / "ck" / "seed1.pt", weights_only=True)
     assert f["backbone"] == f["settings"]["backbone"] == ckpt["run"]["backbone"] == vit
     assert "RN50" not in proc.stdout + proc.stderr + out.read_text() + json.dumps(f["settings"])
+    # what was used: the features file extracted (its path), its views and prompts, each seed's recipe
+    assert r["features"] == str(tmp_path / "features" / f"dtd_{vit}.pt") and r["extracted"] is True
+    assert r["views"] == 2 and r["prompts"]["sha256"] == f["settings"]["prompts_sha256"]
+    assert r["prompts"]["prompts"] == "templates" and r["effective_recipe"]["1"] == r["recipe"]
     # a second run (in this process: the command line was tested above) reuses the file, same accuracy
     capsys.readouterr()
     run(*cmd[2:])

@@ -52,8 +52,8 @@ def test_search_val_tunes_on_the_validation_subset_only(tmp_path, run):
     r = run("--features", feats, "--method", "tip", "--shots", 2, "--search-val", "--seeds", 1)
     chosen = r["model_config"][1]
     task = tasks.make_task(ff.load_features(feats), 1, 2, "cpu")
-    # Tip-Adapter's grid without a config of its own: γ from 1 to 10 (4 values), α from 1 to 10 (3 values)
-    grid = [(alpha, gamma) for gamma in (1.0, 4.0, 7.0, 10.0) for alpha in (1.0, 5.5, 10.0)]
+    # Tip-Adapter's search without a config of its own: from 0.1 up to below 10, 4 γ x 3 α (its search_hp)
+    grid = [(round(0.1 + a * 9.9 / 3, 3), round(0.1 + g * 9.9 / 4, 3)) for g in range(4) for a in range(3)]
 
     def best(feats, labels):
         scores = []

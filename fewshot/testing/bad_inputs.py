@@ -436,9 +436,6 @@ FAMILIES = {  # family -> {case name -> Case}
         "search-val-zeroshot": Case(T, "`--method zeroshot --search-val`",
                                     "--features {feats} --method zeroshot --search-val --shots 2",
                                     expect=W("zeroshot has none")),
-        "search-val-linear-probe": Case(T, "`--method linear-probe --search-val`",
-                                        "--features {feats} --method linear-probe --search-val --shots 2",
-                                        expect=W("linear-probe has none")),
         "search-val-with-its-knob": Case(T, "`--search-val` beside `--alpha`, a knob it tunes for tip",
                                          "--features {feats} --method tip --search-val --alpha 2",
                                          expect=W("--alpha is a knob --search-val tunes for tip")),
@@ -455,7 +452,7 @@ FAMILIES = {  # family -> {case name -> Case}
                                            "imagenetv2")),
         "few-images": Case(T, "a class with fewer training images than `--max-shots`, extracting on demand",
                            "--dataset dtd --root data --max-shots 4 --shots 2", dataset(counts={"train": [5, 2, 6]}),
-                           expect=W("class 1 ('class b_1') has 2 training images", "--allow-repeats")),
+                           expect=W("class 1 ('class b 1') has 2 training images", "--allow-repeats")),
         "negative-template": Case(X, "`--negative-template` without `{}`", "--dataset dtd --root {data} "
                                   "--negative-template 'a photo of nothing.'", expect=W("--negative-template must "
                                                                                         "contain {}")),
@@ -597,7 +594,7 @@ FAMILIES = {  # family -> {case name -> Case}
         "fractional-label": Case(X, "a fractional label (1.7) in a split file", "--dataset dtd --root data",
                                  dataset(then=fractional_label), expect=W("labels that are not integers, e.g. 1.7")),
         **{name: Case(X, f"a class with no training images{extra}", f"--dataset dtd --root data{flag}",
-                      dataset(counts={"train": [5, 0, 6]}), expect=W("class 1 ('class b_1') has no training images"),
+                      dataset(counts={"train": [5, 0, 6]}), expect=W("class 1 ('class b 1') has no training images"),
                       avoid=W("--allow-repeats is")) for name, extra, flag in (
             ("empty-class", "", ""), ("empty-class-allow-repeats", ", `--allow-repeats`", " --allow-repeats"))},
         "unreadable-images": Case(X, "3 unreadable images (missing, text, empty)", "--dataset dtd --root data",
