@@ -432,8 +432,8 @@ def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, chec
     if not work.write and not work.refresh:
         print(f"reusing {path}: another process wrote what this run asks for")
         return Extracted(path, key, settings.views)
-    check_images(splits.images, [work.jobs[s][0][r][0] for s in work.jobs for rows in work.missing(s).values()
-                                 for r in rows])                                          # before CLIP loads
+    to_encode = [work.jobs[s][0][r][0] for s in work.jobs for rows in work.missing(s).values() for r in rows]
+    check_images(splits.images, to_encode)                                                 # before CLIP loads
     if work.notes:
         print(f"{path}: {'; '.join(work.notes)}")
     if work.write:
@@ -444,10 +444,8 @@ def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, chec
     new_texts = len(work.new_texts)
     encoder = backbones.load(settings, device) if work.images or new_texts else None
     if encoder is not None and checking and settings.precision != "fp32":
-        check = check_batch(encoder, splits.images, [work.jobs[s][0][r][0] for s in work.jobs
-                                                     for rows in work.missing(s).values() for r in rows],
-                            [s for k in work.new_texts for side in work.texts[k]["prompts"].values() for p in side
-                             for s in p])
+        sentences = [s for k in work.new_texts for side in work.texts[k]["prompts"].values() for p in side for s in p]
+        check = check_batch(encoder, splits.images, to_encode, sentences)
         if pace.choose_precision(encoder, settings.precision, device, check) == "fp32":
             settings = dataclasses.replace(settings, precision="fp32")
             work = cache.plan(path, old, settings, splits, prompt_set, image_recipe(settings), known)

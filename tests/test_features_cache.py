@@ -19,6 +19,7 @@ from fewshot.testing.fixtures import (
     TINY_NAMES,
     openai_state_dict,
     redraw_image,
+    same_features,
     write_image,
     write_image_folder,
 )
@@ -45,21 +46,10 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def same_tensor(a, b) -> bool:
-    """Equal, a float16 feature within one unit of its last place: CLIP's kernels change the last float32 bits of an
-    image's features with the batch it is encoded in (about 6e-7, measured), which can round a stored float16 one
-    unit apart; a grown file encodes an image in another batch than a fresh extraction."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype != torch.float16:
-        return torch.equal(a, b)
-    return bool(((a.float() - b.float()).abs() <= 2 ** -10 * b.float().abs() + 2 ** -24).all())
-
-
 def differences(a, b, where=""):
-    """Where two features files differ: tensors by same_tensor, everything else by ==."""
+    """Where two features files differ: tensors by same_features, everything else by ==."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and same_tensor(a, b)
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and same_features(a, b)
         return [] if same else [where]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
