@@ -239,6 +239,7 @@ class Encoder:
     preprocess: Preprocess                        # what the augmented views use
     transform: Callable                           # view 0: the model's own eval transform, PIL image -> [3, H, W]
     config: dict | None = None                    # open_clip's preprocessing configuration of it, as plain values
+    channels_last: bool = False                   # the image tower is convolutional and laid out channels-last
 
 
 def load(settings: Settings, device: torch.device) -> Encoder:
@@ -255,13 +256,22 @@ def load(settings: Settings, device: torch.device) -> Encoder:
             model, source = _create(oc, name, settings.pretrained, settings.name)
             tokenizer = oc.get_tokenizer(name)
     check_finite(model, source)
-    model = model.to(device).float().eval()
+    model = model.to(device).float().eval().requires_grad_(False)  # frozen: no autograd state is ever kept
+    channels_last = is_convolutional(model.visual)
+    if channels_last:  # oneDNN's and cuDNN's fast convolutions read NHWC: the same arithmetic, in another order
+        model.visual.to(memory_format=torch.channels_last)
     cfg = oc.get_model_preprocess_cfg(model)                                # [size, mean, std, ...]
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
     preprocess = Preprocess(size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                             interpolation=cfg.get("interpolation", "bicubic"))
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in {**cfg, "size": preprocess.size}.items()}
-    return Encoder(model, tokenizer, preprocess, eval_transform(config), config)
+    return Encoder(model, tokenizer, preprocess, eval_transform(config), config, channels_last)
+
+
+def is_convolutional(visual: torch.nn.Module) -> bool:
+    """True for a convolutional image tower (CLIP's ModifiedResNet, a ConvNeXt): more convolutions than a vision
+    transformer's single patch embedding."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 1
 
 
 def eval_transform(config: dict) -> Callable:

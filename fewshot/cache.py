@@ -16,7 +16,7 @@ under its name (size, times and inode unchanged trust the recorded sha256; any d
 folder of the same name elsewhere (its images compared by content), a folder's split, the weights of a checkpoint
 or folder replaced at the path the file records (everything is encoded again). What differs by the run's own
 request is refused with the difference named: another dataset of the same name, other weights than the file's
-(another path with other content), another view recipe.
+(another path with other content), another view recipe (or another precision).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -118,12 +118,28 @@ def check_asked(path: Path, old: dict, settings: Settings, recipe: dict, source:
         raise DataError(f"{path} holds the features of other weights than this run asks for ({shown(made['model'])} in "
                         f"the file, {shown(weights)} asked): pass --overwrite to replace them, or choose another "
                         f"--features-dir")
-    if made["recipe"] != recipe:
-        differ = "; ".join(f"{k}: {made['recipe'].get(k)!r} in the file, {v!r} asked" for k, v in recipe.items()
-                           if made["recipe"].get(k) != v)
+    had = recorded_recipe(old)
+    if had != recipe:
+        differ = "; ".join(f"{k}: {had.get(k)!r} in the file, {v!r} asked" for k, v in recipe.items()
+                           if had.get(k) != v)
         raise DataError(f"{path} was made with another view recipe ({differ}): pass --overwrite to replace it, or "
                         f"choose another --features-dir")
     return weights
+
+
+def recorded_recipe(old: dict) -> dict:
+    """The view recipe a file records (extraction.image_recipe). A file from before the precision was recorded was
+    encoded in float32 (on a CPU; on CUDA the code of that time autocast to float16)."""
+    return {"precision": "fp32", **old["identity"]["recipe"]}
+
+
+def recorded_precision(old: dict | None) -> str | None:
+    """The precision a features file's images and text were encoded at; None for no file, or one that does not
+    record its recipe (which plan() then refuses or reads as it is)."""
+    identity = old.get("identity") if isinstance(old, dict) else None
+    if not isinstance(identity, dict) or not isinstance(identity.get("recipe"), dict):
+        return None
+    return recorded_recipe(old)["precision"]
 
 
 def replaced(old: dict, weights: dict) -> str | None:

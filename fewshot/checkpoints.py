@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from fewshot import cache
 from fewshot.errors import DataError
 from fewshot.files import load_torch_file, write_atomic
 from fewshot.methods import METHODS, ROW_FIELDS, build
@@ -69,12 +70,13 @@ def classnames_sha256(classnames):
 def clip_identity(data):
     """The CLIP an image must be encoded with for a model trained on the features `data`: the features file's
     name of it, the settings that load it, its weights by content (the file's identity), its preprocessing, what
-    it made of the probe images and the sentences its text features are made of."""
+    it made of the probe images, the sentences its text features are made of, and the precision it encoded at."""
     settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
     identity = data.get("identity") if isinstance(data.get("identity"), dict) else {}
     return {"name": data["backbone"], "backbone": settings.get("backbone"), "pretrained": settings.get("pretrained"),
             "clip_checkpoint": settings.get("clip_checkpoint"), "weights": identity.get("model"),
-            "preprocess": data.get("preprocess"), "probe": data.get("probe"), "prompts": data.get("prompts")}
+            "preprocess": data.get("preprocess"), "probe": data.get("probe"), "prompts": data.get("prompts"),
+            "precision": cache.recorded_precision(data) or "fp32"}
 
 
 def model_file(model, task, seed, run_id, data, features_path=None) -> dict:

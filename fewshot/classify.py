@@ -27,12 +27,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fewshot import backbones, checkpoints, coop, files
+from fewshot import backbones, checkpoints, coop, files, pace
 from fewshot.cli import Parser, guarded, number_arg, path_arg
 from fewshot.datasets import IMAGE_SUFFIXES
 from fewshot.devices import resolve_device
 from fewshot.errors import DataError
-from fewshot.extraction import _autocast, encode_probe, encode_text, to_rgb
+from fewshot.extraction import encode_probe, encode_text, to_rgb
 from fewshot.features import Settings
 from fewshot.methods import METHODS
 
@@ -92,6 +92,11 @@ class Classifier:
         return self.first["classnames"]
 
     @property
+    def precision(self) -> str:
+        """The precision the model's features were encoded at, which a new image is encoded at too."""
+        return self.first["clip"].get("precision", "fp32")
+
+    @property
     def seeds(self) -> list:
         return list(self.models)
 
@@ -139,10 +144,9 @@ class Classifier:
                 good = [(i, x) for i, x, error in batch if not error]
                 problems += [error for _, _, error in batch if error]
                 if good:
-                    x = torch.stack([x for _, x in good]).to(self.device)
-                    with _autocast(self.device):
-                        f = encoder.model.encode_image(x)
-                    f = F.normalize(f.float(), dim=-1).half().float().cpu()     # [B, d] as a features file's
+                    x = torch.stack([x for _, x in good])
+                    f = pace.image_features(encoder, x, self.precision, self.device)
+                    f = F.normalize(f, dim=-1).half().float().cpu()             # [B, d] as a features file's
                     for (i, _), row in zip(good, f):
                         feats[i] = row
                 progress.update(len(batch))
@@ -177,14 +181,16 @@ def load_clip(record, where, device, clip_checkpoint=None) -> backbones.Encoder:
     probe = clip.get("probe")
     if isinstance(probe, torch.Tensor) and probe.shape == (2, d):
         transform = backbones.eval_transform(clip["preprocess"]) if clip.get("preprocess") else None
-        cosine = F.cosine_similarity(encode_probe(encoder, device, transform).float(), probe.float(), dim=-1)
+        cosine = F.cosine_similarity(encode_probe(encoder, device, transform, clip.get("precision", "fp32")).float(),
+                                     probe.float(), dim=-1)
         if (cosine < checkpoints.SAME_FEATURES).any():
             raise DataError(f"{shown} is not the CLIP the model in {where} was trained with: it encodes a fixed probe "
                             f"image into other features than the extraction did (cosine {cosine.min():.3f}); {advice}")
     prompts = (clip.get("prompts") or {}).get("positive") or []
     if len(prompts) == len(text):
         picked = sorted({round(i * (len(text) - 1) / max(1, CHECKED_CLASSES - 1)) for i in range(CHECKED_CLASSES)})
-        again = encode_text(encoder, [prompts[c] for c in picked], 256, device).float()     # [k, d]
+        again = encode_text(encoder, [prompts[c] for c in picked], pace.Pace(clip.get("precision", "fp32")),
+                            device).float()                                                 # [k, d]
         cosine = F.cosine_similarity(again, text[picked], dim=-1)
         if (cosine < checkpoints.SAME_FEATURES).any():
             worst = int(cosine.argmin())

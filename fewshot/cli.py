@@ -20,7 +20,7 @@ from pathlib import Path
 from fewshot.datasets import SHIFT_DATASETS, resolve_dataset
 from fewshot.errors import DataError
 from fewshot.extraction import Extraction
-from fewshot.features import Settings
+from fewshot.features import AUTO, PRECISIONS, Settings
 from fewshot.methods import METHODS, RECIPE_FIELDS, config_fields
 from fewshot.prompts import NAMED
 from fewshot.ranges import RANGES
@@ -169,10 +169,15 @@ def add_extraction_args(parser):
                    "on a folder of your own: --shots); a features file grows when a run asks for more")
     g.add_argument("--views", type=number_arg("views", int), default=10,
                    help="views per training image: CLIP's preprocessing + augmented crops (default 10)")
-    g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int), default=256,
-                   help="images (views) per CLIP forward pass (default 256)")
+    g.add_argument("--precision", choices=[AUTO, *PRECISIONS], default=AUTO,
+                   help="the encoder's arithmetic: fp32, or autocast to bf16 / fp16; auto (default): an existing "
+                   "features file's own, else bf16 on a CPU that has it in hardware and fp16 on CUDA, each only where "
+                   "its features match fp32's to cosine >= 0.9999 on a check batch, else fp32 (docs/speed.md)")
+    g.add_argument("--encode-batch-size", type=number_arg("encode_batch_size", int),
+                   help="images (views) per CLIP forward pass (default: the device's and backbone's, docs/speed.md)")
     g.add_argument("--workers", type=number_arg("workers", int),
-                   help="data loading processes (default: CPU count, at most 8)")
+                   help="data loading processes (default: on a CPU one per 8 cores, on a GPU the CPU count, at most "
+                   "8)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--allow-repeats", action="store_true",
                    help="let a class with fewer images than --max-shots repeat its images instead of failing")
@@ -188,7 +193,8 @@ def extraction_from_args(args) -> Extraction:
                         clip_checkpoint=str(args.clip_checkpoint.resolve()) if args.clip_checkpoint else None,
                         prompts=None if args.prompts is None else str(args.prompts), template=args.template,
                         negative_template=args.negative_template, seeds=tuple(args.seeds),
-                        max_shots=args.max_shots, views=args.views, allow_repeats=args.allow_repeats)
+                        max_shots=args.max_shots, views=args.views, allow_repeats=args.allow_repeats,
+                        precision=args.precision)
     return Extraction(settings, args.root, args.features_dir, args.encode_batch_size, args.workers, args.download)
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fewshot import backbones, extraction
+from fewshot import backbones, cache, extraction, pace
 from fewshot.baselines import text_logits
 from fewshot.errors import DataError
 from fewshot.features import Settings
@@ -149,7 +149,8 @@ def check_same_clip(encoder, data, name, source):
     if not prompts:
         return
     device = encoder.model.logit_scale.device
-    ours = extraction.encode_text(encoder, prompts[:1], 256, device).float()[0]           # [d]
+    at = pace.Pace(cache.recorded_precision(data) or "fp32")                              # as the file was encoded
+    ours = extraction.encode_text(encoder, prompts[:1], at, device).float()[0]            # [d]
     theirs = data["text"]["positive"][0].float()
     if ours.shape != theirs.shape or F.cosine_similarity(ours, theirs, dim=0) < SAME_TEXT:
         raise DataError(f"the CLIP {name} loaded for coop does not give the text features of {source} (its weights "

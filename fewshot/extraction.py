@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from fewshot import backbones, cache, files, progress
+from fewshot import backbones, cache, files, pace, progress
 from fewshot.datasets import (
     LAYOUT_HINT,
     Splits,
@@ -40,7 +40,16 @@ from fewshot.datasets import (
 from fewshot.devices import resolve_device
 from fewshot.download import cupl_prompts, download_dataset
 from fewshot.errors import DataError
-from fewshot.features import DEFAULT_MAX_SHOTS, FORMAT, Settings, existing, features_path, load_features
+from fewshot.features import (
+    AUTO,
+    DEFAULT_MAX_SHOTS,
+    FORMAT,
+    PRECISIONS,
+    Settings,
+    existing,
+    features_path,
+    load_features,
+)
 from fewshot.prompts import CUPL, TEMPLATE_SETS, load_prompts
 from fewshot.ranges import RANGES
 
@@ -171,27 +180,26 @@ def check_images(folder: Path, paths: list[str]):
               f"and memory", file=sys.stderr)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+def loader(files: ImageFiles, how: pace.Pace, device: torch.device) -> DataLoader:
+    """The batches of (views [B, V, 3, H, W], error messages, notes) that encode_images encodes: whole images, as
+    many as make at most how.batch_size views (at least one), decoded and augmented by how.workers processes."""
+    return DataLoader(files, batch_size=max(1, how.batch_size // files.views.views), num_workers=how.workers,
+                      pin_memory=device.type == "cuda")
 
 
-@torch.no_grad()
-def encode_images(model, files: ImageFiles, batch_size: int, workers: int, device: torch.device,
+def encode_images(encoder: backbones.Encoder, files: ImageFiles, how: pace.Pace, device: torch.device,
                   desc: str) -> torch.Tensor:
-    """[V, N, d] L2-normalised float16 image features; `batch_size` counts forward passes (views)."""
+    """[V, N, d] L2-normalised float16 image features, encoded as `how` says (`how.batch_size` counts views)."""
     views = files.views.views
-    loader = DataLoader(files, batch_size=max(1, batch_size // views), num_workers=workers,
-                        pin_memory=device.type == "cuda")
     chunks, notes = [], []
     with progress.bar(total=len(files) * views, desc=desc, unit="views") as bar:  # a bar on a terminal, lines in a log
-        for x, errors, said in loader:
+        for x, errors, said in loader(files, how, device):
             if any(errors):
                 raise DataError(f"{next(e for e in errors if e)}; replace the file or remove it from the split")
             done = sum(len(c) for c in chunks)                                    # images encoded before
             notes += [(files.paths[done + i], note) for i, note in enumerate(said) if note]
-            with _autocast(device):
-                f = model.encode_image(x.to(device, non_blocking=True).flatten(0, 1))  # [B*V, d]
-            check_encoded(f, [files.paths[done + i // views] for i in range(f.shape[0])], device, "image")
+            f = pace.image_features(encoder, x.flatten(0, 1), how.precision, device)      # [B*V, d]
+            check_encoded(f, [files.paths[done + i // views] for i in range(f.shape[0])], how.precision, "image")
             chunks.append(F.normalize(f.float(), dim=-1).unflatten(0, (-1, views)).half().cpu())
             bar.update(f.shape[0])
     if notes:
@@ -209,37 +217,34 @@ def probe_images() -> list[Image.Image]:
     return [Image.fromarray(gradient), Image.fromarray(noise)]
 
 
-@torch.no_grad()
-def encode_probe(encoder: backbones.Encoder, device: torch.device, transform=None) -> torch.Tensor:
-    """[2, d] features of probe_images() (view 0, L2-normalised float16, as a test image's). transform: view 0's,
-    default the encoder's own."""
-    x = torch.stack([(transform or encoder.transform)(image) for image in probe_images()]).to(device)
-    with _autocast(device):
-        f = encoder.model.encode_image(x)
-    return F.normalize(f.float(), dim=-1).half().cpu()
+def encode_probe(encoder: backbones.Encoder, device: torch.device, transform=None,
+                 precision: str = "fp32") -> torch.Tensor:
+    """[2, d] features of probe_images() (view 0, L2-normalised float16, as a test image's) at `precision`.
+    transform: view 0's, default the encoder's own."""
+    x = torch.stack([(transform or encoder.transform)(image) for image in probe_images()])
+    return F.normalize(pace.image_features(encoder, x, precision, device), dim=-1).half().cpu()
 
 
-def check_encoded(features: torch.Tensor, names: list[str], device: torch.device, what: str):
+def check_encoded(features: torch.Tensor, names: list[str], precision: str, what: str):
     """One line if CLIP gave a NaN, infinite or all-zero feature (its weights are finite, checked on loading, so
     its computation overflowed): such a feature must never reach a features file."""
     bad = ~torch.isfinite(features).all(-1) | (features.float().norm(dim=-1) == 0)            # [rows]
     if bad.any():
         first = names[int(bad.nonzero()[0])]
-        hint = "; float16 overflowed: pass --device cpu (float32)" if device.type == "cuda" else ""
+        hint = f"; {precision} overflowed: pass --precision fp32" if precision != "fp32" else ""
         raise DataError(f"CLIP gave NaN, infinite or zero {what} features for {int(bad.sum())} of {len(names)} rows, "
                         f"e.g. for {first!r}: the model's output is broken{hint}; nothing was written")
 
 
-@torch.no_grad()
-def encode_text(encoder: backbones.Encoder, prompts: list[list[str]], batch_size: int,
+def encode_text(encoder: backbones.Encoder, prompts: list[list[str]], how: pace.Pace,
                 device: torch.device) -> torch.Tensor:
     """[C, d] class features: the renormalised mean of each class's normalised prompt embeddings, float16.
     Sentences longer than the model's context are cut (the end-of-text token kept), as clip.tokenize(truncate)."""
     sentences = [s for p in prompts for s in p]
     tokens = encoder.tokenize(sentences)                                        # [S, context_length]
-    with _autocast(device):
-        emb = torch.cat([encoder.model.encode_text(t.to(device)).float() for t in tokens.split(batch_size)])
-    check_encoded(emb, sentences, device, "text")
+    emb = torch.cat([pace.text_features(encoder, t, how.precision, device)
+                     for t in tokens.split(how.text_batch_size)])               # [S, d]
+    check_encoded(emb, sentences, how.precision, "text")
     emb = F.normalize(emb, dim=-1)                                              # [S, d]
     means = torch.stack([e.mean(0) for e in emb.split([len(p) for p in prompts])])  # [C, d]
     return F.normalize(means, dim=-1).half().cpu()
@@ -255,13 +260,16 @@ def _fills_in_a_name(template: str) -> bool:
         return False
 
 
-def check_flags(settings: Settings, batch_size: int, workers):
+def check_flags(settings: Settings, batch_size: int | None, workers: int | None):
     """One clear line for the first setting out of its range (cli.RANGES, the table the flags are parsed with),
     before anything is read, loaded or encoded: for a caller of extract_features() as for the command line."""
-    numbers = [("max_shots", settings.max_shots), ("views", settings.views), ("encode_batch_size", batch_size),
-               *(("seeds", seed) for seed in settings.seeds), *([("workers", workers)] if workers is not None else [])]
+    given = [("encode_batch_size", batch_size), ("workers", workers)]                  # None: the device's
+    numbers = [("max_shots", settings.max_shots), ("views", settings.views),
+               *(("seeds", seed) for seed in settings.seeds), *((k, v) for k, v in given if v is not None)]
     problems = [
         (not settings.seeds, "--seeds must list at least one seed"),
+        (settings.precision not in (AUTO, *PRECISIONS),
+         f"--precision must be one of {', '.join((AUTO, *PRECISIONS))}, not {settings.precision!r}"),
         *((not RANGES[name].holds(value), f"--{name.replace('_', '-')} must be {RANGES[name].describe()}, not {value}")
           for name, value in numbers),
         (not _fills_in_a_name(settings.negative_template),
@@ -288,10 +296,33 @@ def counted(n: int, thing: str) -> str:
 
 
 def image_recipe(settings: Settings) -> dict:
-    """What an image's features depend on besides the image and the model's weights: how its views are made. Every
-    setting that changes an image's features joins it (a numeric precision would), so that a file made otherwise is
-    refused with the difference named, never mixed with this run's features."""
-    return {"views": VIEW_RECIPE}
+    """What an image's features depend on besides the image and the model's weights: how its views are made and
+    the precision they are encoded at (resolved settings: never AUTO). Every setting that changes an image's
+    features joins it, so that a file made otherwise is refused with the difference named, never mixed with this
+    run's features. (The file's text features are encoded at the same precision.)"""
+    return {"views": VIEW_RECIPE, "precision": settings.precision}
+
+
+def resolve_precision(settings: Settings, old: dict | None, device: torch.device) -> tuple[Settings, bool]:
+    """The settings with the precision to encode at, and whether it is still to pass the check on the encoder
+    (pace.choose_precision): the one asked for; for AUTO, an existing file's own (what it holds was encoded at it), else
+    the device's fast one (pace.fast_precision), checked once the encoder is loaded."""
+    if settings.precision != AUTO:
+        return settings, False
+    recorded = cache.recorded_precision(old)
+    if recorded is not None:
+        return dataclasses.replace(settings, precision=recorded), False
+    return dataclasses.replace(settings, precision=pace.fast_precision(device)), True
+
+
+def check_batch(encoder: backbones.Encoder, folder: Path, paths: list[str], sentences: list[str]):
+    """What decides a lower precision: up to pace.CHECK of the images to encode (view 0), spread over them,
+    [n, 3, H, W], and up to pace.CHECK of the sentences, as token ids [m, context_length]."""
+    spread = lambda items: items[::max(1, len(items) // pace.CHECK)][:pace.CHECK]
+    files = ImageFiles(folder, spread(paths), Views(encoder.transform, encoder.preprocess, 1))
+    images = [files[i][0][0] for i in range(len(files))]  # an image that cannot be read: check_images said so
+    size = encoder.preprocess.size
+    return torch.stack(images) if images else torch.empty(0, 3, *size), encoder.tokenize(spread(sentences))
 
 
 def prompts_for(settings: Settings, classnames: list[str]):
@@ -310,15 +341,15 @@ def prompts_for(settings: Settings, classnames: list[str]):
         dataclasses.replace(settings, prompts_sha256=digest)
 
 
-def encode_texts(encoder: backbones.Encoder, texts: dict, batch_size: int, device: torch.device) -> dict:
+def encode_texts(encoder: backbones.Encoder, texts: dict, how: pace.Pace, device: torch.device) -> dict:
     """The prompt sets with the text features of those that lack them encoded."""
     return {key: t if t["text"] is not None else
-            {**t, "text": {side: encode_text(encoder, t["prompts"][side], batch_size, device)
+            {**t, "text": {side: encode_text(encoder, t["prompts"][side], how, device)
                            for side in ("positive", "negative")}}
             for key, t in texts.items()}
 
 
-def encode_rows(encoder, work: cache.Work, old: dict | None, folder: Path, d: int, batch_size: int, workers: int,
+def encode_rows(encoder, work: cache.Work, old: dict | None, folder: Path, d: int, how: pace.Pace,
                 device: torch.device, dataset: str) -> dict:
     """{split: {"features": [V, N, d] for train, [M, d] otherwise, "labels"}}: each row's views taken from the old
     file where it holds them, the views it lacks encoded (only those: view v does not depend on the others)."""
@@ -336,13 +367,13 @@ def encode_rows(encoder, work: cache.Work, old: dict | None, folder: Path, d: in
         for first, rows in work.missing(split).items():
             files = ImageFiles(folder, [items[r][0] for r in rows],
                                Views(encoder.transform, encoder.preprocess, views - first, first))
-            feats[first:, rows] = encode_images(encoder.model, files, batch_size, workers, device, f"{dataset} {split}")
+            feats[first:, rows] = encode_images(encoder, files, how, device, f"{dataset} {split}")
         out[split] = {"features": feats if split == "train" else feats[0],
                       "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
     if work.views:
         seconds = time.perf_counter() - start
         print(f"encoded {counted(work.images, 'image')} ({counted(work.views, 'view')}) in {seconds:.1f} s, "
-              f"{work.views / max(seconds, 1e-9):.1f} views/s on {device}")
+              f"{work.views / max(seconds, 1e-9):.1f} views/s on {device} at {how.precision}")
     return out
 
 
@@ -367,12 +398,14 @@ def assemble(work: cache.Work, splits: Splits, key: str, feats: dict, logit_scal
     return out
 
 
-def clip_facts(encoder, old: dict | None, device: torch.device) -> dict:
+def clip_facts(encoder, how: pace.Pace | None, old: dict | None, device: torch.device) -> dict:
     """What the model files trained on the file carry of its CLIP: view 0's preprocessing (open_clip's
-    configuration) and the features of the two probe images; kept from the old file when no model was loaded."""
+    configuration) and the features of the two probe images (at the file's precision); and how the run encoded
+    ("encoding": its Pace, threads, layout and device). Kept from the old file when no model was loaded."""
     if encoder is not None:
-        return {"preprocess": encoder.config, "probe": encode_probe(encoder, device)}
-    return {k: old[k] for k in ("preprocess", "probe") if old and k in old}
+        return {"preprocess": encoder.config, "probe": encode_probe(encoder, device, precision=how.precision),
+                "encoding": how.record(encoder, device)}
+    return {k: old[k] for k in ("preprocess", "probe", "encoding") if old and k in old}
 
 
 @dataclass(frozen=True)
@@ -386,18 +419,21 @@ class Extracted:
     texts: int = 0             # prompt sets encoded
 
 
-def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, recipe: dict, overwrite: bool,
-         known: dict, batch_size: int, workers: int, device: torch.device) -> Extracted:
+def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, checking: bool, overwrite: bool,
+         known: dict, batch_size: int | None, workers: int | None, device: torch.device) -> Extracted:
     """Under the file's lock: plan again (another process may have written it while this one waited), encode what
-    the file lacks, and write it whole."""
+    the file lacks, and write it whole. checking: the precision is AUTO's choice, still to pass pace.choose_precision
+    once the encoder is loaded (else the file is encoded at fp32)."""
     old = None if overwrite or not path.exists() else existing(path)
-    work = cache.plan(path, old, settings, splits, prompt_set, recipe, known)
+    if checking and old is not None:  # written meanwhile: what it holds decides
+        settings, checking = resolve_precision(dataclasses.replace(settings, precision=AUTO), old, device)
+    work = cache.plan(path, old, settings, splits, prompt_set, image_recipe(settings), known)
     key = prompt_set[0]
     if not work.write and not work.refresh:
         print(f"reusing {path}: another process wrote what this run asks for")
         return Extracted(path, key, settings.views)
-    check_images(splits.images, [work.jobs[s][0][r][0] for s in work.jobs for rows in work.missing(s).values()
-                                 for r in rows])                                          # before CLIP loads
+    to_encode = [work.jobs[s][0][r][0] for s in work.jobs for rows in work.missing(s).values() for r in rows]
+    check_images(splits.images, to_encode)                                                 # before CLIP loads
     if work.notes:
         print(f"{path}: {'; '.join(work.notes)}")
     if work.write:
@@ -407,19 +443,25 @@ def grow(path: Path, settings: Settings, splits: Splits, prompt_set: tuple, reci
                                                                  if old else ""), flush=True)
     new_texts = len(work.new_texts)
     encoder = backbones.load(settings, device) if work.images or new_texts else None
-    texts = encode_texts(encoder, work.texts, batch_size, device) if encoder else work.texts
+    if encoder is not None and checking and settings.precision != "fp32":
+        sentences = [s for k in work.new_texts for side in work.texts[k]["prompts"].values() for p in side for s in p]
+        check = check_batch(encoder, splits.images, to_encode, sentences)
+        if pace.choose_precision(encoder, settings.precision, device, check) == "fp32":
+            settings = dataclasses.replace(settings, precision="fp32")
+            work = cache.plan(path, old, settings, splits, prompt_set, image_recipe(settings), known)
+    how = pace.choose_pace(encoder, settings.precision, batch_size, workers, device) if encoder else None
+    texts = encode_texts(encoder, work.texts, how, device) if encoder else work.texts
     work = dataclasses.replace(work, texts=texts)
     d = next(iter(texts.values()))["text"]["positive"].shape[1]
-    feats = encode_rows(encoder, work, old, splits.images, d, batch_size, workers, device,
-                        dataset_name(settings.dataset))
+    feats = encode_rows(encoder, work, old, splits.images, d, how, device, dataset_name(settings.dataset))
     scale = encoder.model.logit_scale.exp().item() if encoder else float(old["logit_scale"])
-    out = assemble(work, splits, key, feats, scale, recipe) | clip_facts(encoder, old, device)
+    out = assemble(work, splits, key, feats, scale, image_recipe(settings)) | clip_facts(encoder, how, old, device)
     files.write_atomic(path, lambda f: torch.save(out, f), needed_bytes=_nbytes(out) + (1 << 20), flag="--features-dir")
     print(f"wrote {path}")
     return Extracted(path, key, settings.views, work.images, work.views, new_texts)
 
 
-def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_size: int,
+def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_size: int | None,
                           device: torch.device) -> Extracted:
     """train.py on a features file whose dataset folder is absent: the file serves only what it holds (with the
     file's own class names, the prompts asked for are rebuilt; a prompt set it lacks is encoded, which needs the
@@ -430,6 +472,7 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_si
         return Extracted(path)
     # the names as the prompts say them: a file written with underscored prompts is stale, and refused
     prompt_set, settings = prompts_for(settings, [prompt_name(c) for c in old.get("classnames", [])])
+    settings, _ = resolve_precision(settings, old, device)  # AUTO: the file's own
     key, recipe = prompt_set[0], image_recipe(settings)
     cache.check_absent(path, old, settings, recipe, folder)
     if key not in old["texts"]:
@@ -438,8 +481,9 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_si
             if key not in old["texts"]:
                 print(f"{path}: adds the prompt set of {cache.prompt_note(prompt_set[1]['made_with'])} (the dataset "
                       f"folder {folder} is absent; the text needs the model only)")
-                texts = encode_texts(backbones.load(settings, device), {key: {**prompt_set[1], "text": None}},
-                                     batch_size, device)
+                encoder = backbones.load(settings, device)
+                texts = encode_texts(encoder, {key: {**prompt_set[1], "text": None}},
+                                     pace.choose_pace(encoder, settings.precision, batch_size, 0, device), device)
                 made = {**old["settings"], **{k: settings.record()[k] for k in
                                               ("prompts", "template", "negative_template", "prompts_sha256")}}
                 out = {**old, "texts": {**old["texts"], **texts}, "text": texts[key]["text"],
@@ -452,7 +496,7 @@ def serve_without_dataset(path: Path, settings: Settings, folder: Path, batch_si
     return Extracted(path, key, settings.views)
 
 
-def extract(settings: Settings, root, out_dir="features", *, batch_size: int = 256, workers: int | None = None,
+def extract(settings: Settings, root, out_dir="features", *, batch_size: int | None = None, workers: int | None = None,
             device=None, overwrite: bool = False, download: bool = False, shots_flag: str = "--max-shots") -> Extracted:
     """Encode `settings.dataset` (under `root`, or a folder of its own) with CLIP into its features file, or reuse
     and grow the one there (cache.py); what the run asked for in it. download: fetch a benchmark dataset into
@@ -469,7 +513,6 @@ def extract(settings: Settings, root, out_dir="features", *, batch_size: int = 2
                                    max_shots=DEFAULT_MAX_SHOTS if settings.max_shots is None else settings.max_shots)
     check_flags(settings, batch_size, workers)
     device = resolve_device(device)
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     settings = backbones.resolve(settings)  # the model as the file records it: its name is in the file's name
     path = features_path(out_dir, settings.dataset, settings.name)
     if not is_folder(settings.dataset) and dataset_spec(settings.dataset).layout == "shift":
@@ -494,16 +537,16 @@ def extract(settings: Settings, root, out_dir="features", *, batch_size: int = 2
     prompt_set, settings = prompts_for(settings, splits.classnames)
     # the run's own request, checked as a fresh extraction checks it: one line if it cannot be met
     cache.plan_encoding(splits, settings.seeds, settings.max_shots, settings.views, settings.allow_repeats, shots_flag)
-    recipe = image_recipe(settings)
     # reading needs no lock (a shared folder may be read-only)
-    work = cache.plan(path, None if overwrite or not path.exists() else existing(path), settings, splits, prompt_set,
-                      recipe)
+    old = None if overwrite or not path.exists() else existing(path)
+    settings, checking = resolve_precision(settings, old, device)
+    work = cache.plan(path, old, settings, splits, prompt_set, image_recipe(settings))
     if not work.write and not work.refresh:
         print(f"reusing {path}: it holds what this run asks for")
         return Extracted(path, prompt_set[0], settings.views)
     try:  # held from the plan to the write: a second process waits, then plans with what this one wrote
         with files.acquire(files.file_lock(path), path):
-            return grow(path, settings, splits, prompt_set, recipe, overwrite, work.prints, batch_size, workers,
+            return grow(path, settings, splits, prompt_set, checking, overwrite, work.prints, batch_size, workers,
                         device)
     except OSError:
         if work.write:
@@ -535,16 +578,16 @@ class Extraction:
     settings: Settings = Settings("")      # dataset and seeds are filled in by extract()
     root: Path = Path("data")              # the folder holding the dataset folders in CoOp's layout
     features_dir: Path = Path("features")  # where features files are written and looked up
-    batch_size: int = 256                  # images (views) per CLIP forward pass
-    workers: int | None = None             # data loading processes; None: CPU count, at most 8
+    batch_size: int | None = None          # images (views) per CLIP forward pass; None: the device's (pace.py)
+    workers: int | None = None             # data loading processes; None: the device's (pace.py)
     download: bool = False                 # fetch a benchmark dataset into root first if it is not there
 
     def run(self, dataset: str, seeds, device=None, overwrite: bool = False, like: dict | None = None,
             shots: int | None = None) -> Extracted:
         """extract() of `dataset` with these settings and `seeds`. like: a features file's dict whose CLIP is used
         instead of the one the settings name (its recorded model, or for a file without settings its backbone's
-        name). shots: the run's K, which max-shots defaults to for a folder dataset (at least
-        DEFAULT_MAX_SHOTS for a benchmark, so that one file serves the protocol's K)."""
+        name), at its precision unless one is asked for. shots: the run's K, which max-shots defaults to for a
+        folder dataset (at least DEFAULT_MAX_SHOTS for a benchmark, so that one file serves the protocol's K)."""
         settings, flag = dataclasses.replace(self.settings, dataset=dataset, seeds=tuple(seeds)), "--max-shots"
         if settings.max_shots is None and shots is not None:
             folder = is_folder(resolve_dataset(dataset))
@@ -555,6 +598,8 @@ class Extraction:
             settings = dataclasses.replace(settings, backbone=made.get("backbone", like.get("backbone")),
                                            pretrained=made.get("pretrained"),
                                            clip_checkpoint=made.get("clip_checkpoint"))
+            if settings.precision == AUTO:
+                settings = dataclasses.replace(settings, precision=cache.recorded_precision(like) or AUTO)
         return extract(settings, self.root, self.features_dir, batch_size=self.batch_size, workers=self.workers,
                        device=device, overwrite=overwrite, download=self.download, shots_flag=flag)
 

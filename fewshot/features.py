@@ -32,6 +32,9 @@ from fewshot.files import load_torch_file
 FORMAT = "hegraphadapter-features-v2"
 OLD_FORMAT = "hegraphadapter-features-v1"  # read for training; not grown (it does not record what its images held)
 DEFAULT_MAX_SHOTS = 16                     # max-shots of a benchmark's file unless asked: one file for K 1 ... 16
+PRECISIONS = ("fp32", "bf16", "fp16")      # what a file can be encoded at: float32, or autocast to bfloat16 / float16
+AUTO = "auto"                              # asked for: the file's own precision, or the device's fast one where its
+                                           # features match fp32's (extraction.choose_precision)
 
 
 # ----------------------------------------------------------------------------- what a file was made with
@@ -41,7 +44,7 @@ class Settings:
     """What a features file is extracted with: what extract_features takes and what the file records (record()).
     An existing file serves a run whose seeds, max-shots and views it holds, and grows to serve one that asks for
     more (cache.py). The encoding's speed settings (batch size, workers, device) change no feature and are not
-    part of it."""
+    part of it; its precision does, a little, so it is (as part of the view recipe, extraction.image_recipe)."""
     dataset: str                           # dataset key, e.g. "dtd", or a folder of class subfolders (absolute)
     backbone: str | None = None            # the CLIP (backbones.py); None: RN50, or what clip_checkpoint holds
     pretrained: str | None = None          # its weights: an open_clip tag or file; None: OpenAI's, or its own
@@ -54,6 +57,8 @@ class Settings:
                                            # DEFAULT_MAX_SHOTS, or for a folder dataset the run's K (train.py)
     views: int = 10                        # views per training image: CLIP's preprocessing + augmented crops
     allow_repeats: bool = False            # a class with fewer images than max_shots repeats them
+    precision: str = AUTO                  # the encoder's arithmetic, one of PRECISIONS; AUTO: chosen (resolved
+                                           # before any planning, so a file records the one used)
     prompts_sha256: str | None = None      # hash of the positive and negative sentences (filled in once read):
                                            # the key of their prompt set in the file's texts
     split_sha256: str | None = None        # a folder dataset's split, hashed (filled in once read); None: a

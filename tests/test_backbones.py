@@ -18,7 +18,7 @@ from PIL import Image
 import fewshot.datasets as fd
 import fewshot.extraction as ef
 import fewshot.features as ff
-from fewshot import backbones
+from fewshot import backbones, pace
 from fewshot.errors import DataError
 from fewshot.testing.fixtures import (
     TINY_CLIPS,
@@ -57,7 +57,8 @@ def rebuilt(tmp_path_factory):
     out = {}
     for kind, _arch in TINY_CLIPS.items():
         checkpoint = tiny_clip(tmp / f"{kind}.pt", kind)
-        settings = ff.Settings("dtd", clip_checkpoint=str(checkpoint), seeds=(1,), max_shots=2, views=2)
+        settings = ff.Settings("dtd", clip_checkpoint=str(checkpoint), seeds=(1,), max_shots=2, views=2,
+                               precision="fp32")  # the exact path, as the reference was computed
         path = ef.extract_features(settings, root, tmp / "features", workers=0, device="cpu")
         out[kind] = dict(checkpoint=checkpoint, features=torch.load(path, weights_only=True), path=path)
     return images, out
@@ -80,7 +81,8 @@ def test_openai_checkpoints_give_the_features_openais_clip_package_gave(rebuilt,
     assert f["backbone"] == TINY_NAMES[kind] and f["logit_scale"] == pytest.approx(ref["logit_scale"], rel=1e-6)
     settings = backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(made[kind]["checkpoint"])))
     encoder = backbones.load(settings, torch.device("cpu"))
-    found = {which: cosines(ef.encode_text(encoder, sentences[which], 256, torch.device("cpu")), ref["text"][which])
+    found = {which: cosines(ef.encode_text(encoder, sentences[which], pace.Pace(), torch.device("cpu")),
+                            ref["text"][which])
              for which in ("positive", "negative")}
     for split, key, feats in (("test", "test", f["test"]["features"]),
                               ("train_view0", "train", f["train"]["features"][0])):
@@ -221,7 +223,8 @@ def test_a_torchscript_checkpoint_gives_the_features_of_its_state_dict(tiny_vit_
 def native(tmp_path_factory, make_dataset, tiny_open_clip_dir):
     """dtd extracted with the open_clip-native tiny model (--backbone local-dir:FOLDER): root, file, loaded file."""
     root, out = make_dataset("dtd"), tmp_path_factory.mktemp("native")
-    settings = ff.Settings("dtd", f"local-dir:{tiny_open_clip_dir}", seeds=(1,), max_shots=3, views=3)
+    settings = ff.Settings("dtd", f"local-dir:{tiny_open_clip_dir}", seeds=(1,), max_shots=3, views=3,
+                           precision="fp32")  # compared below with open_clip's own float32 features
     path = ef.extract_features(settings, root, out, workers=0, device="cpu")
     return root, path, torch.load(path, weights_only=True)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot import backbones, classify, coop, extraction, methods, report, training
+from fewshot import backbones, classify, coop, extraction, methods, pace, report, training
 from fewshot.baselines import ZeroShot
 from fewshot.features import Settings, load_features
 
@@ -36,7 +36,7 @@ def zero_shot_text(encoder, template="a photo of a {}."):
     """The project's own zero-shot text features of NAMES (float16, as a features file holds them) and the
     float32 ones of open_clip's encode_text over the whole context."""
     sentences = [template.format(name.replace("_", " ")) for name in NAMES]
-    stored = extraction.encode_text(encoder, [[s] for s in sentences], 8, CPU).float()          # [C, d]
+    stored = extraction.encode_text(encoder, [[s] for s in sentences], pace.Pace(text_batch_size=8), CPU).float()
     with torch.no_grad():
         full = F.normalize(encoder.model.encode_text(encoder.tokenize(sentences)), dim=-1)     # [C, d]
     return stored, full

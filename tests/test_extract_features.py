@@ -1,6 +1,7 @@
 """End-to-end tests of extract_features.py on tiny random CLIPs and tiny generated datasets (CPU, no downloads)."""
 import errno
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -23,7 +24,7 @@ import fewshot.datasets as fd
 import fewshot.extraction as ef
 import fewshot.features as ff
 import fewshot.files as files
-from fewshot import backbones, download, prompts
+from fewshot import backbones, download, pace, prompts
 from fewshot import cli as commands
 from fewshot.errors import DataError
 from fewshot.testing.fixtures import TINY_NAMES
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = dict(seeds=(1, 2), max_shots=4, views=3, workers=0, device="cpu")  # shared by the function runs
 
 
-def extract(dataset, root, out, backbone=None, *, batch_size=256, workers=None, device=None, overwrite=False,
+def extract(dataset, root, out, backbone=None, *, batch_size=None, workers=None, device=None, overwrite=False,
             **settings):
     """extract_features with the settings as keywords, as the command line gives them."""
     return ef.extract_features(ff.Settings(dataset, backbone, **settings), root, out, batch_size=batch_size,
@@ -135,7 +136,9 @@ def test_view_0_is_clips_preprocessing(cli, tiny_vit_checkpoint):
     x = torch.stack([preprocess(Image.open(images / p)) for p in f["paths"]["train"][:4]])
     with torch.no_grad():
         expected = F.normalize(model.encode_image(x).float(), dim=-1)
-    assert torch.allclose(f["train"]["features"][0, :4].float(), expected, atol=2e-3)
+    # at the precision the command chose (--precision auto: bf16 on a CPU that has it), within what it promises;
+    # test_backbones.py holds the fp32 path to 0.99999 of OpenAI's own package
+    assert F.cosine_similarity(f["train"]["features"][0, :4].float(), expected).min() >= pace.MATCH
     assert not torch.allclose(f["train"]["features"][1], f["train"]["features"][2])  # augmented views differ
 
 
@@ -149,7 +152,7 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_to_white(tiny_vit_checkp
     encoder = backbones.load(backbones.resolve(ff.Settings("dtd", clip_checkpoint=str(tiny_vit_checkpoint))), device)
     views = ef.Views(encoder.transform, encoder.preprocess, 1)
     files = ef.ImageFiles(tmp_path, ["8bit.png", "16bit.png", "white.png"], views)
-    eight, sixteen, white = ef.encode_images(encoder.model, files, 8, 0, device, "test")[0].float()  # [d] each
+    eight, sixteen, white = ef.encode_images(encoder, files, pace.Pace(batch_size=8), device, "test")[0].float()
     assert torch.equal(eight, sixteen)
     assert F.cosine_similarity(sixteen, white, dim=0) < 0.99
     # the other wide modes: big-endian 16-bit, 32-bit integers holding 16-bit values, floats in 0..1
@@ -175,9 +178,15 @@ def test_nan_and_infinite_pixels_are_black_and_the_others_keep_their_values(recw
 
 def test_same_settings_give_the_same_file_and_are_reused(cli, tiny_vit_checkpoint, tmp_path, capsys):
     root, first, _, _ = cli
-    # the same seeds and settings without loader workers, into another folder: the identical bytes
+    # the same seeds and settings without loader workers, into another folder: the identical bytes, but for the
+    # record of how it was encoded (its workers)
     _, again = run(root, tmp_path, tiny_vit_checkpoint, max_shots=5, workers=0)
-    assert again.read_bytes() == first.read_bytes()
+    (a, b), saved = [torch.load(p, weights_only=True) for p in (first, again)], []
+    assert (a.pop("encoding")["workers"], b.pop("encoding")["workers"]) == (2, 0)
+    for f in (a, b):
+        saved.append(io.BytesIO())
+        torch.save(f, saved[-1])
+    assert saved[0].getvalue() == saved[1].getvalue()
     stamp = again.stat().st_mtime_ns
     capsys.readouterr()
     run(root, tmp_path, tiny_vit_checkpoint, max_shots=5)
@@ -212,8 +221,8 @@ def test_concurrent_extractions_take_turns_and_the_file_serves_both(make_dataset
 
     def job(name, kwargs):  # both start their check at once: without the lock, both write, the last one wins
         start.wait()
-        try:
-            run(root, tmp_path, tiny_vit_checkpoint, **kwargs)
+        try:  # fp32: the file grown by two runs is then a fresh extraction's, tensor for tensor
+            run(root, tmp_path, tiny_vit_checkpoint, precision="fp32", **kwargs)
             outcomes.put((name, "served"))
         except DataError as e:
             outcomes.put((name, str(e)))
@@ -229,11 +238,13 @@ def test_concurrent_extractions_take_turns_and_the_file_serves_both(make_dataset
     union = {**FAST, "seeds": tuple(sorted({*first.get("seeds", FAST["seeds"]), *second.get("seeds", FAST["seeds"])})),
              "views": max(first.get("views", FAST["views"]), second.get("views", FAST["views"]))}
     made = torch.load(ff.features_path(tmp_path, "dtd", VIT), weights_only=True)
-    alone, _ = run(root, tmp_path / "alone", tiny_vit_checkpoint, **union)
+    alone, _ = run(root, tmp_path / "alone", tiny_vit_checkpoint, precision="fp32", **union)
     assert made["settings"]["seeds"] in (list(union["seeds"]), list(union["seeds"])[::-1])
     for split in ("train", "val", "test"):
         order = [made["paths"][split].index(p) for p in alone["paths"][split]]
-        assert torch.equal(made[split]["features"][..., order, :], alone[split]["features"])
+        # within one float16 unit in the last place: an image encoded in another batch (test_features_cache.py)
+        a, b = made[split]["features"][..., order, :].float(), alone[split]["features"].float()
+        assert ((a - b).abs() <= 2 ** -10 * b.abs() + 2 ** -24).all()
 
 
 def test_without_the_dataset_folder_a_file_serves_only_what_it_holds(cli, tiny_vit_checkpoint, tmp_path, capsys):
@@ -430,6 +441,7 @@ def test_unreadable_images_are_all_reported_before_clip_is_loaded(make_dataset, 
 @pytest.mark.parametrize("flag, kwargs", [
     ("--encode-batch-size", dict(batch_size=0)),
     ("--workers", dict(workers=-1)),
+    ("--precision", dict(precision="fp8")),
     ("--negative-template", dict(negative_template="a photo without the class name.")),
     ("--negative-template", dict(negative_template="a {} that is no {}.")),
     ("--max-shots", dict(max_shots=0)),
@@ -560,8 +572,8 @@ def test_help_lists_every_extraction_flag(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--backbone", "--pretrained", "--clip-checkpoint", "--prompts", "--negative-template", "--seeds",
-                   "--max-shots", "--views", "--encode-batch-size", "--workers", "--device", "--allow-repeats",
-                   "--overwrite"):
+                   "--max-shots", "--views", "--precision", "--encode-batch-size", "--workers", "--device",
+                   "--allow-repeats", "--overwrite"):
         assert option in text
 
 

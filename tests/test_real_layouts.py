@@ -13,7 +13,7 @@ import torch
 import fewshot.datasets as fd
 import fewshot.extraction as ef
 import fewshot.features as ff
-from fewshot import backbones
+from fewshot import backbones, pace
 from fewshot.errors import DataError
 from fewshot.testing.fixtures import write_dataset
 from fewshot.testing.real_layouts import COOP_TEMPLATES, NEGATIVE, lay_out, problems, split_classnames
@@ -61,7 +61,8 @@ def test_a_real_layout_extracts_as_coop_builds_it(extracted, dataset, tiny_vit_c
                              torch.device("cpu"))
     names = [c.replace("_", " ") for c in split_classnames(split)]
     for which, template in (("positive", COOP_TEMPLATES[dataset]), ("negative", NEGATIVE)):
-        expected = ef.encode_text(encoder, [[template.format(n)] for n in names], 256, torch.device("cpu"))
+        at = pace.Pace(features["settings"]["precision"])                        # as the file was encoded
+        expected = ef.encode_text(encoder, [[template.format(n)] for n in names], at, torch.device("cpu"))
         assert torch.equal(features["text"][which], expected), which
 
 

@@ -408,6 +408,8 @@ FAMILIES = {  # family -> {case name -> Case}
                                        "--encode-batch-size 0", expect=W("--encode-batch-size")),
         "workers-negative": Case(X, "`--workers -1`", "--dataset dtd --root {data} --workers -1",
                                  expect=W("--workers")),
+        "precision-unknown": Case(X, "`--precision fp8`", "--dataset dtd --root {data} --precision fp8",
+                                  expect=W("--precision")),
         "views-zero": Case(X, "`--views 0`", "--dataset dtd --views 0",
                            expect=W("argument --views: must be at least 1")),
         "views-not-a-number": Case(X, "`--views two`", "--dataset dtd --views two",
