@@ -272,8 +272,8 @@ def two_saves(folder, fx):
     models, the other waits for it, then is refused (the folder holds another run's), and nothing is mixed."""
     s = Parallel("2 x train.py, `--method hegraph-t` and `--method hegraph`, one `--save` folder")
     folder.mkdir(parents=True)
-    argvs = [script_argv(T, command(T, f"--features {{feats}} --method {m} --shots 2 --epochs 2 --seeds 1 2 "
-                                       f"--save ck --out r_{m}.json", fx)) for m in ("hegraph-t", "hegraph")]
+    argvs = [script_argv(T, command(case(T, f"--features {{feats}} --method {m} --shots 2 --epochs 2 --seeds 1 2 "
+                                            f"--save ck --out r_{m}.json"), fx)) for m in ("hegraph-t", "hegraph")]
     procs = [start(argv, folder) for argv in argvs]
     outputs = finish_all(procs)
     for label, proc, (out, err) in zip(("hegraph-t", "hegraph"), procs, outputs):
