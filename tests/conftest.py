@@ -179,3 +179,14 @@ def tripwire(monkeypatch):
     yield make
     dead = [w.name for w in wires if not w.live]
     assert not dead, f"tripwires never proven live with .proven(): {dead}"
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions close, kept open to be measured: [figure]."""
+    import matplotlib.pyplot as plt
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    yield kept
+    for fig in kept:
+        close(fig)

@@ -244,17 +244,6 @@ def fake_blocks(tasks, rows, seeds=3):
                                  "params": 0, "dev": []} for i, row in enumerate(rows)} for task in tasks}
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures plot() closes, kept open to be measured."""
-    import matplotlib.pyplot as plt
-    kept, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
-    yield kept
-    for fig in kept:
-        close(fig)
-
-
 def test_the_figure_draws_hegraph_against_the_strongest_and_fits_its_title(tmp_path, drawn):
     """Ten methods on four tasks: HeGraphAdapter, the three strongest others and zero-shot are drawn, the rest are
     named under the panels (they are in the tables); with one task the title is not cut."""

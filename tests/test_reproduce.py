@@ -416,17 +416,6 @@ def test_a_run_whose_features_changed_is_run_again(tiny_vit_checkpoint, make_dat
     assert third not in (first, second) and len(run_files(tmp_path / "results")) == 3
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plotting functions close, kept open to be measured: [figure]."""
-    import matplotlib.pyplot as plt
-    kept, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
-    yield kept
-    for fig in kept:
-        close(fig)
-
-
 def fits(fig, artist):
     """True if an artist (a title) lies inside the figure, once drawn."""
     box, frame = artist.get_window_extent(fig.canvas.get_renderer()), fig.bbox
